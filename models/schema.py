@@ -1,0 +1,81 @@
+"""The whole schema: every table module, and the Alembic migrations that create it.
+
+`upgrade` brings a database to the newest schema by running the migrations in ``alembic/``
+(the same code path for SQLite and PostgreSQL, used by ``seechange db upgrade`` and by the
+test suite, so the migrations are always tested).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from models.base import Base
+
+__all__ = ["TABLE_MODULES", "load_all_tables", "metadata", "upgrade", "current_revision",
+           "alembic_dir"]
+
+#: Every module that defines tables, in dependency order.
+TABLE_MODULES: tuple[str, ...] = (
+    "models.provenance",
+    "models.exposure",
+    "models.image",
+    "models.background",
+    "models.source_list",
+    "models.psf",
+    "models.catalog_excerpt",
+    "models.world_coordinates",
+    "models.zero_point",
+)
+
+
+def load_all_tables() -> sa.MetaData:
+    """Import every table module (those that exist yet) and return the complete metadata."""
+    for name in TABLE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return Base.metadata
+
+
+def metadata() -> sa.MetaData:
+    """The complete metadata of the schema."""
+    return load_all_tables()
+
+
+def alembic_dir() -> Path:
+    """The folder holding ``env.py`` and ``versions/``."""
+    return Path(__file__).resolve().parent.parent / "alembic"
+
+
+def _alembic_config(engine: Engine):
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(alembic_dir()))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False)
+                        .replace("%", "%%"))
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run the migrations up to ``revision`` on the database behind ``engine``."""
+    from alembic import command
+
+    cfg = _alembic_config(engine)
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The migration revision the database is at, or None for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
