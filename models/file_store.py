@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from util.config import Config
 
-__all__ = ["FileStore", "FileIntegrityError", "FileBackedMixin", "md5_of", "safe_component",
+__all__ = ["FileStore", "FileIntegrityError", "FileBackedMixin", "md5_of", "safe_component", "product_file_stem",
            "current_file_store", "use_file_store"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -183,3 +183,27 @@ class FileBackedMixin:
         """Delete the product's file, if it has one."""
         if self.filepath is not None:
             (store or current_file_store()).delete(self.filepath)
+
+
+def product_file_stem(*, instrument: str, mjd: float | None, section: str | None, filter: str | None,
+                      type: str, process: str, provenance_id: str, name: str,
+                      convention: str | None = None) -> str:
+    """Relative path (without extension) of a product file, from ``storage.file_name_convention``.
+
+    Every field goes through `safe_component`, so the result always stays below the data root.
+    """
+    from astropy.time import Time
+
+    if convention is None:
+        convention = Config.load().get("storage.file_name_convention")
+    date = Time(mjd, format="mjd").strftime("%Y%m%d") if mjd is not None else "nodate"
+    fields = {"instrument": instrument, "date": date, "section": section or "all",
+              "filter": filter or "nofilter", "type": type, "process": process,
+              "prov": provenance_id[:10], "name": name}
+    try:
+        text = convention.format(**{k: safe_component(v) for k, v in fields.items()})
+    except KeyError as exc:
+        raise ValueError(f"storage.file_name_convention {convention!r} uses unknown field {exc}; "
+                         f"known: {', '.join(fields)}") from None
+    parts = [safe_component(p) for p in text.split("/") if p]
+    return "/".join(parts)

@@ -1,0 +1,80 @@
+"""PSF: the spatially varying point-spread function fitted on an image's stars."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import ForeignKey, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from improc.psf import PixelPSF
+from models.base import Base, TimestampMixin, UUIDMixin, session_scope
+from models.file_store import FileBackedMixin
+
+__all__ = ["PSF"]
+
+
+class PSF(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
+    """A pixelized, spatially varying PSF (`improc.psf.PixelPSF`) stored in an HDF5 file."""
+
+    __tablename__ = "psfs"
+    __table_args__ = (UniqueConstraint("sources_id", "provenance_id", name="uq_psfs_sources_prov"),)
+    file_extension = ".h5"
+
+    sources_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("source_lists.id", ondelete="CASCADE"), index=True)
+    provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
+    fwhm_pixels: Mapped[float]
+    num_stars: Mapped[int]
+
+    def __init__(self, *, model: PixelPSF | None = None, sources=None, image=None, **kwargs):
+        if model is not None:
+            kwargs.setdefault("fwhm_pixels", float(model.fwhm_pixels))
+        if sources is not None:
+            kwargs.setdefault("sources_id", sources.id)
+        super().__init__(**kwargs)
+        self._model = model
+        self._image = image
+
+    @sa.orm.reconstructor
+    def _init_on_load(self) -> None:
+        self._model = None
+        self._image = None
+
+    @property
+    def model(self) -> PixelPSF:
+        """The PSF model, read from the file on first use."""
+        if self._model is None:
+            self.load_file()
+        return self._model
+
+    def get_clip(self, x: float, y: float, flux: float = 1.0) -> np.ndarray:
+        """PSF stamp of a star at image position (x, y), normalized to ``flux``."""
+        return self.model.get_clip(x, y, flux)
+
+    def file_stem(self) -> str:
+        image = self._image
+        if image is None:
+            from models.image import Image
+            from models.source_list import SourceList
+            with session_scope() as session:
+                image = session.get(Image, session.get(SourceList, self.sources_id).image_id)
+        return image.product_stem(name="psf", process="extraction", provenance_id=self.provenance_id)
+
+    def _write(self, path: Path) -> None:
+        with h5py.File(path, "w") as f:
+            for key, value in self.model.to_arrays().items():
+                if isinstance(value, np.ndarray):
+                    f.create_dataset(key, data=value)
+                else:
+                    f.attrs[key] = value
+
+    def _read(self, path: Path) -> None:
+        with h5py.File(path, "r") as f:
+            arrays = {key: f[key][()] for key in f.keys()}
+            arrays.update({key: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v)
+                           for key, v in f.attrs.items()})
+        self._model = PixelPSF.from_arrays(arrays)

@@ -1,0 +1,103 @@
+"""SourceList: the sources extracted from one image, as a FITS table with units."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from astropy.table import Table
+from sqlalchemy import ForeignKey, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, TimestampMixin, UUIDMixin, session_scope
+from models.file_store import FileBackedMixin
+
+__all__ = ["SourceList"]
+
+
+class SourceList(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
+    """Sources found on one image.
+
+    ``data`` is an astropy Table (columns ``x``, ``y`` 0-based pixels, ``ra``, ``dec`` degrees,
+    ``apflux_<i>``/``apfluxerr_<i>`` for each aperture radius in ``aper_radii`` (pixels),
+    ``psfflux``/``psffluxerr``, ``flags``, ``is_star``, ...).  Fluxes are ADU.
+    """
+
+    __tablename__ = "source_lists"
+    __table_args__ = (UniqueConstraint("image_id", "provenance_id", name="uq_source_lists_image_prov"),)
+
+    image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
+    num_sources: Mapped[int]
+    aper_radii: Mapped[list] = mapped_column(sa.JSON, default=list)
+    fwhm_pixels: Mapped[float | None]
+
+    def __init__(self, *, data: Table | None = None, image=None, **kwargs):
+        if data is not None:
+            kwargs.setdefault("num_sources", len(data))
+        if image is not None:
+            kwargs.setdefault("image_id", image.id)
+        super().__init__(**kwargs)
+        self._data = data
+        self._image = image
+
+    @sa.orm.reconstructor
+    def _init_on_load(self) -> None:
+        self._data = None
+        self._image = None
+
+    @property
+    def data(self) -> Table:
+        """The sources table, read from the file on first use."""
+        if self._data is None:
+            self.load_file()
+        return self._data
+
+    @property
+    def x(self) -> np.ndarray:
+        return np.asarray(self.data["x"], dtype=float)
+
+    @property
+    def y(self) -> np.ndarray:
+        return np.asarray(self.data["y"], dtype=float)
+
+    @property
+    def ra(self) -> np.ndarray:
+        return np.asarray(self.data["ra"], dtype=float)
+
+    @property
+    def dec(self) -> np.ndarray:
+        return np.asarray(self.data["dec"], dtype=float)
+
+    def apfluxadu(self, aperture: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Flux and error (ADU) in aperture number ``aperture`` (radius ``aper_radii[aperture]``)."""
+        if not 0 <= aperture < len(self.aper_radii):
+            raise IndexError(f"aperture {aperture} out of range; this source list has "
+                             f"{len(self.aper_radii)} apertures {self.aper_radii}")
+        return (np.asarray(self.data[f"apflux_{aperture}"], dtype=float),
+                np.asarray(self.data[f"apfluxerr_{aperture}"], dtype=float))
+
+    def psffluxadu(self) -> tuple[np.ndarray, np.ndarray]:
+        """PSF-fit flux and error (ADU)."""
+        return (np.asarray(self.data["psfflux"], dtype=float),
+                np.asarray(self.data["psffluxerr"], dtype=float))
+
+    def file_stem(self) -> str:
+        image = self._image
+        if image is None:
+            from models.image import Image
+            with session_scope() as session:
+                image = session.get(Image, self.image_id)
+        return image.product_stem(name="sources", process="extraction", provenance_id=self.provenance_id)
+
+    def _write(self, path: Path) -> None:
+        table = self.data.copy(copy_data=False)
+        table.meta["APERRADS"] = ",".join(f"{r:.4f}" for r in self.aper_radii)
+        table.write(path, format="fits", overwrite=True)
+
+    def _read(self, path: Path) -> None:
+        table = Table.read(path, format="fits", hdu=1)
+        table.meta.pop("APERRADS", None)
+        self._data = table

@@ -1,0 +1,41 @@
+"""WorldCoordinates: the astrometric solution of an image, stored as FITS header text."""
+
+from __future__ import annotations
+
+import uuid
+
+import sqlalchemy as sa
+from astropy.io import fits
+from astropy.wcs import WCS
+from sqlalchemy import ForeignKey, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, TimestampMixin, UUIDMixin
+
+__all__ = ["WorldCoordinates"]
+
+
+class WorldCoordinates(UUIDMixin, TimestampMixin, Base):
+    """A TAN-SIP solution fitted against a reference catalog; ``wcs`` gives the astropy WCS."""
+
+    __tablename__ = "world_coordinates"
+    __table_args__ = (UniqueConstraint("sources_id", "provenance_id", name="uq_world_coordinates_sources_prov"),)
+
+    sources_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("source_lists.id", ondelete="CASCADE"), index=True)
+    provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
+    header_text: Mapped[str] = mapped_column(sa.Text)
+    rms_arcsec: Mapped[float]
+    num_stars: Mapped[int]
+    catalog: Mapped[str] = mapped_column(sa.String(64))
+
+    def __init__(self, *, wcs: WCS | None = None, sources=None, **kwargs):
+        if wcs is not None:
+            kwargs.setdefault("header_text", wcs.to_header(relax=True).tostring(sep="\n"))
+        if sources is not None:
+            kwargs.setdefault("sources_id", sources.id)
+        super().__init__(**kwargs)
+
+    @property
+    def wcs(self) -> WCS:
+        """The solution as an astropy WCS (with SIP distortion when fitted)."""
+        return WCS(fits.Header.fromstring(self.header_text, sep="\n"))

@@ -1,0 +1,50 @@
+"""ZeroPoint: the photometric calibration of an image."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import ForeignKey, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, TimestampMixin, UUIDMixin
+
+__all__ = ["ZeroPoint"]
+
+
+class ZeroPoint(UUIDMixin, TimestampMixin, Base):
+    """Zero point defined by ``mag = -2.5 log10(adu) + zp`` for PSF fluxes, and aperture corrections.
+
+    ``aper_cors[i]`` is added to the magnitude from aperture ``i`` (radius ``aper_radii[i]``
+    pixels) to bring it onto the PSF-flux (total) scale.
+    """
+
+    __tablename__ = "zero_points"
+    __table_args__ = (UniqueConstraint("wcs_id", "provenance_id", name="uq_zero_points_wcs_prov"),)
+
+    wcs_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("world_coordinates.id", ondelete="CASCADE"), index=True)
+    provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
+    zp: Mapped[float]
+    dzp: Mapped[float]
+    color_term: Mapped[float | None]
+    num_stars: Mapped[int]
+    scatter: Mapped[float | None]
+    aper_radii: Mapped[list] = mapped_column(sa.JSON, default=list)
+    aper_cors: Mapped[list] = mapped_column(sa.JSON, default=list)
+    lim_mag: Mapped[float | None]
+
+    def __init__(self, *, wcs=None, **kwargs):
+        if wcs is not None:
+            kwargs.setdefault("wcs_id", wcs.id)
+        super().__init__(**kwargs)
+
+    def mag(self, flux_adu: np.ndarray, aperture: int | None = None) -> np.ndarray:
+        """Calibrated magnitudes of fluxes in ADU (PSF fluxes, or aperture ``aperture``)."""
+        flux = np.asarray(flux_adu, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mag = -2.5 * np.log10(flux) + self.zp
+        if aperture is not None:
+            mag = mag + self.aper_cors[aperture]
+        return np.where(flux > 0, mag, np.nan)

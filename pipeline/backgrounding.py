@@ -1,0 +1,59 @@
+"""Backgrounding: the sky level and noise of an image on a mesh (sep, SExtractor's method)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from improc.background import BackgroundMesh, estimate_background
+from models.background import Background
+from pipeline.data_store import DataStore
+from pipeline.parameters import ParameterError, StepParams, param
+from pipeline.step import Step
+
+__all__ = ["BackgroundingParams", "Backgrounder"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackgroundingParams(StepParams):
+    """How the sky background is estimated."""
+
+    step_name = "backgrounding"
+
+    box_size: int = param(128, "Side of a mesh box, pixels (SExtractor BACK_SIZE).")
+    filter_size: int = param(3, "Median filter over the mesh, in boxes (BACK_FILTERSIZE); 1 = none.")
+    filter_threshold: float = param(0.0, "Only filter boxes that differ by more than this, ADU.")
+
+    def validate(self) -> None:
+        if self.box_size < 8:
+            raise ParameterError(f"backgrounding box_size must be >= 8 pixels, got {self.box_size}")
+        if self.filter_size < 1:
+            raise ParameterError(f"backgrounding filter_size must be >= 1, got {self.filter_size}")
+
+
+class Backgrounder(Step):
+    """Make the image's `Background`; write its median level and rms into the image."""
+
+    process = "backgrounding"
+    version = "1.0.0"
+    Params = BackgroundingParams
+    products = ("background",)
+    upstream_processes = ("image",)
+
+    def compute(self, data: np.ndarray, *, mask: np.ndarray | None) -> BackgroundMesh:
+        """The background mesh of one image (arrays in, mesh out)."""
+        p = self.params
+        return estimate_background(data, mask=mask, box_size=min(p.box_size, *data.shape),
+                                   filter_size=p.filter_size, filter_threshold=p.filter_threshold)
+
+    def run(self, ds: DataStore) -> None:
+        image = ds.get_image()
+
+        def make(prov):
+            mesh = self.compute(image.data, mask=image.flags != 0)
+            image.bkg_mean_estimate = mesh.median_level
+            image.bkg_rms_estimate = mesh.median_rms
+            return Background(mesh=mesh, image=image, provenance_id=prov.id)
+
+        ds.get_or_make("background", make)
