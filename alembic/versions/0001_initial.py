@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 12:49:47.688089
+Create Date: 2026-11-22 13:08:26.937723
 """
 from alembic import op
 import sqlalchemy as sa
@@ -32,6 +32,55 @@ def upgrade() -> None:
     with op.batch_alter_table('provenances', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_provenances_process'), ['process'], unique=False)
 
+    op.create_table('catalog_excerpts',
+    sa.Column('catalog', sa.String(length=64), nullable=False),
+    sa.Column('origin', sa.String(length=512), nullable=False),
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('minra', sa.Double(), nullable=False),
+    sa.Column('maxra', sa.Double(), nullable=False),
+    sa.Column('mindec', sa.Double(), nullable=False),
+    sa.Column('maxdec', sa.Double(), nullable=False),
+    sa.Column('num_items', sa.Integer(), nullable=False),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('filepath', sa.String(length=512), nullable=True),
+    sa.Column('md5sum', sa.String(length=32), nullable=True),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_catalog_excerpts_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_catalog_excerpts'))
+    )
+    with op.batch_alter_table('catalog_excerpts', schema=None) as batch_op:
+        batch_op.create_index('ix_catalog_excerpts_catalog_box', ['catalog', 'mindec', 'maxdec'], unique=False)
+        batch_op.create_index(batch_op.f('ix_catalog_excerpts_provenance_id'), ['provenance_id'], unique=False)
+
+    op.create_table('exposures',
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('instrument', sa.String(length=64), nullable=False),
+    sa.Column('mjd', sa.Double(), nullable=False),
+    sa.Column('exp_time', sa.Double(), nullable=False),
+    sa.Column('filter', sa.String(length=64), nullable=False),
+    sa.Column('airmass', sa.Double(), nullable=True),
+    sa.Column('ra', sa.Double(), nullable=True),
+    sa.Column('dec', sa.Double(), nullable=True),
+    sa.Column('target', sa.String(length=256), nullable=True),
+    sa.Column('project', sa.String(length=128), nullable=True),
+    sa.Column('section_ids', sa.JSON(), nullable=False),
+    sa.Column('header', sa.JSON(), nullable=False),
+    sa.Column('origin', sa.String(length=1024), nullable=False),
+    sa.Column('origin_md5', sa.String(length=32), nullable=False),
+    sa.Column('is_raw', sa.Boolean(), nullable=False),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('filepath', sa.String(length=512), nullable=True),
+    sa.Column('md5sum', sa.String(length=32), nullable=True),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_exposures_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_exposures')),
+    sa.UniqueConstraint('origin_md5', 'provenance_id', name='uq_exposures_origin_md5_provenance_id')
+    )
+    with op.batch_alter_table('exposures', schema=None) as batch_op:
+        batch_op.create_index('ix_exposures_instrument_filter', ['instrument', 'filter'], unique=False)
+        batch_op.create_index('ix_exposures_mjd', ['mjd'], unique=False)
+        batch_op.create_index(batch_op.f('ix_exposures_provenance_id'), ['provenance_id'], unique=False)
+
     op.create_table('provenance_tags',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('tag', sa.String(length=128), nullable=False),
@@ -56,11 +105,207 @@ def upgrade() -> None:
     with op.batch_alter_table('provenance_upstreams', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_provenance_upstreams_upstream_id'), ['upstream_id'], unique=False)
 
+    op.create_table('images',
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('exposure_id', sa.Uuid(), nullable=True),
+    sa.Column('section_id', sa.String(length=32), nullable=True),
+    sa.Column('instrument', sa.String(length=64), nullable=False),
+    sa.Column('type', sa.Enum('science', 'coadd', 'difference', name='image_type', native_enum=False, create_constraint=True, length=16), nullable=False),
+    sa.Column('filter', sa.String(length=64), nullable=False),
+    sa.Column('mjd', sa.Double(), nullable=False),
+    sa.Column('end_mjd', sa.Double(), nullable=False),
+    sa.Column('exp_time', sa.Double(), nullable=False),
+    sa.Column('airmass', sa.Double(), nullable=True),
+    sa.Column('target', sa.String(length=256), nullable=True),
+    sa.Column('project', sa.String(length=128), nullable=True),
+    sa.Column('nx', sa.Integer(), nullable=False),
+    sa.Column('ny', sa.Integer(), nullable=False),
+    sa.Column('ra', sa.Double(), nullable=False),
+    sa.Column('dec', sa.Double(), nullable=False),
+    sa.Column('ra_corner_00', sa.Double(), nullable=False),
+    sa.Column('ra_corner_01', sa.Double(), nullable=False),
+    sa.Column('ra_corner_10', sa.Double(), nullable=False),
+    sa.Column('ra_corner_11', sa.Double(), nullable=False),
+    sa.Column('dec_corner_00', sa.Double(), nullable=False),
+    sa.Column('dec_corner_01', sa.Double(), nullable=False),
+    sa.Column('dec_corner_10', sa.Double(), nullable=False),
+    sa.Column('dec_corner_11', sa.Double(), nullable=False),
+    sa.Column('minra', sa.Double(), nullable=False),
+    sa.Column('maxra', sa.Double(), nullable=False),
+    sa.Column('mindec', sa.Double(), nullable=False),
+    sa.Column('maxdec', sa.Double(), nullable=False),
+    sa.Column('radius', sa.Double(), nullable=False),
+    sa.Column('fwhm_estimate', sa.Double(), nullable=True),
+    sa.Column('zero_point_estimate', sa.Double(), nullable=True),
+    sa.Column('lim_mag_estimate', sa.Double(), nullable=True),
+    sa.Column('bkg_mean_estimate', sa.Double(), nullable=True),
+    sa.Column('bkg_rms_estimate', sa.Double(), nullable=True),
+    sa.Column('bad_flags', sa.Integer(), nullable=False),
+    sa.Column('header', sa.JSON(), nullable=False),
+    sa.Column('wcs_header', sa.Text(), nullable=True),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('filepath', sa.String(length=512), nullable=True),
+    sa.Column('md5sum', sa.String(length=32), nullable=True),
+    sa.ForeignKeyConstraint(['exposure_id'], ['exposures.id'], name=op.f('fk_images_exposure_id_exposures'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_images_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_images')),
+    sa.UniqueConstraint('exposure_id', 'section_id', 'provenance_id', name='uq_images_exposure_id_section_id_provenance_id')
+    )
+    with op.batch_alter_table('images', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_images_exposure_id'), ['exposure_id'], unique=False)
+        batch_op.create_index('ix_images_filter', ['filter'], unique=False)
+        batch_op.create_index('ix_images_instrument_section_id', ['instrument', 'section_id'], unique=False)
+        batch_op.create_index('ix_images_maxdec', ['maxdec'], unique=False)
+        batch_op.create_index('ix_images_maxra', ['maxra'], unique=False)
+        batch_op.create_index('ix_images_mindec', ['mindec'], unique=False)
+        batch_op.create_index('ix_images_minra', ['minra'], unique=False)
+        batch_op.create_index('ix_images_mjd', ['mjd'], unique=False)
+        batch_op.create_index(batch_op.f('ix_images_provenance_id'), ['provenance_id'], unique=False)
+        batch_op.create_index('ix_images_radius', ['radius'], unique=False)
+        batch_op.create_index('ix_images_target', ['target'], unique=False)
+
+    op.create_table('backgrounds',
+    sa.Column('image_id', sa.Uuid(), nullable=False),
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('box_size', sa.Integer(), nullable=False),
+    sa.Column('filter_size', sa.Integer(), nullable=False),
+    sa.Column('level_median', sa.Double(), nullable=False),
+    sa.Column('rms_median', sa.Double(), nullable=False),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('filepath', sa.String(length=512), nullable=True),
+    sa.Column('md5sum', sa.String(length=32), nullable=True),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_backgrounds_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_backgrounds_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_backgrounds')),
+    sa.UniqueConstraint('image_id', 'provenance_id', name='uq_backgrounds_image_prov')
+    )
+    with op.batch_alter_table('backgrounds', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_backgrounds_image_id'), ['image_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_backgrounds_provenance_id'), ['provenance_id'], unique=False)
+
+    op.create_table('source_lists',
+    sa.Column('image_id', sa.Uuid(), nullable=False),
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('num_sources', sa.Integer(), nullable=False),
+    sa.Column('aper_radii', sa.JSON(), nullable=False),
+    sa.Column('fwhm_pixels', sa.Double(), nullable=True),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('filepath', sa.String(length=512), nullable=True),
+    sa.Column('md5sum', sa.String(length=32), nullable=True),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_source_lists_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_source_lists_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_source_lists')),
+    sa.UniqueConstraint('image_id', 'provenance_id', name='uq_source_lists_image_prov')
+    )
+    with op.batch_alter_table('source_lists', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_source_lists_image_id'), ['image_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_source_lists_provenance_id'), ['provenance_id'], unique=False)
+
+    op.create_table('psfs',
+    sa.Column('sources_id', sa.Uuid(), nullable=False),
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('fwhm_pixels', sa.Double(), nullable=False),
+    sa.Column('num_stars', sa.Integer(), nullable=False),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('filepath', sa.String(length=512), nullable=True),
+    sa.Column('md5sum', sa.String(length=32), nullable=True),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_psfs_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['sources_id'], ['source_lists.id'], name=op.f('fk_psfs_sources_id_source_lists'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_psfs')),
+    sa.UniqueConstraint('sources_id', 'provenance_id', name='uq_psfs_sources_prov')
+    )
+    with op.batch_alter_table('psfs', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_psfs_provenance_id'), ['provenance_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_psfs_sources_id'), ['sources_id'], unique=False)
+
+    op.create_table('world_coordinates',
+    sa.Column('sources_id', sa.Uuid(), nullable=False),
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('header_text', sa.Text(), nullable=False),
+    sa.Column('rms_arcsec', sa.Double(), nullable=False),
+    sa.Column('num_stars', sa.Integer(), nullable=False),
+    sa.Column('catalog', sa.String(length=64), nullable=False),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_world_coordinates_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['sources_id'], ['source_lists.id'], name=op.f('fk_world_coordinates_sources_id_source_lists'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_world_coordinates')),
+    sa.UniqueConstraint('sources_id', 'provenance_id', name='uq_world_coordinates_sources_prov')
+    )
+    with op.batch_alter_table('world_coordinates', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_world_coordinates_provenance_id'), ['provenance_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_world_coordinates_sources_id'), ['sources_id'], unique=False)
+
+    op.create_table('zero_points',
+    sa.Column('wcs_id', sa.Uuid(), nullable=False),
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('zp', sa.Double(), nullable=False),
+    sa.Column('dzp', sa.Double(), nullable=False),
+    sa.Column('color_term', sa.Double(), nullable=True),
+    sa.Column('num_stars', sa.Integer(), nullable=False),
+    sa.Column('scatter', sa.Double(), nullable=True),
+    sa.Column('aper_radii', sa.JSON(), nullable=False),
+    sa.Column('aper_cors', sa.JSON(), nullable=False),
+    sa.Column('lim_mag', sa.Double(), nullable=True),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_zero_points_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['wcs_id'], ['world_coordinates.id'], name=op.f('fk_zero_points_wcs_id_world_coordinates'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_zero_points')),
+    sa.UniqueConstraint('wcs_id', 'provenance_id', name='uq_zero_points_wcs_prov')
+    )
+    with op.batch_alter_table('zero_points', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_zero_points_provenance_id'), ['provenance_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_zero_points_wcs_id'), ['wcs_id'], unique=False)
+
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('zero_points', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_zero_points_wcs_id'))
+        batch_op.drop_index(batch_op.f('ix_zero_points_provenance_id'))
+
+    op.drop_table('zero_points')
+    with op.batch_alter_table('world_coordinates', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_world_coordinates_sources_id'))
+        batch_op.drop_index(batch_op.f('ix_world_coordinates_provenance_id'))
+
+    op.drop_table('world_coordinates')
+    with op.batch_alter_table('psfs', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_psfs_sources_id'))
+        batch_op.drop_index(batch_op.f('ix_psfs_provenance_id'))
+
+    op.drop_table('psfs')
+    with op.batch_alter_table('source_lists', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_source_lists_provenance_id'))
+        batch_op.drop_index(batch_op.f('ix_source_lists_image_id'))
+
+    op.drop_table('source_lists')
+    with op.batch_alter_table('backgrounds', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_backgrounds_provenance_id'))
+        batch_op.drop_index(batch_op.f('ix_backgrounds_image_id'))
+
+    op.drop_table('backgrounds')
+    with op.batch_alter_table('images', schema=None) as batch_op:
+        batch_op.drop_index('ix_images_target')
+        batch_op.drop_index('ix_images_radius')
+        batch_op.drop_index(batch_op.f('ix_images_provenance_id'))
+        batch_op.drop_index('ix_images_mjd')
+        batch_op.drop_index('ix_images_minra')
+        batch_op.drop_index('ix_images_mindec')
+        batch_op.drop_index('ix_images_maxra')
+        batch_op.drop_index('ix_images_maxdec')
+        batch_op.drop_index('ix_images_instrument_section_id')
+        batch_op.drop_index('ix_images_filter')
+        batch_op.drop_index(batch_op.f('ix_images_exposure_id'))
+
+    op.drop_table('images')
     with op.batch_alter_table('provenance_upstreams', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_provenance_upstreams_upstream_id'))
 
@@ -70,6 +315,17 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_provenance_tags_provenance_id'))
 
     op.drop_table('provenance_tags')
+    with op.batch_alter_table('exposures', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_exposures_provenance_id'))
+        batch_op.drop_index('ix_exposures_mjd')
+        batch_op.drop_index('ix_exposures_instrument_filter')
+
+    op.drop_table('exposures')
+    with op.batch_alter_table('catalog_excerpts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_catalog_excerpts_provenance_id'))
+        batch_op.drop_index('ix_catalog_excerpts_catalog_box')
+
+    op.drop_table('catalog_excerpts')
     with op.batch_alter_table('provenances', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_provenances_process'))
 

@@ -1,0 +1,254 @@
+"""Sky background and background noise, estimated on a coarse mesh (SExtractor / sep style).
+
+The image is cut into square boxes of ``box_size`` pixels.  In each box sep (the library form of
+SExtractor) takes a sigma-clipped mode of the pixel histogram as the sky level and the clipped
+standard deviation as the sky noise; the mesh of box values is then median-filtered over
+``filter_size`` x ``filter_size`` boxes.  A full-size map is a bicubic spline through the mesh
+nodes.  Only the mesh is kept (`BackgroundMesh`): it is small enough to store with an image, and
+`BackgroundMesh.counts` / `BackgroundMesh.variance` rebuild the full maps on demand.
+
+sep does not expose its mesh, so `estimate_background` reads the node values back from sep's
+full-size maps: sep's map is a fixed linear function of the nodes, ``map = By @ mesh @ Bx.T``,
+where ``By`` (ny, ny_mesh) and ``Bx`` (nx, nx_mesh) are the spline bases of `spline_basis`, and
+the nodes follow by least squares.  `spline_basis` reproduces sep's ``bkg_line_flt_internal``
+and ``makebackspline`` (which are SExtractor's ``backline`` and ``makebackspline``) exactly,
+including two quirks that must be kept for the maps to agree:
+
+* a node of mesh column ``i`` sits at pixel ``x = (i + 0.5) * box - 0.5`` but a node of mesh row
+  ``j`` at ``y = (j + 0.5) * box`` (sep measures x from pixel centres, y from pixel edges);
+* in the back-substitution of the natural-spline solve every second derivative is divided by 6
+  after it has been used for its neighbour, so the derivatives are not exactly those of a
+  textbook natural spline.  Beyond the outermost nodes the end cubic is extrapolated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import sep
+
+__all__ = ["BackgroundMesh", "estimate_background", "spline_basis"]
+
+
+def _spline_second_derivatives(n_nodes: int) -> np.ndarray:
+    """Matrix ``D`` (n_nodes, n_nodes) with sep's scaled second derivatives ``d = D @ nodes``.
+
+    This is sep's tridiagonal recurrence (natural end conditions, unit node spacing) run on the
+    identity matrix; it is linear in the node values, so one matrix describes it.
+    """
+    values = np.eye(n_nodes)
+    deriv = np.zeros((n_nodes, n_nodes))
+    if n_nodes < 3:
+        return deriv
+    u = np.zeros((n_nodes, n_nodes))
+    for k in range(1, n_nodes - 1):
+        coef = -1.0 / (deriv[k - 1] + 4.0)
+        deriv[k] = coef
+        u[k] = coef * (u[k - 1] - 6.0 * (values[k + 1] + values[k - 1] - 2.0 * values[k]))
+    deriv[n_nodes - 1] = 0.0
+    for k in range(n_nodes - 2, 0, -1):
+        deriv[k] = (deriv[k] * deriv[k + 1] + u[k]) / 6.0
+    return deriv
+
+
+def spline_basis(n_pixels: int, n_nodes: int, box_size: int, *, pixel_offset: float) -> np.ndarray:
+    """Weights (n_pixels, n_nodes) that turn mesh nodes into a map line the way sep does.
+
+    Parameters
+    ----------
+    n_pixels
+        Length of the image axis.
+    n_nodes
+        Number of mesh nodes along that axis.
+    box_size
+        Mesh box size in pixels.
+    pixel_offset
+        0.5 along x and 0.0 along y, to reproduce sep (see the module docstring).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``line = basis @ nodes`` for the spline along one axis.
+    """
+    if n_nodes == 1:
+        return np.ones((n_pixels, 1))
+    deriv = _spline_second_derivatives(n_nodes)
+    t = (np.arange(n_pixels) + pixel_offset) / box_size - 0.5
+    seg = np.clip(np.floor(t).astype(int), 0, n_nodes - 2)
+    d = t - seg
+    c = 1.0 - d
+    basis = (c**3 - c)[:, None] * deriv[seg] + (d**3 - d)[:, None] * deriv[seg + 1]
+    rows = np.arange(n_pixels)
+    basis[rows, seg] += c
+    basis[rows, seg + 1] += d
+    return basis
+
+
+def _mesh_shape(shape: tuple[int, int], box_size: int) -> tuple[int, int]:
+    return (shape[0] - 1) // box_size + 1, (shape[1] - 1) // box_size + 1
+
+
+@dataclass(frozen=True, eq=False)
+class BackgroundMesh:
+    """Sky level and noise on a coarse mesh; rebuilds full-size maps.
+
+    Attributes
+    ----------
+    level : numpy.ndarray
+        (ny_mesh, nx_mesh) sky level at the mesh nodes after median filtering, in image units
+        (ADU for a raw image).
+    rms : numpy.ndarray
+        (ny_mesh, nx_mesh) sky noise (standard deviation per pixel) at the mesh nodes, same units.
+    box_size : int
+        Side of a mesh box in pixels.
+    filter_size : int
+        Side, in boxes, of the median filter that was applied to the mesh.
+    shape : tuple of int
+        (ny, nx) of the image the mesh describes.
+
+    Raises
+    ------
+    ValueError
+        If the mesh shapes do not match ``ceil(shape / box_size)`` or values are not finite.
+    """
+
+    level: np.ndarray
+    rms: np.ndarray
+    box_size: int
+    filter_size: int
+    shape: tuple[int, int]
+    _bases: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(n) for n in self.shape)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"shape must be (ny, nx) with positive sizes, got {self.shape}")
+        if int(self.box_size) < 1:
+            raise ValueError(f"box_size must be >= 1, got {self.box_size}")
+        expected = _mesh_shape(shape, int(self.box_size))
+        for name in ("level", "rms"):
+            arr = np.array(getattr(self, name), dtype=np.float64)
+            if arr.shape != expected:
+                raise ValueError(f"{name} must have mesh shape {expected} for image shape {shape} "
+                                 f"and box_size {self.box_size}, got {arr.shape}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"{name} must be finite at every mesh node")
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "box_size", int(self.box_size))
+        object.__setattr__(self, "filter_size", int(self.filter_size))
+
+    def _basis(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._bases:
+            ny_mesh, nx_mesh = self.level.shape
+            self._bases["y"] = spline_basis(self.shape[0], ny_mesh, self.box_size, pixel_offset=0.0)
+            self._bases["x"] = spline_basis(self.shape[1], nx_mesh, self.box_size, pixel_offset=0.5)
+        return self._bases["y"], self._bases["x"]
+
+    def _full_map(self, mesh: np.ndarray) -> np.ndarray:
+        by, bx = self._basis()
+        return ((by @ mesh) @ bx.T).astype(np.float32)
+
+    def counts(self) -> np.ndarray:
+        """Full (ny, nx) float32 map of the sky level (bicubic spline through the mesh)."""
+        return self._full_map(self.level)
+
+    def rms_map(self) -> np.ndarray:
+        """Full (ny, nx) float32 map of the sky noise (standard deviation per pixel)."""
+        return self._full_map(self.rms)
+
+    def variance(self) -> np.ndarray:
+        """Full (ny, nx) float32 map of the sky variance, the square of `rms_map`."""
+        return np.square(self.rms_map())
+
+    @property
+    def median_level(self) -> float:
+        """Median of the mesh sky levels (sep's ``globalback``)."""
+        return float(np.median(self.level))
+
+    @property
+    def median_rms(self) -> float:
+        """Median of the mesh sky noise values (sep's ``globalrms``)."""
+        return float(np.median(self.rms))
+
+
+def _prepared_image(data: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Native float32 copy of ``data`` with bad pixels zeroed, and the bad-pixel mask."""
+    arr = np.asarray(data)
+    if arr.ndim != 2:
+        raise ValueError(f"data must be a 2-D (ny, nx) array, got {arr.ndim} dimensions")
+    if arr.size == 0:
+        raise ValueError(f"data is empty, shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"data must be a real numeric array, got dtype {arr.dtype}")
+    image = np.ascontiguousarray(arr, dtype=np.float32)  # also converts big-endian FITS data
+    bad = ~np.isfinite(image)
+    if mask is not None:
+        mask_arr = np.asarray(mask)
+        if mask_arr.shape != arr.shape:
+            raise ValueError(f"mask shape {mask_arr.shape} does not match data shape {arr.shape}")
+        bad |= mask_arr.astype(bool)
+    if bad.all():
+        raise ValueError(f"data has no valid pixel: all {arr.size} are NaN, infinite or masked")
+    image[bad] = 0.0
+    return image, bad
+
+
+def _nodes_from_map(full: np.ndarray, by: np.ndarray, bx: np.ndarray) -> np.ndarray:
+    """Least-squares mesh nodes ``V`` with ``by @ V @ bx.T == full``."""
+    rows = np.linalg.pinv(by) @ full.astype(np.float64)   # (ny_mesh, nx)
+    return rows @ np.linalg.pinv(bx).T                     # (ny_mesh, nx_mesh)
+
+
+def estimate_background(data: np.ndarray, *, mask: np.ndarray | None = None, box_size: int = 64,
+                        filter_size: int = 3, filter_threshold: float = 0.0) -> BackgroundMesh:
+    """Estimate the sky level and noise of an image on a mesh, as SExtractor does.
+
+    Parameters
+    ----------
+    data
+        (ny, nx) image, any real dtype and byte order.  NaN and infinite pixels are ignored
+        (treated as masked).
+    mask
+        (ny, nx) array, True (non-zero) where a pixel must be ignored; None masks nothing.
+        Sources need not be masked: the clipped-mode estimator rejects them.
+    box_size
+        Mesh box side in pixels (SExtractor's BACK_SIZE).  Must not exceed either image side.
+    filter_size
+        Median-filter size in boxes (BACK_FILTERSIZE); 1 means no filtering.
+    filter_threshold
+        A box is replaced by the filtered value only if it differs from it by at least this
+        much, in image units (BACK_FILTERTHRESH).
+
+    Returns
+    -------
+    BackgroundMesh
+        The filtered mesh; ``.counts()`` and ``.rms_map()`` equal sep's ``Background.back()``
+        and ``.rms()`` to float32 precision.
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is not 2-D, is empty or has no valid pixel; if ``mask`` has another shape;
+        if ``box_size`` or ``filter_size`` is < 1 or ``box_size`` exceeds an image side.
+    """
+    image, bad = _prepared_image(data, mask)
+    box_size, filter_size = int(box_size), int(filter_size)
+    if box_size < 1:
+        raise ValueError(f"box_size must be >= 1, got {box_size}")
+    if box_size > min(image.shape):
+        raise ValueError(f"box_size {box_size} is larger than the image, shape {image.shape}")
+    if filter_size < 1:
+        raise ValueError(f"filter_size must be >= 1, got {filter_size}")
+    bkg = sep.Background(image, mask=bad, bw=box_size, bh=box_size, fw=filter_size, fh=filter_size,
+                         fthresh=float(filter_threshold))
+    ny_mesh, nx_mesh = _mesh_shape(image.shape, box_size)
+    by = spline_basis(image.shape[0], ny_mesh, box_size, pixel_offset=0.0)
+    bx = spline_basis(image.shape[1], nx_mesh, box_size, pixel_offset=0.5)
+    mesh = BackgroundMesh(level=_nodes_from_map(bkg.back(), by, bx),
+                          rms=_nodes_from_map(bkg.rms(), by, bx),
+                          box_size=box_size, filter_size=filter_size, shape=image.shape)
+    mesh._bases.update(y=by, x=bx)
+    return mesh

@@ -1,0 +1,360 @@
+"""Images: one section (CCD) of an exposure, a coadd or a difference, with its pixels on disk.
+
+An `Image` row holds the observation metadata, the footprint on the sky (centre, four corners,
+bounding box, radius; see `improc.footprint` for the RA-wrap and pole rules), quality
+estimates, a badness bit field (`ImageBadness`), the FITS header and the WCS.  Its pixels live
+in one FITS file in the file store: a primary HDU with the header, then three image HDUs
+``DATA`` (float32, ADU), ``WEIGHT`` (float32 inverse variance, 1/ADU^2) and ``FLAGS`` (uint16
+`improc.flags.PixelFlag` bits).  ``image.data``, ``.weight`` and ``.flags`` are read lazily, after
+checking the file's md5.
+
+`Image.from_file` reads a reduced product; `ingest_file` stores an exposure and its images;
+`Image.find_images` (in `models.image_queries`) searches by position and metadata.
+
+Weight and flags of an image read without companion planes (the noise model)::
+
+    variance = (read_noise / gain)**2 + max(data + sky_level, 0) / gain      [ADU^2]
+    weight   = 1 / variance
+
+where ``sky_level`` is the sky already subtracted from the image (`Instrument.sky_level`, 0 for
+images that still contain their sky).  Flags: NO_DATA where the data are not finite (those
+pixels are set to 0) or the weight is not positive, SATURATED where ``data + sky_level`` reaches
+the section's saturation, plus whatever a companion mask says.  Every flagged pixel gets weight 0.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import sqlalchemy as sa
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from sqlalchemy import ForeignKey, Index, UniqueConstraint
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from improc import footprint
+from improc.flags import FLAGS_DTYPE
+from models.base import Base, TimestampMixin, UUIDMixin
+from models.exposure import Exposure, product_file_stem
+from models.file_store import FileBackedMixin, FileStore
+from models.instrument import Instrument, dict_to_header
+from models.provenance import Provenance
+
+__all__ = ["Image", "ImageType", "ImageBadness", "ingest_file", "ingest_provenance",
+           "INGEST_CODE_VERSION"]
+
+#: Code version of the "ingest" process (images read from reduced products).
+INGEST_CODE_VERSION = "1.0.0"
+
+
+class ImageType(str, enum.Enum):
+    """What an image is."""
+
+    SCIENCE = "science"        #: one section of one exposure
+    COADD = "coadd"            #: a stack of several images
+    DIFFERENCE = "difference"  #: new minus reference
+
+
+class ImageBadness(enum.IntFlag):
+    """Why a whole image should not be used (bits of ``Image.bad_flags``; 0 = good)."""
+
+    BAD_ASTROMETRY = 1    #: the WCS solution failed or is poor
+    BAD_PHOTOMETRY = 2    #: no reliable zero point
+    BAD_BACKGROUND = 4    #: background could not be modelled
+    BAD_PSF = 8           #: PSF could not be measured
+    BAD_SUBTRACTION = 16  #: the difference image is dominated by artefacts
+    NO_STARS = 32         #: too few stars were found
+
+
+def ingest_provenance(instrument: str) -> Provenance:
+    """Provenance of images read from reduced products: process "ingest", upstream "exposure"."""
+    from models.exposure import exposure_provenance
+
+    return Provenance(process="ingest", code_version=INGEST_CODE_VERSION,
+                      parameters={"instrument": instrument},
+                      upstreams=[exposure_provenance(instrument)])
+
+
+def _badness_value(names: tuple[str, ...]) -> int:
+    value = 0
+    for name in names:
+        try:
+            value |= ImageBadness[name.upper()]
+        except KeyError:
+            known = ", ".join(b.name for b in ImageBadness)
+            raise KeyError(f"unknown image badness {name!r}; known: {known}") from None
+    return int(value)
+
+
+_FLOAT = sa.Double
+
+
+class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
+    """One image and its footprint; pixels in a FITS file (see the module docstring)."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("exposure_id", "section_id", "provenance_id",
+                         name="uq_images_exposure_id_section_id_provenance_id"),
+        Index("ix_images_mjd", "mjd"),
+        Index("ix_images_filter", "filter"),
+        Index("ix_images_instrument_section_id", "instrument", "section_id"),
+        Index("ix_images_mindec", "mindec"),
+        Index("ix_images_maxdec", "maxdec"),
+        Index("ix_images_minra", "minra"),
+        Index("ix_images_maxra", "maxra"),
+        Index("ix_images_radius", "radius"),
+        Index("ix_images_target", "target"),
+    )
+
+    provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"),
+                                               index=True)
+    exposure_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("exposures.id", ondelete="CASCADE"), index=True, default=None)
+    section_id: Mapped[str | None] = mapped_column(sa.String(32), default=None)
+    instrument: Mapped[str] = mapped_column(sa.String(64))
+    type: Mapped[ImageType] = mapped_column(
+        sa.Enum(ImageType, native_enum=False, length=16, create_constraint=True, name="image_type",
+                values_callable=lambda enum_cls: [member.value for member in enum_cls]),
+        default=ImageType.SCIENCE)
+    filter: Mapped[str] = mapped_column(sa.String(64))
+    mjd: Mapped[float] = mapped_column(_FLOAT, doc="Start of the (first) exposure, MJD.")
+    end_mjd: Mapped[float] = mapped_column(_FLOAT, doc="End of the (last) exposure, MJD.")
+    exp_time: Mapped[float] = mapped_column(_FLOAT, doc="Total exposure time, seconds.")
+    airmass: Mapped[float | None] = mapped_column(_FLOAT, default=None)
+    target: Mapped[str | None] = mapped_column(sa.String(256), default=None)
+    project: Mapped[str | None] = mapped_column(sa.String(128), default=None)
+    nx: Mapped[int] = mapped_column(doc="Width, pixels.")
+    ny: Mapped[int] = mapped_column(doc="Height, pixels.")
+
+    ra: Mapped[float] = mapped_column(_FLOAT, doc="Footprint centre RA, degrees.")
+    dec: Mapped[float] = mapped_column(_FLOAT, doc="Footprint centre Dec, degrees.")
+    ra_corner_00: Mapped[float] = mapped_column(_FLOAT, doc="RA at pixel (x, y) = (-0.5, -0.5).")
+    ra_corner_01: Mapped[float] = mapped_column(_FLOAT, doc="RA at pixel (-0.5, ny - 0.5).")
+    ra_corner_10: Mapped[float] = mapped_column(_FLOAT, doc="RA at pixel (nx - 0.5, -0.5).")
+    ra_corner_11: Mapped[float] = mapped_column(_FLOAT, doc="RA at pixel (nx - 0.5, ny - 0.5).")
+    dec_corner_00: Mapped[float] = mapped_column(_FLOAT)
+    dec_corner_01: Mapped[float] = mapped_column(_FLOAT)
+    dec_corner_10: Mapped[float] = mapped_column(_FLOAT)
+    dec_corner_11: Mapped[float] = mapped_column(_FLOAT)
+    minra: Mapped[float] = mapped_column(_FLOAT, doc="Bounding box; minra > maxra wraps RA = 0.")
+    maxra: Mapped[float] = mapped_column(_FLOAT)
+    mindec: Mapped[float] = mapped_column(_FLOAT)
+    maxdec: Mapped[float] = mapped_column(_FLOAT)
+    radius: Mapped[float] = mapped_column(_FLOAT, doc="Centre to farthest corner, degrees.")
+
+    fwhm_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None, doc="Seeing, arcsec.")
+    zero_point_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None)
+    lim_mag_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None)
+    bkg_mean_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None, doc="ADU.")
+    bkg_rms_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None, doc="ADU.")
+    bad_flags: Mapped[int] = mapped_column(default=0, doc="ImageBadness bits; 0 = good.")
+
+    header: Mapped[dict] = mapped_column(default=dict, doc="FITS header cards.")
+    wcs_header: Mapped[str | None] = mapped_column(sa.Text, default=None,
+                                                   doc="The WCS as FITS header text.")
+
+    #: Corner column suffixes in polygon order (a closed path around the image).
+    CORNERS: ClassVar[tuple[str, ...]] = ("00", "10", "11", "01")
+
+    def __init__(self, *, provenance: Provenance | None = None, exposure: Exposure | None = None,
+                 data: np.ndarray | None = None, weight: np.ndarray | None = None,
+                 flags: np.ndarray | None = None, wcs: WCS | None = None, **columns: Any):
+        if provenance is not None:
+            columns["provenance_id"] = provenance.id
+        if exposure is not None:
+            columns["exposure_id"] = exposure.id
+        super().__init__(**columns)
+        self._provenance = provenance
+        self._data = self._weight = self._flags = None
+        if data is not None:
+            self.data = data
+        if weight is not None:
+            self.weight = weight
+        if flags is not None:
+            self.flags = flags
+        if wcs is not None:
+            self.set_wcs(wcs)
+
+    def __repr__(self) -> str:
+        return (f"<Image {self.instrument} {self.section_id} {self.filter} mjd={self.mjd:.5f} "
+                f"{getattr(self.type, 'value', self.type)} {self.id}>")
+
+    # -- pixels ------------------------------------------------------------------------------------
+
+    def _plane(self, name: str) -> np.ndarray | None:
+        if getattr(self, name, None) is None and self.filepath is not None:
+            self.load_file()
+        return getattr(self, name, None)
+
+    @property
+    def data(self) -> np.ndarray | None:
+        """(ny, nx) float32 pixels, ADU (read from the file on first use)."""
+        return self._plane("_data")
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = np.asarray(value, dtype=np.float32)
+        self.ny, self.nx = self._data.shape
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        """(ny, nx) float32 inverse variance, 1/ADU^2."""
+        return self._plane("_weight")
+
+    @weight.setter
+    def weight(self, value: np.ndarray) -> None:
+        self._weight = np.asarray(value, dtype=np.float32)
+
+    @property
+    def flags(self) -> np.ndarray | None:
+        """(ny, nx) uint16 `PixelFlag` bits."""
+        return self._plane("_flags")
+
+    @flags.setter
+    def flags(self, value: np.ndarray) -> None:
+        self._flags = np.asarray(value, dtype=FLAGS_DTYPE)
+
+    @property
+    def wcs(self) -> WCS | None:
+        """The WCS rebuilt from ``wcs_header``."""
+        if not self.wcs_header:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            return WCS(fits.Header.fromstring(self.wcs_header, sep="\n"))
+
+    def set_wcs(self, wcs: WCS, shape: tuple[int, int] | None = None) -> None:
+        """Store a WCS and compute the footprint columns from it.
+
+        Parameters
+        ----------
+        wcs : astropy.wcs.WCS
+            Celestial WCS of the image.
+        shape : tuple of int, optional
+            ``(ny, nx)``; default: the image's ``ny, nx``.
+        """
+        shape = shape or (self.ny, self.nx)
+        self.ny, self.nx = shape
+        self.wcs_header = wcs.to_header(relax=True).tostring(sep="\n")
+        ra, dec = footprint.corners_from_wcs(shape, wcs)
+        self.set_corners(ra, dec)
+
+    def set_corners(self, ra: np.ndarray, dec: np.ndarray) -> None:
+        """Set the corners (in `CORNERS` order) and the centre, bounding box and radius."""
+        for suffix, r, d in zip(self.CORNERS, ra, dec):
+            setattr(self, f"ra_corner_{suffix}", float(r))
+            setattr(self, f"dec_corner_{suffix}", float(d))
+        ra_c, dec_c = footprint.polygon_centers(ra, dec)
+        self.ra, self.dec = float(ra_c[0]), float(dec_c[0])
+        minra, maxra, mindec, maxdec = footprint.polygon_bounds(ra, dec)
+        self.minra, self.maxra = float(minra[0]), float(maxra[0])
+        self.mindec, self.maxdec = float(mindec[0]), float(maxdec[0])
+        self.radius = float(footprint.polygon_radii(ra, dec, ra_c, dec_c)[0])
+
+    @property
+    def corners(self) -> tuple[np.ndarray, np.ndarray]:
+        """RA and Dec of the four corners, shape (4,), in `CORNERS` order."""
+        return (np.array([getattr(self, f"ra_corner_{s}") for s in self.CORNERS]),
+                np.array([getattr(self, f"dec_corner_{s}") for s in self.CORNERS]))
+
+    # -- badness -----------------------------------------------------------------------------------
+
+    def set_badness(self, *names: str) -> None:
+        """Set badness bits by name (``"BAD_ASTROMETRY"``...); KeyError names an unknown one."""
+        self.bad_flags = int(self.bad_flags or 0) | _badness_value(names)
+
+    def clear_badness(self, *names: str) -> None:
+        """Clear badness bits by name; with no names, all of them."""
+        mask = _badness_value(names) if names else int(sum(ImageBadness))
+        self.bad_flags = int(self.bad_flags or 0) & ~mask
+
+    @property
+    def badness(self) -> list[str]:
+        """Names of the badness bits that are set."""
+        return [b.name for b in ImageBadness if (self.bad_flags or 0) & b]
+
+    @property
+    def is_bad(self) -> bool:
+        """Whether any badness bit is set."""
+        return bool(self.bad_flags)
+
+    # -- file --------------------------------------------------------------------------------------
+
+    def _process(self) -> str:
+        prov = getattr(self, "_provenance", None)
+        if prov is None and self.provenance_id is not None:
+            prov = Provenance.get(self.provenance_id)
+            self._provenance = prov
+        return prov.process if prov is not None else "unknown"
+
+    def file_stem(self) -> str:
+        """``storage.file_name_convention`` filled from this image (name: start of its id)."""
+        return product_file_stem(
+            instrument=self.instrument, mjd=self.mjd, section=self.section_id or "none",
+            filter=self.filter, type=getattr(self.type, "value", self.type) or "science",
+            process=self._process(), prov=self.provenance_id, name=self.id.hex[:12],
+            convention=Exposure.file_name_convention)
+
+    def _write(self, path: Path) -> None:
+        data, weight, flags = self._data, self._weight, self._flags
+        if data is None or weight is None or flags is None:
+            raise ValueError(f"image {self.id} needs data, weight and flags before it is saved")
+        shape = np.shape(data)
+        for name, plane in (("weight", weight), ("flags", flags)):
+            if np.shape(plane) != shape:
+                raise ValueError(f"image {self.id}: {name} has shape {np.shape(plane)}, data has {shape}")
+        primary = fits.PrimaryHDU(header=dict_to_header(self.header or {}))
+        wcs_header = fits.Header.fromstring(self.wcs_header, sep="\n") if self.wcs_header else None
+        hdul = fits.HDUList([
+            primary,
+            fits.ImageHDU(np.asarray(data, dtype=np.float32), header=wcs_header, name="DATA"),
+            fits.ImageHDU(np.asarray(weight, dtype=np.float32), name="WEIGHT"),
+            fits.ImageHDU(np.asarray(flags, dtype=FLAGS_DTYPE), name="FLAGS"),
+        ])
+        hdul.writeto(path, overwrite=True, output_verify="silentfix")
+
+    def _read(self, path: Path) -> None:
+        with fits.open(path, memmap=False) as hdul:
+            self._data = hdul["DATA"].data.astype(np.float32)
+            self._weight = hdul["WEIGHT"].data.astype(np.float32)
+            self._flags = hdul["FLAGS"].data.astype(FLAGS_DTYPE)
+
+    # -- queries and constructors (bodies live in their own modules) -------------------------------
+
+    @classmethod
+    def find_images(cls, **criteria: Any) -> list[Image]:
+        """Search images; see `models.image_queries.find_images` for every criterion."""
+        from models.image_queries import find_images
+
+        return find_images(**criteria)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, instrument: str | Instrument | None = None,
+                  weight: str | os.PathLike | np.ndarray | None = None,
+                  flags: str | os.PathLike | np.ndarray | None = None,
+                  hdu: int | str | None = None, section_id: str | None = None,
+                  exposure: Exposure | None = None, provenance: Provenance | None = None) -> Image:
+        """An Image (in memory, not saved) from a reduced product; see `models.image_io.image_from_file`."""
+        from models.image_io import image_from_file
+
+        return image_from_file(path, instrument=instrument, weight=weight, flags=flags, hdu=hdu,
+                               section_id=section_id, exposure=exposure, provenance=provenance)
+
+
+def ingest_file(path: str | os.PathLike, *, instrument: str | Instrument | None = None,
+                store: FileStore | None = None,
+                session: Session | None = None) -> tuple[Exposure, list[Image]]:
+    """Store an original file as an Exposure and, for reduced products, one Image per section.
+
+    See `models.image_io.ingest_file`.
+    """
+    from models.image_io import ingest_file as _ingest
+
+    return _ingest(path, instrument=instrument, store=store, session=session)

@@ -1,0 +1,95 @@
+"""Astrometric calibration: match sources to Gaia and fit a TAN-SIP WCS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from improc.astrometry import AstrometryError, AstrometrySolution, solve_astrometry
+from models.world_coordinates import WorldCoordinates
+from pipeline.catalogs import CatalogSource, reference_catalog, stars_at_epoch
+from pipeline.data_store import DataStore
+from pipeline.parameters import ParameterError, StepParams, param
+from pipeline.step import Step
+
+__all__ = ["AstroCalParams", "AstroCalibrator"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AstroCalParams(StepParams):
+    """How the astrometric solution is found."""
+
+    step_name = "astrocal"
+
+    catalog: Literal["gaia_folder", "gaia_dr3"] = param(
+        "gaia_dr3", "Reference catalog: 'gaia_dr3' queries the Gaia archive (astroquery); "
+        "'gaia_folder' reads healpix chunk files from catalog_folder.")
+    catalog_folder: str | None = param(
+        None, "Folder of Gaia chunk-NNNNN.fits files, for catalog 'gaia_folder'.", affects_result=False)
+    mag_limit: float = param(21.0, "Faintest Gaia G used.")
+    sip_order: int = param(3, "Highest SIP distortion order (1 = plain TAN).")
+    min_matches: int = param(10, "Fewest matched stars accepted.")
+    max_arcsec_residual: float = param(0.3, "Largest accepted rms of the fit, arcsec.")
+    max_offset_arcsec: float = param(60.0, "Largest pointing error searched, arcsec.")
+    max_rotation_deg: float = param(2.0, "Largest rotation error searched, degrees.")
+    min_snr: float = param(5.0, "Sources fainter than this S/N are not matched.")
+
+    def validate(self) -> None:
+        if not 1 <= self.sip_order <= 5:
+            raise ParameterError(f"astrocal sip_order must be 1..5, got {self.sip_order}")
+        if self.min_matches < 4:
+            raise ParameterError(f"astrocal min_matches must be >= 4, got {self.min_matches}")
+        if self.max_arcsec_residual <= 0:
+            raise ParameterError(f"astrocal max_arcsec_residual must be > 0, got {self.max_arcsec_residual}")
+
+
+class AstroCalibrator(Step):
+    """Make the image's `WorldCoordinates`; update the image's WCS and corners from it."""
+
+    process = "astrocal"
+    version = "1.0.0"
+    Params = AstroCalParams
+    products = ("wcs",)
+    upstream_processes = ("extraction",)
+
+    def catalog_source(self) -> CatalogSource:
+        return CatalogSource(kind=self.params.catalog, folder=self.params.catalog_folder,
+                             mag_limit=self.params.mag_limit)
+
+    def compute(self, x: np.ndarray, y: np.ndarray, flux: np.ndarray, catalog, *, mjd: float,
+                wcs_guess, image_shape: tuple[int, int]) -> AstrometrySolution:
+        """Solve the astrometry of sources (x, y, flux) against catalog stars (a Gaia table)."""
+        p = self.params
+        cat_ra, cat_dec = stars_at_epoch(catalog, mjd)
+        return solve_astrometry(
+            x, y, flux, cat_ra, cat_dec, np.asarray(catalog["phot_g_mean_mag"], dtype=float),
+            wcs_guess=wcs_guess, image_shape=image_shape, sip_order=p.sip_order,
+            min_matches=p.min_matches, max_arcsec_residual=p.max_arcsec_residual,
+            max_offset_arcsec=p.max_offset_arcsec, max_rotation_deg=p.max_rotation_deg)
+
+    def run(self, ds: DataStore) -> None:
+        image, sources = ds.get_image(), ds.get_sources()
+
+        def make(prov):
+            if image.wcs is None:
+                raise AstrometryError(f"image {image.describe()} has no header WCS to start from")
+            table = sources.data
+            good = (np.asarray(table["flags"]) == 0) & (np.asarray(table["snr"]) >= self.params.min_snr)
+            flux = np.asarray(table["psfflux"] if "psfflux" in table.colnames else table["apflux_1"])
+            excerpt = reference_catalog(image, self.catalog_source())
+            try:
+                solution = self.compute(sources.x[good], sources.y[good], flux[good], excerpt.data,
+                                        mjd=image.mjd, wcs_guess=image.wcs,
+                                        image_shape=(image.ny, image.nx))
+            except AstrometryError:
+                image.set_badness("BAD_ASTROMETRY")
+                ds.save_and_commit()
+                raise
+            image.set_wcs(solution.wcs)
+            return WorldCoordinates(wcs=solution.wcs, sources=sources, provenance_id=prov.id,
+                                    rms_arcsec=float(solution.rms_arcsec),
+                                    num_stars=int(solution.n_matches), catalog=excerpt.catalog)
+
+        ds.get_or_make("wcs", make)

@@ -1,0 +1,124 @@
+"""Reference catalogs for calibration: fetched once per field, cached as CatalogExcerpts.
+
+`reference_catalog` returns the stars covering an image: from a stored `CatalogExcerpt` whose
+box contains the image (no fetch at all), else from the source named by the parameters -- a local
+folder of Gaia chunk files (the Legacy Surveys' layout, also what the simulator writes) or the
+Gaia archive through astroquery -- saved as a new excerpt (file and row together).  Proper
+motions are applied to the image epoch by `stars_at_epoch`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from astropy.table import Table
+from astropy.time import Time
+
+from improc.astrometry import propagate_proper_motion
+from improc.footprint import polygon_bounds
+from models.catalog_excerpt import CatalogExcerpt
+from models.provenance import Provenance
+from models.saving import save_products
+from util import gaia
+
+__all__ = ["CatalogSource", "reference_catalog", "stars_at_epoch"]
+
+log = logging.getLogger(__name__)
+
+CatalogKind = Literal["gaia_folder", "gaia_dr3"]
+
+
+@dataclass(frozen=True)
+class CatalogSource:
+    """Where reference stars come from.
+
+    kind : ``"gaia_folder"`` (local chunk files in ``folder``) or ``"gaia_dr3"`` (the Gaia
+        archive through astroquery; needs the network).
+    folder : the local folder, for ``gaia_folder``.
+    mag_limit : faintest G kept.
+    pad_arcsec : margin added around the image footprint (covers pointing errors).
+    """
+
+    kind: CatalogKind
+    folder: str | None = None
+    mag_limit: float = 21.0
+    pad_arcsec: float = 120.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_G{self.mag_limit:g}"
+
+    def provenance(self) -> Provenance:
+        return Provenance(process="catalog_excerpt", code_version="1.0.0",
+                          parameters={"kind": self.kind, "mag_limit": self.mag_limit})
+
+
+def _padded_box(image, pad_arcsec: float) -> tuple[float, float, float, float]:
+    ra, dec = image.corners
+    minra, maxra, mindec, maxdec = (float(v[0]) for v in polygon_bounds(ra, dec))
+    pad = pad_arcsec / 3600.0
+    mindec, maxdec = max(mindec - pad, -90.0), min(maxdec + pad, 90.0)
+    if mindec <= -90.0 or maxdec >= 90.0:
+        return 0.0, 360.0, mindec, maxdec
+    cos_dec = max(np.cos(np.radians(max(abs(mindec), abs(maxdec)))), 1e-3)
+    rpad = pad / cos_dec
+    width = (maxra - minra) % 360.0
+    if width + 2 * rpad >= 360.0:
+        return 0.0, 360.0, mindec, maxdec
+    return (minra - rpad) % 360.0, (maxra + rpad) % 360.0, mindec, maxdec
+
+
+def _fetch(source: CatalogSource, box: tuple[float, float, float, float]) -> tuple[Table, str]:
+    minra, maxra, mindec, maxdec = box
+    if source.kind == "gaia_folder":
+        if not source.folder:
+            raise ValueError("catalog kind 'gaia_folder' needs a catalog folder (catalog_folder)")
+        table = gaia.read_gaia_folder(source.folder, ra_min=minra, ra_max=maxra,
+                                      dec_min=mindec, dec_max=maxdec)
+        origin = str(Path(source.folder).resolve())
+    else:
+        ra_c = (minra + ((maxra - minra) % 360.0) / 2.0) % 360.0
+        dec_c = (mindec + maxdec) / 2.0
+        corner_sep = np.hypot(((maxra - minra) % 360.0) / 2.0 * np.cos(np.radians(dec_c)),
+                              (maxdec - mindec) / 2.0)
+        table = gaia.query_gaia_astroquery(ra=ra_c, dec=dec_c, radius_deg=float(corner_sep),
+                                           mag_limit=source.mag_limit)
+        origin = "Gaia DR3 (astroquery)"
+    g = np.asarray(table["phot_g_mean_mag"], dtype=float)
+    return table[np.isfinite(g) & (g <= source.mag_limit)], origin
+
+
+def reference_catalog(image, source: CatalogSource) -> CatalogExcerpt:
+    """The catalog excerpt covering ``image`` (its corners padded by ``source.pad_arcsec``)."""
+    box = _padded_box(image, source.pad_arcsec)
+    found = CatalogExcerpt.find_covering(source.name, *box)
+    if found is not None:
+        return found
+    table, origin = _fetch(source, box)
+    prov = source.provenance()
+    prov.save()
+    excerpt = CatalogExcerpt(data=table, catalog=source.name, origin=origin, provenance_id=prov.id,
+                             minra=box[0], maxra=box[1], mindec=box[2], maxdec=box[3])
+    save_products([excerpt])
+    log.info("cached %d %s stars for %s", len(table), source.name, image)
+    return excerpt
+
+
+def stars_at_epoch(table: Table, mjd: float) -> tuple[np.ndarray, np.ndarray]:
+    """RA and Dec of catalog stars moved by their proper motions to the epoch ``mjd``."""
+    epoch = Time(mjd, format="mjd").jyear
+    ref_epoch = np.asarray(table["ref_epoch"], dtype=float)
+    ref_epoch = np.where(np.isfinite(ref_epoch), ref_epoch, 2016.0)
+    ra = np.asarray(table["ra"], dtype=float)
+    dec = np.asarray(table["dec"], dtype=float)
+    out_ra, out_dec = np.empty_like(ra), np.empty_like(dec)
+    for value in np.unique(ref_epoch):
+        sel = ref_epoch == value
+        out_ra[sel], out_dec[sel] = propagate_proper_motion(
+            ra[sel], dec[sel], np.asarray(table["pmra"], dtype=float)[sel],
+            np.asarray(table["pmdec"], dtype=float)[sel], from_epoch=float(value), to_epoch=epoch)
+    return out_ra, out_dec

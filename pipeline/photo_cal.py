@@ -1,0 +1,128 @@
+"""Photometric calibration: zero point against Gaia, aperture corrections, limiting magnitude."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from astropy.coordinates import SkyCoord
+import astropy.units as u
+
+from improc.color_transforms import gaia_to_band
+from improc.photometry import (PhotometryError, ZeroPointFit, aperture_corrections, fit_zero_point,
+                               limiting_magnitude)
+from models.zero_point import ZeroPoint
+from pipeline.catalogs import CatalogSource, reference_catalog, stars_at_epoch
+from pipeline.data_store import DataStore
+from pipeline.parameters import ParameterError, StepParams, param
+from pipeline.step import Step
+
+__all__ = ["PhotoCalParams", "PhotoCalibrator"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhotoCalParams(StepParams):
+    """How the zero point is measured."""
+
+    step_name = "photocal"
+
+    catalog: Literal["gaia_folder", "gaia_dr3"] = param(
+        "gaia_dr3", "Reference catalog, as for astrocal.")
+    catalog_folder: str | None = param(None, "Folder of Gaia chunk files, for 'gaia_folder'.",
+                                       affects_result=False)
+    mag_limit: float = param(21.0, "Faintest Gaia G read from the catalog.")
+    match_radius_arcsec: float = param(1.0, "Sources and catalog stars closer than this match.")
+    min_snr: float = param(20.0, "Only sources above this PSF-flux S/N calibrate.")
+    bright_limit_g: float = param(15.0, "Catalog stars brighter than this G are left out (saturation).")
+    color_term: Literal["none", "fit"] = param(
+        "none", "'fit' also fits a linear term in Gaia BP-RP on top of the band transformation.")
+    clip_sigma: float = param(3.0, "Outlier rejection threshold of the fit.")
+    min_stars: int = param(5, "Fewest calibration stars accepted.")
+    limit_snr: float = param(5.0, "S/N of the limiting magnitude written to the image.")
+
+    def validate(self) -> None:
+        if self.match_radius_arcsec <= 0:
+            raise ParameterError(f"photocal match_radius_arcsec must be > 0, got {self.match_radius_arcsec}")
+        if self.min_stars < 2:
+            raise ParameterError(f"photocal min_stars must be >= 2, got {self.min_stars}")
+
+
+@dataclass(frozen=True)
+class PhotoCalResult:
+    """What `PhotoCalibrator.compute` finds."""
+
+    fit: ZeroPointFit
+    aper_cors: np.ndarray
+    lim_mag: float
+
+
+class PhotoCalibrator(Step):
+    """Make the image's `ZeroPoint`; write zero point and limiting magnitude into the image."""
+
+    process = "photocal"
+    version = "1.0.0"
+    Params = PhotoCalParams
+    products = ("zp",)
+    upstream_processes = ("astrocal",)
+
+    def match(self, ra: np.ndarray, dec: np.ndarray, cat_ra: np.ndarray, cat_dec: np.ndarray):
+        """Indices (sources, catalog) of pairs closer than ``match_radius_arcsec``."""
+        if len(ra) == 0 or len(cat_ra) == 0:
+            return np.array([], int), np.array([], int)
+        src = SkyCoord(ra * u.deg, dec * u.deg)
+        idx, sep, _ = src.match_to_catalog_sky(SkyCoord(cat_ra * u.deg, cat_dec * u.deg))
+        ok = sep.arcsec < self.params.match_radius_arcsec
+        return np.flatnonzero(ok), idx[ok]
+
+    def compute(self, psf_flux, psf_err, apfluxes, catalog_mag, color, *, sky_rms: float,
+                psf_stamp: np.ndarray) -> PhotoCalResult:
+        """Zero point, aperture corrections and limiting magnitude from matched stars."""
+        p = self.params
+        fit = fit_zero_point(psf_flux, psf_err, catalog_mag, color=color, color_term=p.color_term,
+                             clip_sigma=p.clip_sigma, min_stars=p.min_stars)
+        used = fit.used
+        apcor = aperture_corrections(apfluxes[used], psf_flux[used])
+        lim = limiting_magnitude(sky_noise_adu=sky_rms, zero_point=fit.zp, psf=psf_stamp, snr=p.limit_snr)
+        return PhotoCalResult(fit=fit, aper_cors=np.asarray(apcor), lim_mag=float(lim))
+
+    def run(self, ds: DataStore) -> None:
+        image, sources, psf, wcs, bg = (ds.get_image(), ds.get_sources(), ds.get_psf(), ds.get_wcs(),
+                                        ds.get_background())
+
+        def make(prov):
+            p = self.params
+            table = sources.data
+            flux, err = sources.psffluxadu()
+            good = ((np.asarray(table["flags"]) == 0) & np.isfinite(flux) & (flux > 0)
+                    & (flux / err >= p.min_snr))
+            ra, dec = wcs.wcs.pixel_to_world_values(sources.x, sources.y)
+            source = CatalogSource(kind=p.catalog, folder=p.catalog_folder, mag_limit=p.mag_limit)
+            catalog = reference_catalog(image, source).data
+            cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
+            g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
+            bright_ok = g >= p.bright_limit_g
+            isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)
+            isrc = np.flatnonzero(good)[isrc]
+            keep = bright_ok[icat]
+            isrc, icat = isrc[keep], icat[keep]
+            bp = np.asarray(catalog["phot_bp_mean_mag"], dtype=float)[icat]
+            rp = np.asarray(catalog["phot_rp_mean_mag"], dtype=float)[icat]
+            cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
+            apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc] for i in range(len(sources.aper_radii))])
+            try:
+                result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
+                                      sky_rms=bg.rms_median,
+                                      psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
+            except PhotometryError:
+                image.set_badness("BAD_PHOTOMETRY")
+                ds.save_and_commit()
+                raise
+            image.zero_point_estimate = result.fit.zp
+            image.lim_mag_estimate = result.lim_mag
+            return ZeroPoint(wcs=wcs, provenance_id=prov.id, zp=result.fit.zp, dzp=result.fit.dzp,
+                             color_term=result.fit.color_term, num_stars=result.fit.n_stars,
+                             scatter=result.fit.scatter, aper_radii=list(sources.aper_radii),
+                             aper_cors=[float(c) for c in result.aper_cors], lim_mag=result.lim_mag)
+
+        ds.get_or_make("zp", make)

@@ -1,0 +1,305 @@
+"""Tests of improc.astrometry and improc.pattern_match on synthetic star lists with a known WCS.
+
+Truth: a TAN-SIP WCS at 0.26"/pixel with a cubic distortion of a few pixels.  Sources are its
+pixel positions of catalog stars plus Gaussian centroid noise (0.02 pixel), with some stars
+undetected and some spurious sources; the guessed WCS is the truth without distortion, shifted
+and rotated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.wcs import WCS, Sip
+
+from improc.astrometry import (AstrometryError, fit_wcs, match_to_catalog, propagate_proper_motion,
+                               solve_astrometry)
+from improc.pattern_match import from_tangent_plane, mutual_nearest, tangent_plane
+
+SCALE = 0.26  # arcsec / pixel
+NOISE_PX = 0.02
+
+
+def make_wcs(shape, *, ra0=150.0, dec0=2.0, pa_deg=0.0, sip_px=3.0) -> WCS:
+    """East-left TAN(-SIP) WCS; the distortion reaches about ``sip_px`` pixels at the edges."""
+    ny, nx = shape
+    w = WCS(naxis=2)
+    w.wcs.crpix = [nx / 2 + 0.5, ny / 2 + 0.5]
+    w.wcs.crval = [ra0, dec0]
+    th = np.radians(pa_deg)
+    w.wcs.cd = SCALE / 3600 * np.array([[-np.cos(th), np.sin(th)], [np.sin(th), np.cos(th)]])
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    if sip_px:
+        half = nx / 2
+        a, b = np.zeros((4, 4)), np.zeros((4, 4))
+        a[2, 0], a[1, 1], a[3, 0], a[1, 2] = np.array([1, -0.5, 0.7 / half, 0.5 / half]) * sip_px / half**2
+        b[0, 2], b[1, 1], b[0, 3], b[2, 1] = np.array([1, 0.4, 0.6 / half, -0.5 / half]) * sip_px / half**2
+        w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+        w.sip = Sip(a, b, None, None, w.wcs.crpix)
+    w.wcs.set()
+    return w
+
+
+def offset_wcs(w: WCS, shift_arcsec=(30.0, 0.0), rot_deg=1.0, *, keep_sip=False) -> WCS:
+    """``w`` (without its distortion unless keep_sip), CRVAL moved by (east, north) arcsec and
+    rotated by rot_deg."""
+    g = WCS(naxis=2)
+    g.wcs.crpix = w.wcs.crpix
+    ra0, dec0 = from_tangent_plane(shift_arcsec[0] / 3600, shift_arcsec[1] / 3600, *w.wcs.crval)
+    g.wcs.crval = [float(ra0), float(dec0)]
+    th = np.radians(rot_deg)
+    g.wcs.cd = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]) @ w.wcs.cd
+    g.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    if keep_sip:
+        g.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+        g.sip = Sip(w.sip.a, w.sip.b, None, None, g.wcs.crpix)
+    g.wcs.set()
+    return g
+
+
+def make_field(w: WCS, shape, *, density=1000 / 2048**2, seed=0, margin_px=300, spurious_frac=0.05):
+    """Catalog over the image plus a margin, and the sources detected on the image.
+
+    Returns x, y, flux (sources), ra, dec, mag (catalog), truth (catalog index of each source,
+    -1 for spurious ones), and the true (noiseless) pixel positions of all catalog stars.
+    """
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    n = int(density * (nx + 2 * margin_px) * (ny + 2 * margin_px))
+    xs, ys = rng.uniform(-margin_px, nx - 1 + margin_px, n), rng.uniform(-margin_px, ny - 1 + margin_px, n)
+    mag = 15 + 7 * rng.power(2.5, n)
+    ra, dec = w.all_pix2world(xs, ys, 0)
+    on_image = (xs >= 0) & (xs <= nx - 1) & (ys >= 0) & (ys <= ny - 1)
+    detected = np.flatnonzero(on_image & (rng.random(n) > 0.05))
+    n_spur = int(spurious_frac * len(detected))
+    noise = rng.normal(0, NOISE_PX, (2, len(detected)))
+    x = np.concatenate([xs[detected] + noise[0], rng.uniform(0, nx - 1, n_spur)])
+    y = np.concatenate([ys[detected] + noise[1], rng.uniform(0, ny - 1, n_spur)])
+    flux = np.concatenate([10 ** (-0.4 * (mag[detected] - 31)) * rng.lognormal(0, 0.2, len(detected)),
+                           10 ** (-0.4 * (rng.uniform(17, 23, n_spur) - 31))])
+    truth = np.concatenate([detected, -np.ones(n_spur, dtype=int)])
+    return x, y, flux, ra, dec, mag, truth, xs, ys
+
+
+def sky_distance_arcsec(ra1, dec1, ra2, dec2):
+    xi, eta = tangent_plane(ra1, dec1, ra2, dec2)
+    return np.hypot(xi, eta) * 3600
+
+
+def truth_rms_mas(wcs: WCS, true_wcs: WCS, xs, ys) -> float:
+    """Rms distance (mas) between fitted and true sky positions at the given pixels."""
+    r1, d1 = wcs.all_pix2world(xs, ys, 0)
+    r2, d2 = true_wcs.all_pix2world(xs, ys, 0)
+    return float(np.sqrt(np.mean(sky_distance_arcsec(r1, d1, r2, d2) ** 2)) * 1000)
+
+
+# --- proper motion and tangent plane ------------------------------------------------------------
+
+def test_proper_motion_moves_by_pm_times_dt():
+    ra = np.array([10.0, 200.0, 359.9999, 45.0])
+    dec = np.array([0.0, -30.0, 60.0, 89.9])
+    pmra, pmdec = np.array([1000.0, -300.0, 500.0, 100.0]), np.array([0.0, 400.0, -50.0, 100.0])
+    ra2, dec2 = propagate_proper_motion(ra, dec, pmra, pmdec, from_epoch=2016.0, to_epoch=2026.0)
+    expected_arcsec = np.hypot(pmra, pmdec) * 10 / 1000
+    np.testing.assert_allclose(sky_distance_arcsec(ra2, dec2, ra, dec), expected_arcsec, rtol=1e-6)
+    # Direction: dec changes by pmdec * dt; RA (with cos dec) by pmra * dt, up to the curvature
+    # of a great circle against a parallel (0.1 mas for 5" at Dec 60).
+    np.testing.assert_allclose((dec2 - dec)[:3] * 3.6e6, pmdec[:3] * 10, atol=0.2)
+    d_ra = (ra2 - ra + 180) % 360 - 180
+    np.testing.assert_allclose(d_ra[:3] * np.cos(np.radians(dec[:3])) * 3.6e6, pmra[:3] * 10, atol=0.2)
+    assert np.all((ra2 >= 0) & (ra2 < 360))
+
+
+def test_proper_motion_nan_means_no_motion_and_epoch_arrays():
+    ra, dec = np.array([120.0, 121.0]), np.array([5.0, 5.1])
+    ra2, dec2 = propagate_proper_motion(ra, dec, np.array([np.nan, 100.0]), np.array([np.nan, 0.0]),
+                                        from_epoch=np.array([2015.5, 2016.0]), to_epoch=2016.0)
+    assert sky_distance_arcsec(ra2[0], dec2[0], ra[0], dec[0]) < 1e-9
+    assert sky_distance_arcsec(ra2[1], dec2[1], ra[1], dec[1]) < 1e-9  # dt = 0 for the second star
+    with pytest.raises(ValueError, match="epochs must be finite"):
+        propagate_proper_motion(ra, dec, ra, dec, from_epoch=np.array([np.nan, 2016.0]), to_epoch=2020.0)
+
+
+def test_tangent_plane_round_trip_across_ra_zero_and_near_pole():
+    for ra0, dec0 in ((0.01, -20.0), (359.99, 45.0), (80.0, 88.0)):
+        ra = ra0 + np.linspace(-0.3, 0.3, 7)
+        dec = np.clip(dec0 + np.linspace(-0.3, 0.3, 7), -90, 89.99)
+        xi, eta = tangent_plane(ra % 360, dec, ra0, dec0)
+        ra2, dec2 = from_tangent_plane(xi, eta, ra0, dec0)
+        assert np.max(sky_distance_arcsec(ra2, dec2, ra % 360, dec)) < 1e-8
+
+
+def test_mutual_nearest_is_one_to_one():
+    src = np.array([[0.0, 0.0], [0.5, 0.0], [10.0, 0.0]])
+    cat = np.array([[0.1, 0.0], [10.0, 5.0]])
+    i_s, i_c, dist = mutual_nearest(src, cat, 1.0)
+    assert i_s.tolist() == [0] and i_c.tolist() == [0]
+    np.testing.assert_allclose(dist, [0.1])
+
+
+# --- matching -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift, rot", [((0.0, 0.0), 0.0), ((30.0, 0.0), 1.0), ((-21.2, 21.2), -1.0),
+                                        ((0.0, -45.0), 1.8)])
+def test_match_recovers_offset_and_rotation(shift, rot):
+    shape = (1024, 1024)
+    true = make_wcs(shape, pa_deg=30.0)
+    x, y, flux, ra, dec, mag, truth, *_ = make_field(true, shape, seed=1)
+    # The guess has the true distortion, so its error is exactly the shift and rotation.
+    result = match_to_catalog(x, y, flux, ra, dec, mag, wcs_guess=offset_wcs(true, shift, rot, keep_sip=True))
+    n_real = np.count_nonzero(truth >= 0)
+    correct = truth[result.source_index] == result.catalog_index
+    assert len(result.source_index) > 0.9 * n_real
+    assert np.count_nonzero(~correct) <= 0.01 * n_real  # only a spurious source may land on a star
+    # The correction undoes the error of the guess (the shift is measured at the centre of the
+    # sources rather than at CRPIX, a few pixels away: 0.1" is that lever arm times the rotation).
+    np.testing.assert_allclose(result.transform.shift_arcsec, -np.array(shift), atol=0.1)
+    assert abs(result.transform.rotation_deg + rot) < 1e-3
+    assert abs(result.transform.scale - 1) < 1e-4
+    assert len(set(result.catalog_index.tolist())) == len(result.catalog_index)
+
+
+def test_match_tolerates_missing_bright_stars_and_shallow_catalog():
+    shape = (1024, 1024)
+    true = make_wcs(shape, ra0=0.02, dec0=-30.0)  # field straddles RA = 0
+    x, y, flux, ra, dec, mag, truth, *_ = make_field(true, shape, seed=2)
+    keep = np.argsort(-flux)[15:]  # the 15 brightest sources are saturated and lost
+    shallow = mag < 20.0  # the catalog is shallower than the image
+    result = match_to_catalog(x[keep], y[keep], flux[keep], ra[shallow], dec[shallow], mag[shallow],
+                              wcs_guess=offset_wcs(true, (25.0, -15.0), 1.0))
+    cat_index = np.flatnonzero(shallow)[result.catalog_index]
+    correct = truth[keep][result.source_index] == cat_index
+    assert correct.sum() > 0.9 * np.count_nonzero(np.isin(truth[keep], np.flatnonzero(shallow)))
+    assert np.count_nonzero(~correct) <= 3
+
+
+def test_match_fails_clearly_outside_search_range():
+    shape = (1024, 1024)
+    true = make_wcs(shape)
+    x, y, flux, ra, dec, mag, *_ = make_field(true, shape, seed=3)
+    with pytest.raises(AstrometryError):
+        solve_astrometry(x, y, flux, ra, dec, mag, wcs_guess=offset_wcs(true, (400.0, 0.0), 0.0),
+                         image_shape=shape)
+
+
+def test_match_rejects_bad_inputs():
+    w = make_wcs((100, 100))
+    with pytest.raises(ValueError, match="x, y and flux must have the same length"):
+        match_to_catalog(np.zeros(3), np.zeros(4), np.zeros(3), np.zeros(5), np.zeros(5), np.zeros(5),
+                         wcs_guess=w)
+    with pytest.raises(ValueError, match="max_offset_arcsec must be > 0"):
+        match_to_catalog(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(5), np.zeros(5), np.zeros(5),
+                         wcs_guess=w, max_offset_arcsec=-1)
+    with pytest.raises(AstrometryError, match="need at least 3 sources"):
+        match_to_catalog(np.zeros(2), np.zeros(2), np.ones(2), np.zeros(5), np.zeros(5), np.zeros(5),
+                         wcs_guess=w)
+
+
+# --- WCS fitting --------------------------------------------------------------------------------
+
+def test_fit_wcs_noiseless_recovers_truth_and_inverts():
+    shape = (2048, 2048)
+    true = make_wcs(shape, ra0=359.95, dec0=-5.0, pa_deg=10.0, sip_px=5.0)
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(0, 2047, 400), rng.uniform(0, 2047, 400)
+    ra, dec = true.all_pix2world(x, y, 0)
+    fit = fit_wcs(x, y, ra, dec, image_shape=shape, sip_order=3)
+    assert fit.wcs.wcs.ctype[0] == "RA---TAN-SIP" and fit.wcs.sip.a_order == 3
+    assert fit.n_stars >= 395 and fit.rms_arcsec < 1e-5
+    gx, gy = (g.ravel() for g in np.meshgrid(np.linspace(0, 2047, 20), np.linspace(0, 2047, 20)))
+    assert truth_rms_mas(fit.wcs, true, gx, gy) < 0.01
+    px, py = fit.wcs.world_to_pixel(fit.wcs.pixel_to_world(gx, gy))
+    assert np.max(np.hypot(px - gx, py - gy)) < 1e-4
+    foc = fit.wcs.sip_pix2foc(np.column_stack([gx, gy]), 0)  # A, B inverted by AP, BP
+    assert np.max(np.abs(fit.wcs.sip_foc2pix(foc, 0) - np.column_stack([gx, gy]))) < 2e-3
+    # The FITS header written from it describes the same mapping.
+    again = WCS(fit.wcs.to_header(relax=True))
+    assert truth_rms_mas(again, fit.wcs, gx, gy) < 1e-3
+
+
+def test_fit_wcs_with_noise_and_outliers():
+    shape = (2048, 2048)
+    true = make_wcs(shape, sip_px=4.0)
+    rng = np.random.default_rng(5)
+    n = 600
+    xs, ys = rng.uniform(0, 2047, n), rng.uniform(0, 2047, n)
+    ra, dec = true.all_pix2world(xs, ys, 0)
+    bad = rng.choice(n, 30, replace=False)
+    dec = dec.copy()
+    dec[bad] += rng.choice([-1, 1], 30) * rng.uniform(0.5, 3.0, 30) / 3600  # 0.5" to 3" wrong
+    x, y = xs + rng.normal(0, NOISE_PX, n), ys + rng.normal(0, NOISE_PX, n)
+    fit = fit_wcs(x, y, ra, dec, image_shape=shape, sip_order=3)
+    assert not fit.used[bad].any()
+    assert fit.n_stars >= n - 30 - 12  # at most ~2% of good stars clipped
+    expected = NOISE_PX * SCALE * np.sqrt(2)  # radial rms of the centroid noise, arcsec
+    assert 0.8 * expected < fit.rms_arcsec < 1.2 * expected
+    assert truth_rms_mas(fit.wcs, true, xs, ys) < 5.0
+    assert np.all(fit.residuals_arcsec[bad] > 0.4)
+
+
+def test_fit_wcs_order_one_is_plain_tan_and_crpix_is_honoured():
+    shape = (500, 400)
+    true = make_wcs(shape, sip_px=0.0)
+    rng = np.random.default_rng(6)
+    x, y = rng.uniform(0, 399, 50), rng.uniform(0, 499, 50)
+    ra, dec = true.all_pix2world(x, y, 0)
+    fit = fit_wcs(x, y, ra, dec, image_shape=shape, sip_order=1, crpix=(10.0, 20.0))
+    assert list(fit.wcs.wcs.ctype) == ["RA---TAN", "DEC--TAN"] and fit.wcs.sip is None
+    np.testing.assert_allclose(fit.wcs.wcs.crpix, [11.0, 21.0])
+    assert fit.rms_arcsec < 1e-5
+    np.testing.assert_allclose(fit.wcs.wcs.crval, true.all_pix2world([[10.0, 20.0]], 0)[0], atol=1e-9)
+
+
+def test_fit_wcs_errors():
+    x = np.arange(8.0)
+    with pytest.raises(AstrometryError, match=r"only 8 usable stars .* need >= 11"):
+        fit_wcs(x, x ** 2, x, x, image_shape=(100, 100), sip_order=3)
+    with pytest.raises(ValueError, match="x, y, ra and dec must have the same length"):
+        fit_wcs(x, x[:3], x, x, image_shape=(100, 100))
+    with pytest.raises(ValueError, match="sip_order must be in 1..9, got 0"):
+        fit_wcs(x, x, x, x, image_shape=(100, 100), sip_order=0)
+    with pytest.raises(ValueError, match="weights must have length 8"):
+        fit_wcs(x, x, x, x, image_shape=(100, 100), weights=np.ones(3))
+
+
+# --- full solution ------------------------------------------------------------------------------
+
+def test_solve_astrometry_recovers_true_wcs_from_bad_header():
+    """Medium-scale version of the acceptance target: 2048^2 pixels, ~1000 stars, 30" and 1 deg off."""
+    shape = (2048, 2048)
+    true = make_wcs(shape, ra0=210.0, dec0=54.0, pa_deg=-75.0, sip_px=3.0)
+    x, y, flux, ra, dec, mag, truth, xs, ys = make_field(true, shape, seed=7, margin_px=200)
+    sol = solve_astrometry(x, y, flux, ra, dec, mag, wcs_guess=offset_wcs(true, (30.0, 0.0), 1.0),
+                           image_shape=shape)
+    real = truth >= 0
+    assert sol.n_matches > 0.9 * real.sum()
+    assert np.count_nonzero(truth[sol.source_index] != sol.catalog_index) <= 3
+    assert sol.fit.sip_order == 3 and sol.rms_arcsec < 0.012
+    assert truth_rms_mas(sol.wcs, true, xs[truth[real]], ys[truth[real]]) < 5.0  # target: 20 mas
+    np.testing.assert_allclose(sol.initial_match.transform.shift_arcsec, [-30.0, 0.0], atol=1.0)
+
+
+def test_solve_astrometry_small_image_lowers_sip_order():
+    shape = (280, 375)  # like the legacypipe testcase8 cutout
+    true = make_wcs(shape, sip_px=0.3)
+    x, y, flux, ra, dec, mag, truth, xs, ys = make_field(true, shape, density=1.5e-4, seed=8, margin_px=250)
+    sol = solve_astrometry(x, y, flux, ra, dec, mag, wcs_guess=offset_wcs(true, (-20.0, 10.0), -1.0),
+                           image_shape=shape)
+    assert 12 <= sol.n_matches < 20 and sol.fit.sip_order == 2
+    real = truth >= 0
+    assert truth_rms_mas(sol.wcs, true, xs[truth[real]], ys[truth[real]]) < 20.0
+
+
+def test_solve_astrometry_errors_carry_numbers():
+    shape = (1024, 1024)
+    true = make_wcs(shape)
+    x, y, flux, ra, dec, mag, *_ = make_field(true, shape, seed=9)
+    guess = offset_wcs(true, (10.0, 10.0), 0.5)
+    with pytest.raises(AstrometryError, match=r"rms 0\.0\d\d\" exceeds max_arcsec_residual 0\.001\""):
+        solve_astrometry(x, y, flux, ra, dec, mag, wcs_guess=guess, image_shape=shape,
+                         max_arcsec_residual=0.001)
+    few = np.argsort(-flux)[:12]
+    with pytest.raises(AstrometryError, match=r"only \d+ catalog matches, need >= 100"):
+        solve_astrometry(x[few], y[few], flux[few], ra, dec, mag, wcs_guess=guess, image_shape=shape,
+                         min_matches=100)
+    assert issubclass(AstrometryError, ValueError)

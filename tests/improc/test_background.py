@@ -1,0 +1,163 @@
+"""Tests of improc.background: sep mesh background stored compactly, checked against SExtractor."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import sep
+from astropy.io import fits
+
+from improc.background import BackgroundMesh, estimate_background, spline_basis
+
+
+def _read_fits(path) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sep test image has non-standard ESO-LOG cards
+        return fits.getdata(path)
+
+
+def _sextractor_config(path) -> dict[str, str]:
+    config = {}
+    for line in path.read_text().splitlines():
+        words = line.split("#")[0].split()
+        if len(words) >= 2:
+            config[words[0]] = words[1]
+    return config
+
+
+def _sky_image(shape, *, seed=1, noise=5.0, n_stars=40) -> np.ndarray:
+    """A smooth, non-separable sky plus Gaussian noise and some bright point sources."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    sky = 100 + 0.05 * xx + 0.03 * yy + 20 * np.sin(xx / 40.0) * np.cos(yy / 37.0)
+    image = sky + rng.normal(0, noise, shape)
+    for x, y in zip(rng.uniform(0, shape[1], n_stars), rng.uniform(0, shape[0], n_stars)):
+        image += 2000 * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / 1.5**2)
+    return image.astype(np.float32)
+
+
+@pytest.mark.real_data
+def test_matches_sextractor_maps(shared_data):
+    """Full maps within 1% of SExtractor's BACKGROUND / BACKGROUND_RMS check images."""
+    folder = shared_data / "sep"
+    config = _sextractor_config(folder / "default.sex")
+    image = _read_fits(folder / "image.fits")
+    mesh = estimate_background(image, box_size=int(config["BACK_SIZE"]),
+                               filter_size=int(config["BACK_FILTERSIZE"]))
+    back = _read_fits(folder / "back.fits").astype(np.float64)
+    rms = _read_fits(folder / "rms.fits").astype(np.float64)
+    assert mesh.level.shape == (4, 4)
+    assert np.max(np.abs(mesh.counts() / back - 1)) < 0.01
+    assert np.max(np.abs(mesh.rms_map() / rms - 1)) < 0.01
+    assert np.max(np.abs(mesh.variance() / rms**2 - 1)) < 0.02
+    # In fact sep reproduces SExtractor, and the rebuilt maps to float32 precision.
+    assert np.max(np.abs(mesh.counts() - back)) < 1e-3 * np.median(rms)
+    assert mesh.median_level == pytest.approx(np.median(back), rel=1e-3)
+    assert mesh.median_rms == pytest.approx(np.median(rms), rel=0.05)
+
+
+@pytest.mark.parametrize(("shape", "box", "filt"), [((300, 517), 64, 3), ((97, 333), 33, 5),
+                                                    ((200, 130), 50, 1), ((100, 300), 64, 3),
+                                                    ((64, 64), 64, 3)])
+def test_rebuilt_maps_equal_sep(shape, box, filt):
+    """Mesh -> full map reproduces sep's back()/rms(), also for partial boxes and tiny meshes."""
+    image = _sky_image(shape)
+    mesh = estimate_background(image, box_size=box, filter_size=filt)
+    ref = sep.Background(image, bw=box, bh=box, fw=filt, fh=filt)
+    assert mesh.level.shape == (-(-shape[0] // box), -(-shape[1] // box))
+    assert mesh.counts().dtype == np.float32 and mesh.counts().shape == shape
+    np.testing.assert_allclose(mesh.counts(), ref.back(), rtol=2e-6, atol=0)
+    np.testing.assert_allclose(mesh.rms_map(), ref.rms(), rtol=2e-6, atol=1e-5)
+    assert mesh.median_level == pytest.approx(ref.globalback, rel=1e-6)
+    assert mesh.median_rms == pytest.approx(ref.globalrms, rel=1e-5)
+
+
+def test_mesh_roundtrip_from_stored_arrays():
+    """A mesh rebuilt from its stored arrays gives the same maps (what a file reader does)."""
+    mesh = estimate_background(_sky_image((256, 320)), box_size=64)
+    copy = BackgroundMesh(level=mesh.level.tolist(), rms=mesh.rms.tolist(), box_size=64,
+                          filter_size=3, shape=(256, 320))
+    np.testing.assert_array_equal(copy.counts(), mesh.counts())
+    np.testing.assert_array_equal(copy.variance(), mesh.variance())
+
+
+def test_flat_sky_level_and_noise():
+    rng = np.random.default_rng(7)
+    image = rng.normal(1000.0, 12.0, (512, 512))
+    mesh = estimate_background(image, box_size=64)
+    assert mesh.median_level == pytest.approx(1000.0, abs=0.5)
+    assert mesh.median_rms == pytest.approx(12.0, rel=0.03)
+    assert np.all(np.abs(mesh.counts() - 1000.0) < 2.0)
+
+
+def test_spline_basis_is_interpolating_and_reproduces_linear_sky():
+    """Along y the map passes through the nodes at y = (j + 0.5) * box; a plane stays a plane."""
+    basis = spline_basis(256, 4, 64, pixel_offset=0.0)
+    np.testing.assert_allclose(basis[[32, 96, 160, 224]], np.eye(4), atol=1e-12)
+    nodes = 3.0 + 2.0 * np.arange(6)
+    line = spline_basis(384, 6, 64, pixel_offset=0.5) @ nodes
+    x = np.arange(384)
+    np.testing.assert_allclose(line, 3.0 + 2.0 * ((x + 0.5) / 64 - 0.5), atol=1e-9)
+
+
+def test_nan_pixels_are_treated_as_masked():
+    image = _sky_image((256, 256), seed=3)
+    bad = np.zeros(image.shape, bool)
+    bad[40:90, 100:180] = True
+    with_nan = image.copy()
+    with_nan[bad] = np.nan
+    from_nan = estimate_background(with_nan, box_size=32)
+    from_mask = estimate_background(image, mask=bad, box_size=32)
+    assert np.all(np.isfinite(from_nan.counts()))
+    np.testing.assert_allclose(from_nan.counts(), from_mask.counts(), rtol=1e-6)
+
+
+def test_mask_removes_a_bright_region():
+    rng = np.random.default_rng(11)
+    image = rng.normal(50.0, 3.0, (256, 256))
+    image[:128, :128] += 500.0  # a big bright object covering whole mesh boxes
+    mask = np.zeros(image.shape, bool)
+    mask[:128, :128] = True
+    unmasked = estimate_background(image, box_size=32)
+    masked = estimate_background(image, mask=mask, box_size=32)
+    assert unmasked.counts()[10, 10] > 400
+    assert masked.counts()[10, 10] == pytest.approx(50.0, abs=0.5)
+
+
+def test_big_endian_and_integer_input():
+    image = _sky_image((128, 192))
+    native = estimate_background(image, box_size=32)
+    swapped = estimate_background(image.astype(">f4"), box_size=32)
+    np.testing.assert_array_equal(native.level, swapped.level)
+    rounded = np.round(image)
+    as_int = estimate_background(rounded.astype(">i4"), box_size=32)
+    as_float = estimate_background(rounded.astype(np.float32), box_size=32)
+    np.testing.assert_array_equal(as_int.level, as_float.level)
+
+
+@pytest.mark.parametrize(("data", "kwargs", "match"), [
+    (np.full((64, 64), np.nan), {}, "no valid pixel"),
+    (np.zeros((0, 10)), {}, "empty"),
+    (np.zeros(100), {}, "2-D"),
+    (np.ones((100, 100)), {"box_size": 128}, "box_size 128 is larger than the image"),
+    (np.ones((100, 100)), {"box_size": 0}, "box_size must be >= 1"),
+    (np.ones((100, 100)), {"filter_size": 0}, "filter_size must be >= 1"),
+    (np.ones((100, 100)), {"mask": np.zeros((10, 10), bool)}, "mask shape"),
+    (np.ones((100, 100)), {"mask": np.ones((100, 100), bool)}, "no valid pixel"),
+    (np.array([["a"] * 4] * 4), {}, "real numeric"),
+])
+def test_bad_input(data, kwargs, match):
+    kwargs.setdefault("box_size", 32)
+    with pytest.raises(ValueError, match=match):
+        estimate_background(data, **kwargs)
+
+
+def test_bad_mesh_arrays():
+    with pytest.raises(ValueError, match=r"level must have mesh shape \(2, 3\)"):
+        BackgroundMesh(level=np.zeros((2, 2)), rms=np.ones((2, 3)), box_size=64, filter_size=3,
+                       shape=(100, 150))
+    with pytest.raises(ValueError, match="rms must be finite"):
+        BackgroundMesh(level=np.zeros((2, 3)), rms=np.full((2, 3), np.nan), box_size=64,
+                       filter_size=3, shape=(100, 150))
