@@ -51,7 +51,7 @@ def run(url: str, workdir: Path, repeat: int) -> None:
     upgrade(engine)
     use_database(engine)
     store = use_file_store(FileStore(workdir / "data"))
-    prov = ingest_provenance("Synthetic")
+    prov = ingest_provenance()
     prov.save()
     rng = np.random.default_rng(0)
     data = rng.normal(1000.0, 30.0, SHAPE).astype(np.float32)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from improc.background import BackgroundMesh
 from models.base import Base, TimestampMixin, UUIDMixin
-from models.file_store import FileBackedMixin, product_file_stem
+from models.file_store import FileBackedMixin
 
 __all__ = ["Background"]
 

@@ -97,6 +97,16 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _register_numpy_adapters() -> None:
+    """Let psycopg2 send numpy scalars (np.float64, np.int64, np.bool_) as plain numbers."""
+    import numpy as np
+    from psycopg2.extensions import AsIs, register_adapter
+
+    for kind in (np.float32, np.float64, np.int16, np.int32, np.int64, np.uint16, np.uint32):
+        register_adapter(kind, lambda value: AsIs(repr(value.item())))
+    register_adapter(np.bool_, lambda value: AsIs("TRUE" if value else "FALSE"))
+
+
 def make_engine(url: str, *, password_file: str | None = None, echo: bool = False) -> Engine:
     """Create an engine for a SQLite or PostgreSQL URL.
 
@@ -120,6 +130,7 @@ def make_engine(url: str, *, password_file: str | None = None, echo: bool = Fals
         engine = sa.create_engine(parsed, echo=echo)
         event.listen(engine, "connect", _sqlite_pragmas)
     elif parsed.get_backend_name() == "postgresql":
+        _register_numpy_adapters()
         engine = sa.create_engine(parsed, echo=echo, pool_pre_ping=True)
     else:
         raise ValueError(f"db.url must be a sqlite or postgresql URL, got {parsed.render_as_string()}")

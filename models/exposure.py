@@ -26,68 +26,24 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.base import Base, TimestampMixin, UUIDMixin, session_scope
 from models.file_store import (FileBackedMixin, FileIntegrityError, FileStore, current_file_store,
-                               md5_of, safe_component)
+                               md5_of, product_file_stem, safe_component)
 from models.instrument import (BadInputError, Instrument, SectionInfo, get_instrument,
                                guess_instrument, header_to_dict, merged_header, open_fits)
 from models.provenance import Provenance
 
-__all__ = ["Exposure", "exposure_provenance", "product_file_stem", "FILE_STEM_FIELDS",
-           "EXPOSURE_CODE_VERSION"]
+__all__ = ["Exposure", "exposure_provenance", "EXPOSURE_CODE_VERSION"]
 
 #: Code version of the "exposure" process (ingestion of original files).
 EXPOSURE_CODE_VERSION = "1.0.0"
 
-#: Fields a ``storage.file_name_convention`` may use.
-FILE_STEM_FIELDS = ("instrument", "date", "section", "filter", "type", "process", "prov", "name")
 
+def exposure_provenance() -> Provenance:
+    """The provenance of stored original files: process "exposure", no parameters.
 
-def exposure_provenance(instrument: str) -> Provenance:
-    """The provenance of exposures of one instrument: process "exposure", {"instrument": name}."""
-    return Provenance(process="exposure", code_version=EXPOSURE_CODE_VERSION,
-                      parameters={"instrument": instrument})
-
-
-def product_file_stem(*, instrument: str, mjd: float | None, section: str, filter: str | None,
-                      type: str, process: str, prov: str, name: str,
-                      convention: str | None = None) -> str:
-    """The relative path (without extension) of a product file under the data root.
-
-    Parameters
-    ----------
-    instrument, section, filter, type, process, name : str
-        Fields of the convention; each is made safe with `models.file_store.safe_component`, so
-        no value (``"../../etc"``) can make the path leave the data root.
-    mjd : float or None
-        Observation time; the ``date`` field is its UTC ``YYYYMMDD`` (``"nodate"`` if None).
-    prov : str
-        Provenance id; its first 10 characters fill the ``prov`` field.
-    convention : str, optional
-        A ``str.format`` pattern using `FILE_STEM_FIELDS`; slashes make folders.  Default: the
-        configuration's ``storage.file_name_convention``.
-
-    Raises
-    ------
-    ValueError
-        If the convention uses an unknown field or is empty.
+    The instrument is a property of the data (a column), not a parameter of the process, so
+    exposures of every instrument share one provenance and one tag can cover them all.
     """
-    from models.instruments.generic import datetime_from_mjd
-
-    if convention is None:
-        from util.config import Config
-        convention = Config.load().get("storage.file_name_convention")
-    date = "nodate" if mjd is None else datetime_from_mjd(mjd).strftime("%Y%m%d")
-    fields = {"instrument": instrument, "date": date, "section": section, "filter": filter,
-              "type": type, "process": process, "prov": (prov or "noprov")[:10], "name": name}
-    safe = {key: safe_component(value) for key, value in fields.items()}
-    try:
-        stem = convention.format(**safe)
-    except (KeyError, IndexError) as exc:
-        raise ValueError(f"storage.file_name_convention {convention!r} uses unknown field {exc}; "
-                         f"known fields: {', '.join(FILE_STEM_FIELDS)}") from None
-    parts = [part for part in stem.split("/") if part not in ("", ".", "..")]
-    if not parts:
-        raise ValueError(f"storage.file_name_convention {convention!r} gives an empty file name")
-    return "/".join(parts)
+    return Provenance(process="exposure", code_version=EXPOSURE_CODE_VERSION, parameters={})
 
 
 def _original_suffix(path: Path) -> str:
@@ -177,7 +133,7 @@ class Exposure(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
         first = next(iter(sections.values()))
         header = merged_header(hdul[0].header, hdul[first].header if first else None)
         obs = inst.observation(header, filename=path.name)
-        provenance = provenance or exposure_provenance(inst.name)
+        provenance = provenance or exposure_provenance()
         exposure = cls(
             provenance_id=provenance.id, instrument=inst.name, mjd=obs.mjd, exp_time=obs.exp_time,
             filter=obs.filter, airmass=obs.airmass, ra=obs.ra, dec=obs.dec, target=obs.target,

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from util.config import Config
 
 __all__ = ["FileStore", "FileIntegrityError", "FileBackedMixin", "md5_of", "safe_component", "product_file_stem",
+           "FILE_STEM_FIELDS",
            "current_file_store", "use_file_store"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -73,8 +74,11 @@ class FileStore:
             raise ValueError(f"path {relpath!r} leaves the data root {self.root}")
         return path
 
-    def write(self, relpath: str, writer: Callable[[Path], None]) -> str:
+    def write(self, relpath: str, writer: Callable[[Path], None], *, overwrite: bool = False) -> str:
         """Write a file atomically and return its md5.
+
+        An existing file is never replaced unless ``overwrite`` is set: product files are
+        unique by name, and replacing another product's file would corrupt it.
 
         Parameters
         ----------
@@ -82,13 +86,22 @@ class FileStore:
             Destination relative to the data root.
         writer : callable
             ``writer(tmp_path)`` writes the whole file at ``tmp_path``.
+        overwrite : bool
+            Replace an existing file.
 
         Returns
         -------
         str
             The md5 of the written file.
+
+        Raises
+        ------
+        FileExistsError
+            ``relpath`` exists and ``overwrite`` is False.
         """
         final = self.absolute(relpath)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"product file {final} already exists; refusing to replace it")
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
@@ -98,7 +111,12 @@ class FileStore:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             md5 = md5_of(tmp)
-            os.replace(tmp, final)
+            if overwrite:
+                os.replace(tmp, final)
+            else:
+                # link() fails if the name was taken meanwhile, so two writers never clobber.
+                os.link(tmp, final)
+                tmp.unlink()
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -185,25 +203,49 @@ class FileBackedMixin:
             (store or current_file_store()).delete(self.filepath)
 
 
-def product_file_stem(*, instrument: str, mjd: float | None, section: str | None, filter: str | None,
-                      type: str, process: str, provenance_id: str, name: str,
-                      convention: str | None = None) -> str:
-    """Relative path (without extension) of a product file, from ``storage.file_name_convention``.
 
-    Every field goes through `safe_component`, so the result always stays below the data root.
+#: Fields a ``storage.file_name_convention`` may use.
+FILE_STEM_FIELDS = ("instrument", "date", "section", "filter", "type", "process", "prov", "name")
+
+
+def product_file_stem(*, instrument: str, mjd: float | None, section: str | None, filter: str | None,
+                      type: str, process: str, prov: str | None, name: str,
+                      convention: str | None = None) -> str:
+    """The relative path (without extension) of a product file under the data root.
+
+    Parameters
+    ----------
+    instrument, section, filter, type, process, name : str
+        Fields of the convention; each is made safe with `safe_component`, so no value
+        (``"../../etc"``) can make the path leave the data root.
+    mjd : float or None
+        Observation time; the ``date`` field is its UTC ``YYYYMMDD`` (``"nodate"`` if None).
+    prov : str
+        Provenance id; its first 10 characters fill the ``prov`` field.
+    convention : str, optional
+        A ``str.format`` pattern using `FILE_STEM_FIELDS`; slashes make folders.  Default: the
+        configuration's ``storage.file_name_convention``.
+
+    Raises
+    ------
+    ValueError
+        If the convention uses an unknown field or gives an empty name.
     """
     from astropy.time import Time
 
     if convention is None:
         convention = Config.load().get("storage.file_name_convention")
-    date = Time(mjd, format="mjd").strftime("%Y%m%d") if mjd is not None else "nodate"
+    date = "nodate" if mjd is None else Time(mjd, format="mjd").strftime("%Y%m%d")
     fields = {"instrument": instrument, "date": date, "section": section or "all",
               "filter": filter or "nofilter", "type": type, "process": process,
-              "prov": provenance_id[:10], "name": name}
+              "prov": (prov or "noprov")[:10], "name": name}
+    safe = {key: safe_component(value) for key, value in fields.items()}
     try:
-        text = convention.format(**{k: safe_component(v) for k, v in fields.items()})
-    except KeyError as exc:
+        stem = convention.format(**safe)
+    except (KeyError, IndexError) as exc:
         raise ValueError(f"storage.file_name_convention {convention!r} uses unknown field {exc}; "
-                         f"known: {', '.join(fields)}") from None
-    parts = [safe_component(p) for p in text.split("/") if p]
+                         f"known fields: {', '.join(FILE_STEM_FIELDS)}") from None
+    parts = [part for part in stem.split("/") if part not in ("", ".", "..")]
+    if not parts:
+        raise ValueError(f"storage.file_name_convention {convention!r} gives an empty file name")
     return "/".join(parts)

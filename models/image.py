@@ -41,7 +41,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from improc import footprint
 from improc.flags import FLAGS_DTYPE
 from models.base import Base, TimestampMixin, UUIDMixin
-from models.exposure import Exposure, product_file_stem
+from models.exposure import Exposure
+from models.file_store import product_file_stem
 from models.file_store import FileBackedMixin, FileStore
 from models.instrument import Instrument, dict_to_header
 from models.provenance import Provenance
@@ -72,13 +73,16 @@ class ImageBadness(enum.IntFlag):
     NO_STARS = 32         #: too few stars were found
 
 
-def ingest_provenance(instrument: str) -> Provenance:
-    """Provenance of images read from reduced products: process "ingest", upstream "exposure"."""
+def ingest_provenance() -> Provenance:
+    """Provenance of images read from reduced products: process "ingest", upstream "exposure".
+
+    Like `exposure_provenance` it has no parameters: the instrument is data, not a parameter,
+    so one tag covers images of every instrument.
+    """
     from models.exposure import exposure_provenance
 
-    return Provenance(process="ingest", code_version=INGEST_CODE_VERSION,
-                      parameters={"instrument": instrument},
-                      upstreams=[exposure_provenance(instrument)])
+    return Provenance(process="ingest", code_version=INGEST_CODE_VERSION, parameters={},
+                      upstreams=[exposure_provenance()])
 
 
 def _badness_value(names: tuple[str, ...]) -> int:
@@ -293,6 +297,20 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
             prov = Provenance.get(self.provenance_id)
             self._provenance = prov
         return prov.process if prov is not None else "unknown"
+
+    def product_stem(self, *, name: str, process: str, provenance_id: str) -> str:
+        """File stem of a product of this image (background, sources, ...): the image's fields,
+        the product's process and provenance, and ``name`` plus the start of the image id."""
+        return product_file_stem(
+            instrument=self.instrument, mjd=self.mjd, section=self.section_id or "none",
+            filter=self.filter, type=getattr(self.type, "value", self.type) or "science",
+            process=process, prov=provenance_id, name=f"{name}-{self.id.hex[:12]}",
+            convention=Exposure.file_name_convention)
+
+    def describe(self) -> str:
+        """Short human-readable name: instrument, section, filter, date and id."""
+        return (f"{self.instrument} {self.section_id} {self.filter} mjd {self.mjd:.5f} "
+                f"(id {str(self.id)[:8]})")
 
     def file_stem(self) -> str:
         """``storage.file_name_convention`` filled from this image (name: start of its id)."""

@@ -237,7 +237,7 @@ def image_from_file(path: str | os.PathLike, *, instrument: str | Instrument | N
     chosen, index = _select_hdu(sections, hdul, hdu=hdu, section_id=section_id, filename=path.name)
     return _build_image(path, hdul, inst, section_id=chosen, index=index,
                         weight=weight, flags=flags, exposure=exposure,
-                        provenance=provenance or ingest_provenance(inst.name), cache={})
+                        provenance=provenance or ingest_provenance(), cache={})
 
 
 def _stored(origin_md5: str, exp_prov: Provenance, img_prov: Provenance,
@@ -291,7 +291,7 @@ def ingest_file(path: str | os.PathLike, *, instrument: str | Instrument | None 
     path = Path(path)
     exposure = Exposure.from_file(path, instrument)
     inst = exposure.instrument_object
-    exp_prov, img_prov = exposure_provenance(inst.name), ingest_provenance(inst.name)
+    exp_prov, img_prov = exposure_provenance(), ingest_provenance()
     found = _stored(exposure.origin_md5, exp_prov, img_prov, session)
     if found is not None:
         return found

@@ -170,6 +170,8 @@ class Provenance(TimestampMixin, Base):
         Returns the stored row, attached to ``session`` when one is given.
         """
         with session_scope(session) as sess:
+            if sa.inspect(self).has_identity:  # loaded from the database: stored already
+                return sess.get(Provenance, self.id)
             for upstream in self.upstreams:
                 upstream.save(sess)
             _insert_ignore(sess, CodeVersion.__table__,

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from models.base import session_scope
@@ -24,14 +25,16 @@ log = logging.getLogger(__name__)
 
 def save_products(products: Iterable[object], *, store: FileStore | None = None,
                   session: Session | None = None,
-                  before_commit: Callable[[Session], None] | None = None) -> None:
+                  before_commit: Callable[[Session], None] | None = None) -> list[object]:
     """Write the files of ``products``, then insert their rows, atomically.
 
     Parameters
     ----------
     products : iterable
         ORM objects, in dependency order (parents first).  File-backed ones (`FileBackedMixin`)
-        have their file written first.  Objects already persistent are merged (updated).
+        have their file written first.  Objects already stored (loaded earlier, then changed) are
+        merged: their changes are written, and the object given is left untouched even if the
+        save fails.
     store : FileStore, optional
         Where files go; the current file store by default.
     session : Session, optional
@@ -40,6 +43,12 @@ def save_products(products: Iterable[object], *, store: FileStore | None = None,
     before_commit : callable, optional
         Called with the session after all rows are added and flushed, before commit.  Used by
         tests to inject a failure at the last moment.
+
+    Returns
+    -------
+    list
+        The saved objects, in order: the given object for new ones, the merged copy for
+        objects that were already stored (use it from now on).
     """
     store = store or current_file_store()
     products = list(products)
@@ -48,10 +57,17 @@ def save_products(products: Iterable[object], *, store: FileStore | None = None,
         for product in products:
             if isinstance(product, FileBackedMixin) and product.md5sum is None:
                 written.append(product.save_file(store))
+        saved: list[object] = []
         with session_scope(session) as sess:
+            # One flush per object keeps parents before children: the tables have foreign keys
+            # but no ORM relationships that would tell the unit of work the order.
             for product in products:
-                sess.add(product)
-            sess.flush()
+                if sa.inspect(product).has_identity:
+                    saved.append(sess.merge(product))
+                else:
+                    sess.add(product)
+                    saved.append(product)
+                sess.flush()
             if before_commit is not None:
                 before_commit(sess)
     except BaseException:
@@ -64,6 +80,7 @@ def save_products(products: Iterable[object], *, store: FileStore | None = None,
                     product.md5sum = None
         log.debug("save_products rolled back; removed %d new files", len(written))
         raise
+    return saved
 
 
 def delete_products(products: Iterable[object], *, store: FileStore | None = None,

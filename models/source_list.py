@@ -94,7 +94,8 @@ class SourceList(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
 
     def _write(self, path: Path) -> None:
         table = self.data.copy(copy_data=False)
-        table.meta["APERRADS"] = ",".join(f"{r:.4f}" for r in self.aper_radii)
+        # The row holds the aperture radii; long free-form meta keys are not valid FITS cards.
+        table.meta = {"APERRADS": ",".join(f"{r:.4f}" for r in self.aper_radii)}
         table.write(path, format="fits", overwrite=True)
 
     def _read(self, path: Path) -> None:

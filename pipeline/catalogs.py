@@ -9,6 +9,7 @@ motions are applied to the image epoch by `stars_at_epoch`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,10 @@ class CatalogSource:
 
     @property
     def name(self) -> str:
+        """Cache key of excerpts from this source (a folder is identified by its resolved path)."""
+        if self.kind == "gaia_folder" and self.folder:
+            digest = hashlib.md5(str(Path(self.folder).resolve()).encode()).hexdigest()[:8]
+            return f"{self.kind}_{digest}_G{self.mag_limit:g}"
         return f"{self.kind}_G{self.mag_limit:g}"
 
     def provenance(self) -> Provenance:
@@ -69,7 +74,7 @@ def _padded_box(image, pad_arcsec: float) -> tuple[float, float, float, float]:
     width = (maxra - minra) % 360.0
     if width + 2 * rpad >= 360.0:
         return 0.0, 360.0, mindec, maxdec
-    return (minra - rpad) % 360.0, (maxra + rpad) % 360.0, mindec, maxdec
+    return float((minra - rpad) % 360.0), float((maxra + rpad) % 360.0), mindec, maxdec
 
 
 def _fetch(source: CatalogSource, box: tuple[float, float, float, float]) -> tuple[Table, str]:

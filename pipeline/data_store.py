@@ -286,5 +286,19 @@ class DataStore:
         with session_scope() as session:
             for prov in self.prov_tree.values():
                 prov.save(session)
-        save_products(new, before_commit=before_commit)
-        return new
+        saved = save_products(new, before_commit=before_commit)
+        for old, current in zip(new, saved):
+            self._replace(old, current)
+        return saved
+
+    def _replace(self, old: Any, current: Any) -> None:
+        """Point the DataStore at the stored copy of a product that was merged when saved."""
+        if old is current:
+            return
+        if old is self.image:
+            self.image = current
+        elif old is self.exposure:
+            self.exposure = current
+        for name, product in self.products.items():
+            if product is old:
+                self.products[name] = current

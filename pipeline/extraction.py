@@ -9,7 +9,7 @@ from astropy.table import Table
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from improc.extraction import aperture_photometry, extract_sources
-from improc.psf import PixelPSF, fit_psf
+from improc.psf import PixelPSF, fit_psf, min_psf_stars
 from improc.psf_photometry import psf_fluxes, render_sources, select_psf_stars
 from models.psf import PSF
 from models.source_list import SourceList
@@ -17,7 +17,11 @@ from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
 
-__all__ = ["ExtractionParams", "Extractor", "ExtractionResult"]
+__all__ = ["ExtractionParams", "Extractor", "ExtractionResult", "PSFError"]
+
+
+class PSFError(ValueError):
+    """Too few good stars to fit a PSF."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,21 +88,29 @@ class Extractor(Step):
                                 threshold=p.threshold, minarea=p.minarea,
                                 deblend_nthresh=p.deblend_nthresh, deblend_cont=p.deblend_cont,
                                 gain=gain, saturation=saturation, max_sources=p.max_sources)
-        fwhm = float(table.meta["fwhm"])
-        radii = tuple(float(m * fwhm) for m in p.aperture_multiples)
-        table = aperture_photometry(data, table, background=background, noise=noise,
-                                    aperture_radii=radii, mask=mask, gain=gain)
+        # sep's size estimate (twice the half-light radius) only seeds the PSF fit: for a Moffat
+        # profile it is ~25% larger than the FWHM, which comes from the PSF model instead.
+        size = float(table.meta["fwhm"])
         x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
-        flux = np.asarray(table[f"apflux_{min(1, len(radii) - 1)}"], float)
+        flux = np.asarray(table["apflux_1"], float)
         chosen = select_psf_stars(x, y, flux, np.asarray(table["snr"], float),
                                   np.asarray(table["flags"]), np.asarray(table["fwhm"], float),
                                   image_shape=data.shape, min_snr=p.psf_min_snr,
                                   peak=np.asarray(table["peak"], float), saturation=saturation)
         order = np.argsort(-flux[chosen])[:p.psf_max_stars]
         idx = np.flatnonzero(chosen)[order]
-        psf = fit_psf(data, x[idx], y[idx], background=background, fwhm_guess=fwhm, noise=noise,
-                      mask=mask, flux=flux[idx], gain=gain, degree=p.psf_degree,
+        # A small chip or a sparse field cannot constrain the PSF's variation: lower the degree.
+        degree = next((d for d in range(p.psf_degree, -1, -1) if len(idx) >= min_psf_stars(d)), None)
+        if degree is None:
+            raise PSFError(f"only {len(idx)} stars qualify for the PSF (S/N >= {p.psf_min_snr}, "
+                           f"isolated, unsaturated); need at least {min_psf_stars(0)}")
+        psf = fit_psf(data, x[idx], y[idx], background=background, fwhm_guess=size, noise=noise,
+                      mask=mask, flux=flux[idx], gain=gain, degree=degree,
                       max_stars=p.psf_max_stars)
+        fwhm = psf.fwhm_pixels
+        radii = tuple(float(m * fwhm) for m in p.aperture_multiples)
+        table = aperture_photometry(data, table, background=background, noise=noise,
+                                    aperture_radii=radii, mask=mask, gain=gain)
         # Weights from the sky plus a smooth model of the sources, never from the noisy pixels.
         first = psf_fluxes(data, x, y, psf, background=background, variance=variance, mask=mask)
         if gain is not None:
@@ -115,9 +127,14 @@ class Extractor(Step):
             return
         header = image.header or {}
         saturation = header.get("SATURATE")
-        result = self.compute(image.data, background=bg.counts, variance=bg.variance,
-                              mask=image.flags != 0, gain=_gain(header),
-                              saturation=float(saturation) if saturation is not None else None)
+        try:
+            result = self.compute(image.data, background=bg.counts, variance=bg.variance,
+                                  mask=image.flags != 0, gain=_gain(header),
+                                  saturation=float(saturation) if saturation is not None else None)
+        except PSFError:
+            image.set_badness("BAD_PSF")
+            ds.save_and_commit()
+            raise
         table = result.sources
         wcs = image.wcs
         if wcs is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from models.instruments.generic import GenericInstrument
 
-__all__ = ["Synthetic", "SYNTHETIC_DEFINITION"]
+__all__ = ["Synthetic", "SYNTHETIC_DEFINITION", "write_simulated_file"]
 
 SYNTHETIC_DEFINITION = {
     "name": "Synthetic",
@@ -40,3 +40,57 @@ class Synthetic(GenericInstrument):
 
     def __init__(self) -> None:
         super().__init__(SYNTHETIC_DEFINITION, source="models/instruments/synthetic.py")
+
+
+def write_simulated_file(sim, path, *, raw: bool = True, bias_level: float = 1000.0,
+                         overscan_width: int = 32, seed: int = 0):
+    """Write a simulated image as a Synthetic-instrument FITS file.
+
+    Parameters
+    ----------
+    sim : improc.simulator.SimulatedImage
+        The simulated image (its header carries the header WCS and the exposure keywords).
+    path : str or path-like
+        Destination.
+    raw : bool
+        True: a raw uint16 frame, the image plus ``bias_level`` with ``overscan_width`` overscan
+        columns of bias plus read noise on the right (BIASSEC, TRIMSEC), to be preprocessed.
+        False: the float32 image with WEIGHT and FLAGS HDUs, as a reduced product.
+    bias_level : float
+        Bias (ADU) added to the raw frame.
+    overscan_width : int
+        Overscan columns of the raw frame.
+    seed : int
+        Seed of the overscan read noise.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from astropy.io import fits
+
+    path = Path(path)
+    header = sim.header.copy()
+    if not raw:
+        fits.HDUList([fits.PrimaryHDU(np.asarray(sim.data, np.float32), header=header),
+                      fits.ImageHDU(np.asarray(sim.weight, np.float32), name="WEIGHT"),
+                      fits.ImageHDU(np.asarray(sim.flags, np.uint16), name="FLAGS")]).writeto(path)
+        return path
+    ny, nx = sim.data.shape
+    rng = np.random.default_rng(seed)
+    read_noise_adu = float(header["RDNOISE"]) / float(header["GAIN"])
+    frame = np.empty((ny, nx + overscan_width), dtype=np.float64)
+    frame[:, :nx] = sim.data + bias_level
+    frame[:, nx:] = bias_level + rng.normal(0.0, read_noise_adu, (ny, overscan_width))
+    frame = np.clip(np.rint(frame), 0, 65535).astype(np.uint16)
+    header["BIASSEC"] = f"[{nx + 1}:{nx + overscan_width},1:{ny}]"
+    header["TRIMSEC"] = f"[1:{nx},1:{ny}]"
+    header["DATASEC"] = header["TRIMSEC"]
+    # The simulator clips at its saturation level; in the raw frame that level sits on the bias.
+    header["SATURATE"] = float(header["SATURATE"]) + bias_level - 1.0
+    fits.PrimaryHDU(frame, header=header).writeto(path)
+    return path

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from models.exposure import product_file_stem
+from models.file_store import product_file_stem
 from models.file_store import FileIntegrityError, FileStore, md5_of, safe_component
 
 
@@ -27,9 +27,12 @@ def test_atomic_write_returns_md5_and_leaves_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         store.write("a/b/d.bin", broken)
     assert _files(store.root) == ["a/b/c.bin"]  # no d.bin, no temporary file
-    # a failed rewrite keeps the old complete file
+    # an existing product file is never replaced by accident ...
+    with pytest.raises(FileExistsError, match="c.bin already exists"):
+        store.write("a/b/c.bin", lambda p: p.write_bytes(b"other"))
+    # ... and a failed deliberate rewrite keeps the old complete file
     with pytest.raises(RuntimeError):
-        store.write("a/b/c.bin", broken)
+        store.write("a/b/c.bin", broken, overwrite=True)
     assert md5_of(store.absolute("a/b/c.bin")) == md5
 
 

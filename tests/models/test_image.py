@@ -71,7 +71,7 @@ def test_ingest_every_shared_file(database, shared_data):
             continue
         (image,) = images
         assert image.exposure_id == exposure.id and image.type == ImageType.SCIENCE
-        assert image.provenance_id == ingest_provenance(exposure.instrument).id
+        assert image.provenance_id == ingest_provenance().id
         assert image.exp_time == exposure.exp_time == primary["EXPTIME"]
         assert image.end_mjd == pytest.approx(image.mjd + image.exp_time / 86400)
         if path.parent.name == "decam_sfft":
@@ -249,11 +249,11 @@ def test_bad_images(tmp_path):
 
 def test_paths_stay_inside_the_data_root(database):
     shape = (20, 30)
-    image = Image(provenance=ingest_provenance("Synthetic"), instrument="../../..", filter="../../etc",
+    image = Image(provenance=ingest_provenance(), instrument="../../..", filter="../../etc",
                   section_id="/etc/passwd", mjd=60000.0, end_mjd=60000.001, exp_time=60.0,
                   data=np.zeros(shape), weight=np.ones(shape), flags=np.zeros(shape),
                   wcs=tan_wcs(10.0, 10.0, shape))
-    ingest_provenance("Synthetic").save()
+    ingest_provenance().save()
     save_products([image])
     written = database.store.absolute(image.filepath)
     assert written.is_file() and database.store.root in written.parents

@@ -32,7 +32,7 @@ def _files(store):
 def test_save_writes_files_and_rows(database, tmp_path):
     exposure, images = _products(tmp_path)
     with session_scope() as session:
-        ingest_provenance("Synthetic").save(session)
+        ingest_provenance().save(session)
         save_products([exposure, *images], session=session)
     assert _counts() == {"Exposure": 1, "Image": 2, "Provenance": 2}
     files = _files(database.store)
@@ -54,7 +54,7 @@ def test_failure_before_commit_leaves_no_rows_and_no_files(database, tmp_path):
 
     with pytest.raises(RuntimeError, match="injected failure"):
         with session_scope() as session:
-            ingest_provenance("Synthetic").save(session)
+            ingest_provenance().save(session)
             save_products([exposure, *images], session=session, before_commit=boom)
     assert _counts() == {"Exposure": 0, "Image": 0, "Provenance": 0}
     assert _files(database.store) == []
@@ -64,7 +64,7 @@ def test_failure_before_commit_leaves_no_rows_and_no_files(database, tmp_path):
 def test_failure_while_writing_files_removes_the_earlier_ones(database, tmp_path):
     exposure, images = _products(tmp_path)
     images[1]._weight = images[1]._weight[:10]  # its file cannot be written
-    ingest_provenance("Synthetic").save()
+    ingest_provenance().save()
     with pytest.raises(ValueError, match="weight has shape"):
         save_products([exposure, *images])
     assert _counts()["Exposure"] == 0 and _counts()["Image"] == 0

@@ -1,0 +1,160 @@
+"""Preprocessing: a raw exposure section becomes a calibrated Image.
+
+Overscan subtraction and trimming per amplifier from the instrument's header keywords; bias,
+flat and linearity corrections when calibration files are configured; a weight plane from
+gain, read noise and the image; flags for saturated and non-finite pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from improc.flags import FLAGS_DTYPE
+from improc.preprocessing import Preprocessed, parse_fits_section, preprocess
+from models.image import Image, ImageType
+from models.instrument import SectionInfo, header_to_dict
+from pipeline.data_store import DataStore
+from pipeline.parameters import StepParams, param
+from pipeline.step import Step
+
+__all__ = ["PreprocessingParams", "Preprocessor", "nominal_wcs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessingParams(StepParams):
+    """How raw frames are calibrated."""
+
+    step_name = "preprocessing"
+
+    overscan_method: Literal["median", "mean", "row_median", "column_median"] = param(
+        "median", "Overscan level: one clipped median/mean per amplifier, or one per row/column.")
+    bias_file: str | None = param(
+        None, "Master bias FITS file; {instrument}, {section} and {filter} are filled in. null: none.")
+    flat_file: str | None = param(
+        None, "Master flat FITS file (normalized to 1 here); same fields as bias_file. null: none.")
+    linearity: tuple[float, ...] = param(
+        (), "Linearity correction: coefficients c0, c1, ... of corrected = sum c_k raw^k (ADU). "
+        "Empty: none.")
+
+
+def nominal_wcs(ra: float, dec: float, pixel_scale: float, shape: tuple[int, int]) -> WCS:
+    """A north-up, east-left TAN WCS centred on (ra, dec): for raw frames without a WCS.
+
+    Astrometric calibration replaces it; it only needs to be within its search radius.
+    """
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [ra, dec]
+    wcs.wcs.crpix = [(shape[1] + 1) / 2.0, (shape[0] + 1) / 2.0]
+    wcs.wcs.cdelt = [-pixel_scale / 3600.0, pixel_scale / 3600.0]
+    return wcs
+
+
+def _calibration_frame(template: str | None, fields: dict[str, str], shape: tuple[int, int],
+                       what: str) -> np.ndarray | None:
+    if template is None:
+        return None
+    path = Path(template.format(**fields)).expanduser()
+    try:
+        frame = np.asarray(fits.getdata(path), dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {what} file {path}: {exc}") from exc
+    if frame.shape != shape:
+        raise ValueError(f"{what} file {path} has shape {frame.shape}, the trimmed section has {shape}")
+    return frame
+
+
+def _data_box(info: SectionInfo, raw_shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the light-sensitive region: the union of the amplifiers' data sections."""
+    texts = [a.data_section for a in info.amplifiers if a.data_section] or (
+        [info.data_section] if info.data_section else [])
+    if not texts:
+        return 0, raw_shape[0], 0, raw_shape[1]
+    boxes = [parse_fits_section(t) for t in texts]
+    return (min(b[0].start for b in boxes), max(b[0].stop for b in boxes),
+            min(b[1].start for b in boxes), max(b[1].stop for b in boxes))
+
+
+class Preprocessor(Step):
+    """Make the Image of one exposure section."""
+
+    process = "preprocessing"
+    version = "1.0.0"
+    Params = PreprocessingParams
+    products = ("image",)
+    upstream_processes = ("exposure",)
+
+    def compute(self, raw: np.ndarray, info: SectionInfo, *, bias: np.ndarray | None = None,
+                flat: np.ndarray | None = None) -> Preprocessed:
+        """Preprocess one raw section (each amplifier with its own overscan, gain and noise)."""
+        p = self.params
+        linearity = np.asarray(p.linearity, dtype=float) if p.linearity else None
+        y0, y1, x0, x1 = _data_box(info, raw.shape)
+        amps = info.amplifiers or [info]
+        image = np.zeros((y1 - y0, x1 - x0), np.float32)
+        weight = np.zeros_like(image)
+        flags = np.zeros(image.shape, FLAGS_DTYPE)
+        levels = []
+        for amp in amps:
+            data = parse_fits_section(amp.data_section) if amp.data_section else (slice(y0, y1), slice(x0, x1))
+            overscan = parse_fits_section(amp.overscan_section) if amp.overscan_section else None
+            out = (slice(data[0].start - y0, data[0].stop - y0), slice(data[1].start - x0, data[1].stop - x0))
+            part = preprocess(raw, overscan=overscan, data=data, gain=amp.gain, read_noise=amp.read_noise,
+                              saturation=amp.saturation, linearity=linearity,
+                              bias=None if bias is None else bias[out],
+                              flat=None if flat is None else flat[out],
+                              overscan_method=p.overscan_method if overscan is not None else "median")
+            image[out], weight[out], flags[out] = part.image, part.weight, part.flags
+            levels.append(float(np.nanmedian(part.overscan_level)) if overscan is not None else 0.0)
+        return Preprocessed(image=image, weight=weight, flags=flags, overscan_level=float(np.max(levels)))
+
+    def run(self, ds: DataStore) -> None:
+        if ds.get_image() is not None:
+            return
+        exposure, section = ds.exposure, ds.section_id
+        raw, header = exposure.read_section(section)
+        instrument = exposure.instrument_object
+        info = instrument.section_info(header, section)
+        y0, y1, x0, x1 = _data_box(info, raw.shape)
+        fields = {"instrument": exposure.instrument, "section": section, "filter": exposure.filter}
+        bias = _calibration_frame(self.params.bias_file, fields, (y1 - y0, x1 - x0), "bias")
+        flat = _calibration_frame(self.params.flat_file, fields, (y1 - y0, x1 - x0), "flat")
+        if flat is not None:
+            flat = flat / np.nanmedian(flat)
+        result = self.compute(np.asarray(raw), info, bias=bias, flat=flat)
+        wcs = self._wcs(header, exposure, info, (y0, x0), result.image.shape)
+        header = header.copy()
+        # The image is overscan-subtracted, so its saturation level is lower by the overscan.
+        header["GAIN"], header["RDNOISE"] = info.gain, info.read_noise
+        header["SATURATE"] = info.saturation - result.overscan_level
+        obs = instrument.observation(header, filename=exposure.origin)
+        image = Image(provenance=ds.provenance(self.process), exposure=exposure, data=result.image,
+                      weight=result.weight, flags=result.flags, wcs=wcs, section_id=section,
+                      instrument=exposure.instrument, type=ImageType.SCIENCE, filter=obs.filter,
+                      mjd=obs.mjd, end_mjd=obs.mjd + obs.exp_time / 86400.0, exp_time=obs.exp_time,
+                      airmass=obs.airmass, target=obs.target, project=obs.project,
+                      header=header_to_dict(header))
+        ds.set_product("image", image)
+
+    @staticmethod
+    def _wcs(header: fits.Header, exposure, info: SectionInfo, origin: tuple[int, int],
+             shape: tuple[int, int]) -> WCS:
+        """The header WCS shifted to the trimmed frame, else a nominal one from the pointing."""
+        wcs = WCS(header) if "CTYPE1" in header else None
+        if wcs is not None and wcs.has_celestial:
+            wcs = wcs.celestial.deepcopy()
+            wcs.wcs.crpix = [wcs.wcs.crpix[0] - origin[1], wcs.wcs.crpix[1] - origin[0]]
+            return wcs
+        if exposure.ra is None or exposure.dec is None:
+            raise ValueError(f"exposure {exposure.origin} has neither a WCS nor RA/DEC pointing keywords")
+        log.warning("%s has no WCS; using a nominal one from the pointing and pixel scale", exposure.origin)
+        return nominal_wcs(exposure.ra, exposure.dec, info.pixel_scale, shape)
