@@ -53,7 +53,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from models.exposure import ingest_file
+    from models.image import ingest_file
 
     _setup(args)
     for path in args.files:

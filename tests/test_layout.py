@@ -1,0 +1,50 @@
+"""The layers: improc knows nothing of models or pipeline; models knows nothing of pipeline.
+
+Also checks that default_config.yaml documents exactly the parameters each step has.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline.top import STEP_CLASSES, step_class
+from util.config import Config, default_config_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    found = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+@pytest.mark.parametrize("package, forbidden", [("improc", {"models", "pipeline", "sqlalchemy"}),
+                                                ("models", {"pipeline"}),
+                                                ("util", {"pipeline"})])
+def test_layers(package, forbidden):
+    offenders = {path: names & forbidden for path, names in _imports(package).items() if names & forbidden}
+    assert offenders == {}
+
+
+@pytest.mark.parametrize("process", list(STEP_CLASSES))
+def test_default_config_lists_every_step_parameter(process):
+    params = step_class(process).Params
+    section = Config.load().section(process)
+    fields = {f.name: f for f in dataclasses.fields(params)}
+    assert set(section) == set(fields), f"{default_config_path()} [{process}] differs from {params.__name__}"
+    defaults = params()
+    for name, value in section.items():
+        expected = getattr(defaults, name)
+        assert (tuple(value) if isinstance(value, list) else value) == expected, f"{process}.{name}"
