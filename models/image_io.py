@@ -179,6 +179,12 @@ def _build_image(path: Path, hdul: fits.HDUList, inst: Instrument, *, section_id
         mask_raw = _same_file_plane(inst, hdul, "flags")
     clean, weight_plane, flag_plane = _planes(data, info, inst, header,
                                               weight_raw=weight_raw, mask_raw=mask_raw)
+    # Downstream steps read the detector values from the image header, whatever keywords the
+    # instrument uses (DECam has GAINA/GAINB per amplifier): write the section's values.
+    header = header.copy()
+    header["GAIN"] = (info.gain, "e-/ADU (section value)")
+    header["RDNOISE"] = (info.read_noise, "e- (section value)")
+    header["SATURATE"] = (info.saturation, "ADU (section value)")
     return Image(
         provenance=provenance, exposure=exposure, data=clean, weight=weight_plane, flags=flag_plane,
         wcs=wcs, section_id=section_id, instrument=inst.name, type=ImageType.SCIENCE,

@@ -11,9 +11,9 @@ Reading rules, in order:
 - time: the ``mjd`` keywords; else a ``date`` keyword holding an ISO date-time; else a
   ``date`` keyword holding a date plus a ``time`` keyword (``"2013-07-13"`` + ``"00:57:33"``).
   If a ``basename`` keyword holds a NOIRLab archive name (``c4d_160818_043331_ooi_i_v1``) whose
-  date differs from the header's by more than `BASENAME_TOLERANCE_DAYS`, the header is wrong
-  (real case: copied DATE-OBS/MJD-OBS); the basename's date and time are used and a warning is
-  logged.  Within the tolerance the header wins (basenames can be minutes off).
+  time differs from the header's by more than `BASENAME_TOLERANCE_DAYS` (5 minutes), the header
+  is wrong (real case: copied DATE-OBS/MJD-OBS); the basename's date and time are used and a
+  warning is logged.  Within the tolerance the header wins.
 - RA / Dec: numbers are degrees; sexagesimal strings are hours for RA (``ra_unit: auto``)
   and degrees for Dec.
 - filter: ``filter_pattern``'s first group (e.g. ``'^(\\S+)'``: first word), then ``filter_map``.
@@ -47,8 +47,10 @@ __all__ = ["GenericInstrument", "GENERIC_DEFINITION", "BASENAME_TOLERANCE_DAYS",
 
 log = logging.getLogger(__name__)
 
-#: Larger differences between a header's date and its archive basename's mean the header is wrong.
-BASENAME_TOLERANCE_DAYS = 0.5
+#: Larger differences between a header's time and its archive basename's mean the header is wrong.
+#: A basename is the exposure's start to the second; 5 minutes allows for clock and naming slop
+#: while catching a DATE-OBS copied from another exposure of the same night (real case: decam_sfft).
+BASENAME_TOLERANCE_DAYS = 5.0 / 1440.0
 
 _MJD_EPOCH = datetime.datetime(1858, 11, 17, tzinfo=datetime.timezone.utc)
 _BASENAME = re.compile(r"^[A-Za-z0-9]+_(\d{6})_(\d{6})(?:_|$)")

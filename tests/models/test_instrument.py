@@ -125,6 +125,10 @@ def test_decam_resampled_epoch_from_basename(shared_data, caplog):
     info = inst.section_info(header, "N6")
     assert info.pixel_scale == pytest.approx(0.262, abs=0.001)  # from the TPV WCS
     assert info.gain == header["GAIN"] and inst.sky_level(header) == header["SKYDIP"]
+    # 04b carries 04a's DATE-OBS too, four hours off its own start (c4d_180804_052409)
+    inst, _, header = _headers(sfft / "DEC-OBS04b.mini.fits")
+    obs = inst.observation(header, filename="DEC-OBS04b.mini.fits")
+    assert obs.mjd == pytest.approx(Time("2018-08-04T05:24:09", scale="utc").mjd, abs=1e-8)
 
 
 def test_saao_raw_frame(shared_data):
