@@ -12,7 +12,7 @@ import enum
 
 import numpy as np
 
-__all__ = ["PixelFlag", "flag_value", "has_flag", "flag_names", "FLAGS_DTYPE"]
+__all__ = ["PixelFlag", "bits_by_name", "flag_value", "has_flag", "flag_names", "FLAGS_DTYPE"]
 
 #: dtype of a flags plane.
 FLAGS_DTYPE = np.uint16
@@ -31,16 +31,24 @@ class PixelFlag(enum.IntFlag):
     NONLINEAR = 128    #: above the linearity limit, corrected but less reliable
 
 
-def flag_value(*names: str) -> int:
-    """The OR of the named bits, e.g. ``flag_value("BAD", "CR") == 5``; KeyError names a bad name."""
+def bits_by_name(kind: type[enum.IntFlag], names: tuple[str, ...], what: str) -> int:
+    """The OR of named members of any IntFlag (case-insensitive); KeyError names a bad name.
+
+    ``what`` says what the flags are ("pixel flag", "image badness") in the error message.
+    """
     value = 0
     for name in names:
         try:
-            value |= PixelFlag[name.upper()]
+            value |= kind[name.upper()]
         except KeyError:
-            known = ", ".join(f.name for f in PixelFlag)
-            raise KeyError(f"unknown pixel flag {name!r}; known flags: {known}") from None
+            known = ", ".join(member.name for member in kind)
+            raise KeyError(f"unknown {what} {name!r}; known: {known}") from None
     return int(value)
+
+
+def flag_value(*names: str) -> int:
+    """The OR of the named bits, e.g. ``flag_value("BAD", "CR") == 5``; KeyError names a bad name."""
+    return bits_by_name(PixelFlag, names, "pixel flag")
 
 
 def has_flag(flags: np.ndarray, *names: str) -> np.ndarray:

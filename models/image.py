@@ -39,7 +39,7 @@ from sqlalchemy import ForeignKey, Index, UniqueConstraint
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from improc import footprint
-from improc.flags import FLAGS_DTYPE
+from improc.flags import FLAGS_DTYPE, bits_by_name
 from models.base import Base, TimestampMixin, UUIDMixin
 from models.exposure import Exposure
 from models.file_store import product_file_stem
@@ -86,14 +86,7 @@ def ingest_provenance() -> Provenance:
 
 
 def _badness_value(names: tuple[str, ...]) -> int:
-    value = 0
-    for name in names:
-        try:
-            value |= ImageBadness[name.upper()]
-        except KeyError:
-            known = ", ".join(b.name for b in ImageBadness)
-            raise KeyError(f"unknown image badness {name!r}; known: {known}") from None
-    return int(value)
+    return bits_by_name(ImageBadness, names, "image badness")
 
 
 _FLOAT = sa.Double

@@ -63,6 +63,10 @@ PRODUCTS: dict[str, ProductSpec] = {
 }
 
 
+#: Non-column attributes in which products keep their arrays (see `DataStore._replace`).
+_IN_MEMORY = ("_data", "_weight", "_flags", "_mesh", "_model", "_image", "_provenance")
+
+
 def _is_new(obj: Any) -> bool:
     return obj is not None and not sa.inspect(obj).has_identity
 
@@ -295,6 +299,11 @@ class DataStore:
         """Point the DataStore at the stored copy of a product that was merged when saved."""
         if old is current:
             return
+        # The merged copy has the row's columns; keep the arrays already in memory so that the
+        # next step does not read the file back.
+        for name in _IN_MEMORY:
+            if getattr(old, name, None) is not None and getattr(current, name, None) is None:
+                setattr(current, name, getattr(old, name))
         if old is self.image:
             self.image = current
         elif old is self.exposure:
