@@ -336,6 +336,19 @@ def _usable_order(n_matches: int, sip_order: int) -> int:
     return order
 
 
+def _fit_unclipped_order(x, y, ra, dec, *, image_shape: tuple[int, int], sip_order: int,
+                         clip_sigma: float) -> WcsFit:
+    """`fit_wcs` at the highest usable order (`_usable_order`) for the stars that *survive*
+    clipping: an order chosen for all the matches, with a quarter of them clipped, fits the
+    rest too closely (a few mas) and extrapolates by arcseconds where no star holds it."""
+    order = _usable_order(len(x), sip_order)
+    while True:
+        fit = fit_wcs(x, y, ra, dec, image_shape=image_shape, sip_order=order, clip_sigma=clip_sigma)
+        if order == 1 or _usable_order(fit.n_stars, order) == order:
+            return fit
+        order -= 1
+
+
 def _rematch(wcs: WCS, x, y, cat_ra, cat_dec, radius_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
     """Mutual-nearest matches of all sources placed by ``wcs`` to the catalog, within a radius."""
     ra0, dec0 = wcs.wcs.crval
@@ -358,7 +371,8 @@ def solve_astrometry(x: np.ndarray, y: np.ndarray, flux: np.ndarray, cat_ra: np.
     Steps: `match_to_catalog` with the guessed WCS; `fit_wcs`; two rounds of re-matching all
     sources with the fitted WCS (radius: 5 times the fit rms, between 0.5" and
     ``match_radius_arcsec``) and refitting.  The SIP order is lowered when there are fewer than
-    2 matches per coefficient and axis (order 3 needs 20 matches, order 2 needs 12).
+    2 matches per coefficient and axis that survive the clipping (order 3 needs 20 matches,
+    order 2 needs 12).
 
     Parameters
     ----------
@@ -402,8 +416,8 @@ def solve_astrometry(x: np.ndarray, y: np.ndarray, flux: np.ndarray, cat_ra: np.
     for round_ in range(3):
         if len(i_s) < min_matches:
             raise AstrometryError(f"only {len(i_s)} catalog matches, need >= {min_matches}")
-        fit = fit_wcs(x[i_s], y[i_s], cat_ra[i_c], cat_dec[i_c], image_shape=image_shape,
-                      sip_order=_usable_order(len(i_s), sip_order), clip_sigma=clip_sigma)
+        fit = _fit_unclipped_order(x[i_s], y[i_s], cat_ra[i_c], cat_dec[i_c], image_shape=image_shape,
+                                   sip_order=sip_order, clip_sigma=clip_sigma)
         if round_ == 2:
             break
         radius = float(np.clip(5.0 * fit.rms_arcsec, 0.5, match_radius_arcsec))

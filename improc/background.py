@@ -23,12 +23,14 @@ including two quirks that must be kept for the maps to agree:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import sep
+from scipy import ndimage
 
-__all__ = ["BackgroundMesh", "estimate_background", "spline_basis"]
+__all__ = ["BackgroundMesh", "estimate_background", "residual_background", "spline_basis"]
 
 
 def _spline_second_derivatives(n_nodes: int) -> np.ndarray:
@@ -252,3 +254,129 @@ def estimate_background(data: np.ndarray, *, mask: np.ndarray | None = None, box
                           box_size=box_size, filter_size=filter_size, shape=image.shape)
     mesh._bases.update(y=by, x=bx)
     return mesh
+
+
+def _clipped_box_means(values: np.ndarray, usable: np.ndarray, box_size: int, clip_sigma: float,
+                       n_iter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sigma-clipped mean, standard deviation and number of pixels kept in each mesh box."""
+    ny, nx = values.shape
+    ny_mesh, nx_mesh = _mesh_shape(values.shape, box_size)
+    padded = np.full((ny_mesh * box_size, nx_mesh * box_size), np.nan)
+    padded[:ny, :nx] = np.where(usable, values, np.nan)
+    boxes = padded.reshape(ny_mesh, box_size, nx_mesh, box_size).transpose(0, 2, 1, 3)
+    boxes = boxes.reshape(ny_mesh, nx_mesh, box_size * box_size)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # empty boxes give NaN, handled below
+        centre = np.nanmedian(boxes, axis=2)
+        spread = 1.4826 * np.nanmedian(np.abs(boxes - centre[..., None]), axis=2)
+        for _ in range(n_iter):
+            kept = np.abs(boxes - centre[..., None]) <= clip_sigma * spread[..., None]
+            clipped = np.where(kept, boxes, np.nan)
+            centre, spread = np.nanmean(clipped, axis=2), np.nanstd(clipped, axis=2)
+    return centre, spread, np.count_nonzero(kept, axis=2)
+
+
+def residual_background(residual: np.ndarray, *, mask: np.ndarray | None = None, box_size: int = 128,
+                        filter_size: int = 3, clip_sigma: float = 3.0, min_fraction: float = 0.2,
+                        smooth_sigma: float = 4.0, structure_sigma: float = 3.0,
+                        n_iter: int = 5) -> BackgroundMesh:
+    """Sky level left in an image whose sky and sources have been subtracted, on a mesh.
+
+    `estimate_background` takes SExtractor's clipped mode of each box, which the wings of the
+    sources in the box raise: in a field of a few thousand stars per 2k x 2k chip by a few
+    hundredths of the sky noise, enough to bias faint PSF fluxes, large-aperture fluxes and
+    the wings of a PSF model by several tenths of a percent.  Once the sources are modelled,
+    what is left after subtracting sky and model is noise, the error of the sky, and whatever
+    the model missed (galaxies' extended light, undetected sources).  This function masks the
+    latter -- pixels where the residual smoothed by a Gaussian of ``smooth_sigma`` pixels
+    exceeds ``structure_sigma`` times its noise, grown by ``2 smooth_sigma`` -- then measures
+    the sky error as a sigma-clipped *mean* per box (unbiased for the symmetric residual
+    noise), median-filters the mesh like `estimate_background`, and returns it as a mesh
+    whose ``counts()`` is the correction to add to the sky.
+
+    Parameters
+    ----------
+    residual
+        (ny, nx) image minus its sky estimate minus a model of its sources.
+    mask
+        (ny, nx), True for pixels not to use: bad pixels, and pixels where the source model
+        is unreliable (e.g. where it exceeds the noise).  Non-finite pixels are not used.
+    box_size
+        Mesh box side in pixels; must not exceed either image side.
+    filter_size
+        Median filter over the mesh, in boxes (1 = none).
+    clip_sigma
+        Pixels further than this from the box's mean, in units of its clipped standard
+        deviation, are left out (after a first pass around the median and the MAD).
+    min_fraction
+        Boxes with fewer usable pixels than this fraction of their area get the median of the
+        other boxes before filtering.
+    smooth_sigma, structure_sigma
+        Scale (pixels) and threshold (in noise units of the smoothed residual) of the mask of
+        unmodelled positive structure; ``structure_sigma=inf`` masks nothing.
+    n_iter
+        Clipping iterations.
+
+    Returns
+    -------
+    BackgroundMesh
+        ``level``: the clipped means (the correction); ``rms``: the clipped standard deviations.
+
+    Raises
+    ------
+    ValueError
+        If ``residual`` is not 2-D or ``mask`` has another shape, if ``box_size`` is < 2 or
+        larger than the image, if ``filter_size`` < 1, ``clip_sigma`` or ``smooth_sigma`` <= 0,
+        or if no box has enough usable pixels.
+    """
+    values = np.asarray(residual, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"residual must be a 2-D (ny, nx) array, got {values.ndim} dimensions")
+    usable = np.isfinite(values)
+    if mask is not None:
+        mask_arr = np.asarray(mask)
+        if mask_arr.shape != values.shape:
+            raise ValueError(f"mask shape {mask_arr.shape} does not match residual shape {values.shape}")
+        usable &= ~mask_arr.astype(bool)
+    box_size, filter_size = int(box_size), int(filter_size)
+    if not 2 <= box_size <= min(values.shape):
+        raise ValueError(f"box_size must be in [2, {min(values.shape)}] for an image of shape "
+                         f"{values.shape}, got {box_size}")
+    if filter_size < 1 or not clip_sigma > 0 or not smooth_sigma > 0:
+        raise ValueError(f"need filter_size >= 1, clip_sigma > 0 and smooth_sigma > 0, got "
+                         f"{filter_size}, {clip_sigma} and {smooth_sigma}")
+    first = _residual_mesh(values, usable, box_size, filter_size, clip_sigma, min_fraction, n_iter)
+    if np.isfinite(structure_sigma):
+        usable &= ~_structure_mask(values - first.counts(), usable, first.rms_map(), smooth_sigma,
+                                   structure_sigma)
+    return _residual_mesh(values, usable, box_size, filter_size, clip_sigma, min_fraction, n_iter)
+
+
+def _residual_mesh(values: np.ndarray, usable: np.ndarray, box_size: int, filter_size: int,
+                   clip_sigma: float, min_fraction: float, n_iter: int) -> BackgroundMesh:
+    """Clipped box means and standard deviations, gaps filled, median-filtered, as a mesh."""
+    level, rms, count = _clipped_box_means(values, usable, box_size, clip_sigma, n_iter)
+    good = (count >= min_fraction * box_size**2) & np.isfinite(level) & np.isfinite(rms)
+    if not good.any():
+        raise ValueError(f"no {box_size}-pixel box has {min_fraction:.0%} usable pixels")
+    level = np.where(good, level, np.median(level[good]))
+    rms = np.where(good, rms, np.median(rms[good]))
+    if filter_size > 1:
+        level = ndimage.median_filter(level, size=filter_size, mode="nearest")
+        rms = ndimage.median_filter(rms, size=filter_size, mode="nearest")
+    return BackgroundMesh(level=level, rms=rms, box_size=box_size, filter_size=filter_size,
+                          shape=values.shape)
+
+
+def _structure_mask(values: np.ndarray, usable: np.ndarray, rms: np.ndarray, sigma: float,
+                    threshold: float) -> np.ndarray:
+    """Pixels near significant positive structure of a residual image (normalized convolution)."""
+    weight = ndimage.gaussian_filter(usable.astype(float), sigma, truncate=3.0)
+    smooth = ndimage.gaussian_filter(np.where(usable, values, 0.0), sigma, truncate=3.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smooth = smooth / weight
+    noise = rms / (2.0 * np.sqrt(np.pi) * sigma)     # white noise through a unit-sum Gaussian
+    found = (weight > 0.2) & (smooth > threshold * noise)
+    grow = int(np.ceil(2 * sigma))
+    disc = np.hypot(*np.mgrid[-grow:grow + 1, -grow:grow + 1]) <= grow
+    return ndimage.binary_dilation(found, structure=disc)

@@ -33,6 +33,9 @@ import numpy as np
 import sep
 from astropy.table import Column, Table
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 __all__ = ["SourceFlag", "DEFAULT_FILTER_KERNEL", "FWHM_APERTURE_MULTIPLES", "extract_sources",
            "aperture_photometry", "estimate_fwhm", "stellar_locus"]
@@ -68,10 +71,15 @@ class SourceFlag(enum.IntFlag):
     MASKED = 256           #: footprint touches a masked (or NaN) pixel
     SATURATED = 512        #: footprint touches a pixel at or above ``saturation``
     WINPOS_FAILED = 1024   #: windowed centroid failed; ``x, y`` are the isophotal barycentre
+    RESIDUAL = 2048        #: found only once the models of the other sources were subtracted
+    #: (`improc.hidden_sources`)
 
 
 _APERTURE_BITS = (SourceFlag.APER_TRUNCATED | SourceFlag.APER_HAS_MASKED
                   | SourceFlag.APER_ALL_MASKED | SourceFlag.APER_NONPOSITIVE)
+#: Flags that do not keep a source out of the stellar locus: its apertures, and deblending
+#: (a deblended star's size is measured with its neighbours' pixels left out).
+_LOCUS_IGNORED = _APERTURE_BITS | SourceFlag.MERGED
 
 
 def _as_image(data: np.ndarray) -> np.ndarray:
@@ -241,7 +249,7 @@ def _stellarity(fwhm: np.ndarray, snr: np.ndarray,
     The sigma of each object adds the locus spread and the size scatter expected from its S/N.
     NaN for all objects when fewer than 5 clean sources with S/N >= 20 define a locus.
     """
-    candidates = _locus_candidates(fwhm, snr, flags & ~int(_APERTURE_BITS), 20.0)
+    candidates = _locus_candidates(fwhm, snr, flags & ~int(_LOCUS_IGNORED), 20.0)
     if candidates.sum() < _MIN_LOCUS_SOURCES:
         nan = np.full(fwhm.shape, np.nan)
         return nan, np.zeros(fwhm.shape, bool)
@@ -329,8 +337,8 @@ def aperture_photometry(data: np.ndarray, sources: Table, *, background: np.ndar
 def estimate_fwhm(sources: Table, *, min_snr: float = 20.0) -> float:
     """Robust FWHM of the bright, unflagged point sources of a table, in pixels.
 
-    Uses the sources with ``snr >= min_snr``, ``flags == 0`` (aperture bits ignored) and a
-    finite ``fwhm``, and returns the centre of their locus (`stellar_locus`): sigma-clipped
+    Uses the sources with ``snr >= min_snr``, ``flags == 0`` (aperture and MERGED bits
+    ignored) and a finite ``fwhm``, and returns the centre of their locus (`stellar_locus`): sigma-clipped
     median, so that the few galaxies, blends and cosmic rays among them are rejected.
 
     Parameters
@@ -354,12 +362,12 @@ def estimate_fwhm(sources: Table, *, min_snr: float = 20.0) -> float:
     if missing:
         raise ValueError(f"sources must have columns fwhm, snr, flags; missing {missing}")
     fwhm = np.asarray(sources["fwhm"], float)
-    flags = np.asarray(sources["flags"], np.int64) & ~int(_APERTURE_BITS)
+    flags = np.asarray(sources["flags"], np.int64) & ~int(_LOCUS_IGNORED)
     good = _locus_candidates(fwhm, np.asarray(sources["snr"], float), flags, min_snr)
     if good.sum() < _MIN_LOCUS_SOURCES:
         raise ValueError(f"not enough sources to estimate the FWHM: {good.sum()} of {len(sources)} "
-                         f"have snr >= {min_snr}, flags == 0 and a valid fwhm; need "
-                         f"{_MIN_LOCUS_SOURCES}")
+                         f"have snr >= {min_snr}, no flags but aperture and deblending ones and a "
+                         f"valid fwhm; need {_MIN_LOCUS_SOURCES}")
     return stellar_locus(fwhm[good])[0]
 
 
@@ -384,11 +392,15 @@ def _detect(sub, noise_map, bad, *, threshold, minarea, deblend_nthresh, deblend
         raise ValueError(f"filter_type must be 'conv' or 'matched', got {filter_type!r}")
     if kernel is not None and (kernel.ndim != 2 or kernel.size == 0 or not np.isfinite(kernel).all()):
         raise ValueError(f"filter_kernel must be a finite 2-D array or None, got shape {kernel.shape}")
+    # No SExtractor "cleaning": it removes every detection that a model of its brighter
+    # neighbours' wings could explain, and with real PSF wings (Moffat-like) it throws away a
+    # large fraction of the genuine faint stars near bright ones (a third of the S/N 10-30 stars
+    # of a moderately crowded field); spurious wing detections are rare without it.
     with _pixstack(sub.size):
         objs, seg = sep.extract(sub, float(threshold), err=noise_map, gain=gain, mask=bad,
                                 minarea=int(minarea), filter_kernel=kernel, filter_type=filter_type,
                                 deblend_nthresh=int(deblend_nthresh), deblend_cont=float(deblend_cont),
-                                segmentation_map=True)
+                                clean=False, segmentation_map=True)
     if len(objs) > max_sources:
         raise ValueError(f"found {len(objs)} sources, more than max_sources={max_sources}; "
                          f"raise the threshold ({threshold} sigma) or max_sources")
@@ -405,6 +417,37 @@ def _object_flags(raw, objs, seg, bad, saturation, winpos_failed) -> np.ndarray:
         flags[_touches(seg, saturated, len(objs))] |= SourceFlag.SATURATED
     flags[winpos_failed] |= SourceFlag.WINPOS_FAILED
     return flags
+
+
+def _merge_duplicates(x: np.ndarray, y: np.ndarray, objs: np.ndarray, flags: np.ndarray,
+                      tolerance: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deblended fragments whose windowed centroids converge on one point are one source.
+
+    sep's deblending sometimes splits a bright star into a core and a fragment of its wings;
+    both windowed centroids then land on the star (within ``tolerance`` pixels), and the star
+    would be listed, and measured, twice.  The brightest fragment of each such group is kept
+    with the isophotal flux and area of the whole group and the OR of its flags (MERGED).
+
+    Returns the rows to keep and the updated copies of ``objs`` and ``flags``.
+    """
+    keep = np.ones(len(x), dtype=bool)
+    finite = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    pairs = cKDTree(np.column_stack([x[finite], y[finite]])).query_pairs(tolerance, output_type="ndarray")
+    if len(pairs) == 0:
+        return keep, objs, flags
+    objs, flags = objs.copy(), flags.copy()
+    graph = coo_matrix((np.ones(len(pairs)), (finite[pairs[:, 0]], finite[pairs[:, 1]])),
+                       shape=(len(x), len(x)))
+    _, group = connected_components(graph, directed=False)
+    for members in np.split(np.argsort(group, kind="stable"), np.flatnonzero(np.diff(np.sort(group))) + 1):
+        if len(members) < 2:
+            continue
+        best = members[np.argmax(objs["flux"][members])]
+        objs["flux"][best] = objs["flux"][members].sum()
+        objs["npix"][best] = objs["npix"][members].sum()
+        flags[best] = np.bitwise_or.reduce(flags[members]) | SourceFlag.MERGED
+        keep[members[members != best]] = False
+    return keep, objs, flags
 
 
 def _source_table(objs, x, y, fwhm, snr, flags, class_star, is_star) -> Table:
@@ -486,7 +529,8 @@ def extract_sources(data: np.ndarray, *, background: np.ndarray | float, noise: 
         ``fwhm`` (2 x half-light radius); ``snr`` (isophotal, sky + Poisson if ``gain``);
         ``apflux_i, apfluxerr_i``; ``flags`` (`SourceFlag` bits); ``class_star`` in [0, 1]:
         ``exp(-z**2 / 2)`` with ``z`` the distance of the FWHM from the stellar locus (the
-        `stellar_locus` of sources with S/N >= 20 and no flags) in units of the locus spread
+        `stellar_locus` of sources with S/N >= 20 and no flags but aperture and deblending
+        ones) in units of the locus spread
         and the FWHM scatter expected at the source's S/N, NaN if fewer than 5 sources define
         the locus; ``is_star``: ``class_star >= 0.1`` and ``snr >= 10``.  Positions are
         0-based.  ``meta`` holds ``threshold`` and ``aperture_radii``.
@@ -507,9 +551,11 @@ def extract_sources(data: np.ndarray, *, background: np.ndarray | float, noise: 
                         filter_kernel=filter_kernel, filter_type=filter_type, gain=gain,
                         max_sources=int(max_sources))
     r50, x, y, winpos_failed = _shape_and_centroid(sub, objs, seg, bad)
+    flags = _object_flags(raw, objs, seg, bad, saturation, winpos_failed)
+    keep, objs, flags = _merge_duplicates(x, y, objs, flags)
+    objs, x, y, r50, flags = objs[keep], x[keep], y[keep], r50[keep], flags[keep]
     fwhm = 2.0 * r50
     snr = _isophotal_snr(objs, noise_map, gain)
-    flags = _object_flags(raw, objs, seg, bad, saturation, winpos_failed)
     class_star, is_star = _stellarity(fwhm, snr, flags)
     table = _source_table(objs, x, y, fwhm, snr, flags, class_star, is_star)
     table.meta["threshold"] = float(threshold)

@@ -199,13 +199,24 @@ def fit_zero_point(instrumental_flux: np.ndarray, flux_err: np.ndarray, catalog_
 
 
 def aperture_corrections(apfluxes: np.ndarray, reference_flux: np.ndarray | None = None, *,
-                         weights: np.ndarray | None = None, clip_sigma: float = 3.0,
-                         min_stars: int = 3) -> np.ndarray:
+                         weights: np.ndarray | None = None, mag_errors: np.ndarray | None = None,
+                         clip_sigma: float = 3.0, min_stars: int = 3) -> np.ndarray:
     """Magnitude corrections from each aperture to a reference ("total") flux.
 
     Sign convention: ``mag_total = -2.5 log10(apflux_i) + zp + apcor_i``, so
     ``apcor_i = 2.5 log10(apflux_i / reference_flux)``; it is negative when the aperture misses
-    light.  For each aperture the per-star values are combined by a sigma-clipped weighted mean.
+    light.  For each aperture the per-star values are combined by a sigma-clipped mean:
+
+    * with ``mag_errors``: a random-effects weighted mean.  The variance of a star's value is
+      modelled as ``k * mag_error**2 + s**2``: ``k`` scales the given (e.g. PSF-flux) errors to
+      the aperture's (a large aperture holds more sky noise), and ``s`` is the true scatter of
+      the corrections over the chip (the PSF changes: ~1 % for a 1-FWHM aperture).  ``k`` and
+      ``s`` are fitted to the squared residuals, stars are weighted by the inverse of that
+      variance and clipped beyond ``clip_sigma`` times its square root; so faint stars, whose
+      large apertures are dominated by sky noise and by any error of the sky level, carry
+      little weight, and bright stars are not clipped for the true variation;
+    * otherwise: a mean with the given relative ``weights`` (None: equal), clipped beyond
+      ``clip_sigma`` robust (MAD) standard deviations of the values.
 
     Parameters
     ----------
@@ -216,8 +227,12 @@ def aperture_corrections(apfluxes: np.ndarray, reference_flux: np.ndarray | None
         last (largest) aperture, whose correction is then 0.
     weights : numpy.ndarray or None
         Shape (n,) relative weights of the stars (e.g. their S/N^2); None weighs them equally.
+        Not with ``mag_errors``.
+    mag_errors : numpy.ndarray or None
+        Shape (n,) 1-sigma magnitude errors of the stars' photometry (e.g. of their PSF fluxes),
+        for the random-effects mean above.
     clip_sigma : float
-        Stars further than this many robust (MAD) standard deviations from the mean are dropped.
+        Clipping threshold, in standard deviations.
     min_stars : int
         Fewest stars with positive fluxes needed for every aperture.
 
@@ -231,37 +246,73 @@ def aperture_corrections(apfluxes: np.ndarray, reference_flux: np.ndarray | None
     PhotometryError
         If an aperture has fewer than ``min_stars`` usable stars.
     ValueError
-        If shapes disagree.
+        If shapes disagree, or both ``weights`` and ``mag_errors`` are given.
     """
     ap = np.asarray(apfluxes, dtype=float)
     if ap.ndim != 2:
         raise ValueError(f"apfluxes must have shape (n, n_ap), got shape {ap.shape}")
     n, n_ap = ap.shape
+    if weights is not None and mag_errors is not None:
+        raise ValueError("give weights or mag_errors, not both")
     ref = ap[:, -1] if reference_flux is None else _as_1d("reference_flux", reference_flux)
     w = np.ones(n) if weights is None else _as_1d("weights", weights)
+    err = None if mag_errors is None else _as_1d("mag_errors", mag_errors)
     if len(ref) != n or len(w) != n:
         raise ValueError(f"reference_flux and weights must have length {n} (rows of apfluxes), "
                          f"got {len(ref)} and {len(w)}")
+    if err is not None and len(err) != n:
+        raise ValueError(f"mag_errors must have length {n} (rows of apfluxes), got {len(err)}")
     apcor = np.empty(n_ap)
     with np.errstate(divide="ignore", invalid="ignore"):
         delta = 2.5 * np.log10(ap / ref[:, None])
     for i in range(n_ap):
         good = np.isfinite(delta[:, i]) & (ap[:, i] > 0) & (ref > 0) & np.isfinite(w) & (w > 0)
+        if err is not None:
+            good &= np.isfinite(err) & (err > 0)
         if good.sum() < min_stars:
             raise PhotometryError(f"aperture {i} has only {good.sum()} stars with positive fluxes, "
                                   f"need >= {min_stars}")
-        d, wi = delta[good, i], w[good]
-        keep = np.abs(d - np.median(d)) <= clip_sigma * max(_robust_std(d), 1e-6)  # robust start
-        if keep.sum() < min_stars:
-            keep = np.ones(len(d), dtype=bool)
-        for _ in range(10):
-            mean = np.sum(wi[keep] * d[keep]) / np.sum(wi[keep])
-            new_keep = np.abs(d - mean) <= clip_sigma * max(_robust_std(d[keep]), 1e-6)
-            if np.array_equal(new_keep, keep) or new_keep.sum() < min_stars:
-                break
-            keep = new_keep
-        apcor[i] = np.sum(wi[keep] * d[keep]) / np.sum(wi[keep])
+        if err is None:
+            apcor[i] = _clipped_weighted_mean(delta[good, i], w[good], clip_sigma, min_stars)
+        else:
+            apcor[i] = _random_effects_mean(delta[good, i], err[good], clip_sigma, min_stars)
     return apcor
+
+
+def _clipped_weighted_mean(d: np.ndarray, w: np.ndarray, clip_sigma: float, min_stars: int) -> float:
+    """Weighted mean, clipping values beyond ``clip_sigma`` robust standard deviations."""
+    keep = np.abs(d - np.median(d)) <= clip_sigma * max(_robust_std(d), 1e-6)  # robust start
+    if keep.sum() < min_stars:
+        keep = np.ones(len(d), dtype=bool)
+    for _ in range(10):
+        mean = np.sum(w[keep] * d[keep]) / np.sum(w[keep])
+        new_keep = np.abs(d - mean) <= clip_sigma * max(_robust_std(d[keep]), 1e-6)
+        if np.array_equal(new_keep, keep) or new_keep.sum() < min_stars:
+            break
+        keep = new_keep
+    return float(np.sum(w[keep] * d[keep]) / np.sum(w[keep]))
+
+
+def _random_effects_mean(d: np.ndarray, err: np.ndarray, clip_sigma: float, min_stars: int) -> float:
+    """Mean of ``d`` weighted by ``1 / (k err**2 + s**2)``, with ``k`` and ``s`` fitted to the
+    squared residuals of the kept values (least squares of ``r**2`` on ``err**2`` and 1)."""
+    e2 = err**2
+    keep = np.abs(d - np.median(d)) <= 5.0 * max(_robust_std(d), 1e-6)  # broad robust start
+    if keep.sum() < min_stars:
+        keep = np.ones(len(d), dtype=bool)
+    k, s2 = 1.0, float(max(_robust_std(d[keep]) ** 2 - np.median(e2[keep]), 0.0))
+    for _ in range(20):
+        var = k * e2 + s2 + 1e-12
+        mean = np.sum(d[keep] / var[keep]) / np.sum(1.0 / var[keep])
+        r2 = (d - mean) ** 2
+        design = np.column_stack([e2, np.ones_like(e2)])[keep] / var[keep, None]   # Var(r2) ~ var**2
+        k, s2 = (max(float(c), 0.0) for c in np.linalg.lstsq(design, r2[keep] / var[keep], rcond=None)[0])
+        var = k * e2 + s2 + 1e-12
+        new_keep = r2 <= clip_sigma**2 * var
+        if np.array_equal(new_keep, keep) or new_keep.sum() < min_stars:
+            break
+        keep = new_keep
+    return float(np.sum(d[keep] / var[keep]) / np.sum(1.0 / var[keep]))
 
 
 def noise_equivalent_area(*, fwhm_pixels: float | None = None, psf: np.ndarray | None = None) -> float:

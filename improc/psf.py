@@ -479,7 +479,13 @@ def _reject_stars(chi: np.ndarray, stars: _Stars, core_mask: np.ndarray, clip_si
     chi2 = (chi[a] ** 2 * used).sum(axis=(1, 2)) / np.maximum(npix - 3, 1)
     med = np.median(chi2)
     spread = max(1.4826 * np.median(np.abs(chi2 - med)), np.sqrt(2.0 / max(np.median(npix), 1)))
-    stars.active[a[(chi2 > med + clip_sigma * spread) | (npix < 0.5 * core_mask.sum())]] = False
+    outlier = chi2 > med + clip_sigma * spread
+    # at most a tenth of the stars per pass, the worst: with few stars, one pass of a model
+    # still far from the truth must not throw away the stars that would improve it
+    limit = max(1, len(a) // 10)
+    if outlier.sum() > limit:
+        outlier &= chi2 >= np.sort(chi2)[-limit]
+    stars.active[a[outlier | (npix < 0.5 * core_mask.sum())]] = False
 
 
 def _as_variance(weight, noise) -> np.ndarray | float:

@@ -5,6 +5,11 @@ position (a linear, inverse-variance weighted least-squares fit over the pixels 
 ``fit_radius``).  The model sums to 1 over its stamp, so the fluxes are the flux within the
 stamp, which for the default stamp of ~10 FWHM is the total flux to ~0.1 % (see `improc.psf`).
 
+`psf_positions` refits positions with the PSF (e.g. on an image with the neighbours' models
+subtracted, see `improc.crowded_photometry`), and `model_aperture_sums` gives what a star's own
+model puts into circular apertures, so that the light of neighbours can be taken out of
+aperture fluxes too.
+
 `select_psf_stars` picks bright, isolated, unsaturated, point-like sources for `fit_psf`.
 """
 
@@ -13,11 +18,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import sep
 from scipy.spatial import cKDTree
 
-from improc.psf import PixelPSF, cut_stamps, nearest_pixel
+from improc.psf import PixelPSF, _fourier_shift, cut_stamps, nearest_pixel
 
-__all__ = ["PSFFluxes", "psf_fluxes", "render_sources", "select_psf_stars"]
+__all__ = ["PSFFluxes", "psf_fluxes", "psf_positions", "render_sources", "model_aperture_sums",
+           "select_psf_stars"]
 
 #: Stars processed together by `psf_fluxes` (bounds the memory of the rendered clips).
 _CHUNK = 2048
@@ -113,28 +120,119 @@ def _fit_chunk(data, x, y, psf: PixelPSF, background, variance, mask, radius: fl
     """Fluxes, errors and reduced chi-squares (3, n) of a chunk of stars."""
     finite = np.isfinite(x) & np.isfinite(y)
     xs, ys = np.where(finite, x, psf.x0), np.where(finite, y, psf.y0)
-    ix, iy, dx, dy = nearest_pixel(xs, ys)
     c = psf.size // 2
     model = psf.get_clips(xs, ys)[:, c - half:c + half + 1, c - half:c + half + 1]
-    stamps, inside = cut_stamps(data, ix, iy, half, data.shape)
-    stamps -= cut_stamps(background, ix, iy, half, data.shape)[0]
-    var = cut_stamps(variance, ix, iy, half, data.shape)[0]
-    off = np.arange(-half, half + 1)
-    near = ((off[None, None, :] - dx[:, None, None]) ** 2
-            + (off[None, :, None] - dy[:, None, None]) ** 2) <= radius**2
-    good = inside & near & np.isfinite(stamps) & np.isfinite(var) & (var > 0) & finite[:, None, None]
-    if mask is not None:
-        good &= ~cut_stamps(mask, ix, iy, half, data.shape)[0].astype(bool)
-    w = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
-    stamps = np.where(good, stamps, 0.0)
+    stamps, w = _weighted_stamps(data, xs, ys, psf, background, variance, mask, radius, half)
+    w[~finite] = 0.0
     spp = (w * model**2).sum(axis=(1, 2))
-    npix = good.sum(axis=(1, 2))
+    npix = (w > 0).sum(axis=(1, 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         flux = (w * model * stamps).sum(axis=(1, 2)) / spp
         err = 1.0 / np.sqrt(spp)
         chi2 = (w * (stamps - flux[:, None, None] * model) ** 2).sum(axis=(1, 2)) / (npix - 1)
     bad = (npix < 2) | ~(spp > 0)
     return np.where(bad, np.nan, np.stack([flux, err, chi2]))
+
+
+def psf_positions(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, *,
+                  background: np.ndarray | float, variance: np.ndarray | float,
+                  mask: np.ndarray | None = None, fit_radius: float | None = None,
+                  flux: np.ndarray | None = None, max_shift: float = 1.0,
+                  n_iter: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Star positions refined by fitting the PSF (flux and position) around the given ones.
+
+    Each Gauss-Newton pass fits ``stamp = a p + b dp/dx + c dp/dy`` by weighted linear least
+    squares over the pixels within ``fit_radius`` of the given position (``p`` the PSF at the
+    current position, see `psf_fluxes`) and moves the star by ``(b / a, c / a)``.  On an image
+    from which the neighbours' models have been subtracted this gives positions free of the
+    pull that a bright neighbour's wing exerts on a windowed centroid.  The PSF model is
+    centred by the windowed-centroid convention (`improc.psf`), so for isolated stars the two
+    agree.
+
+    With ``flux`` given, ``data`` is a residual image from which *all* the stars were
+    subtracted at the given positions with these fluxes (e.g. the model of
+    `deblended_psf_fluxes`); each star's own model is added back to its stamp before the fit,
+    so one residual image serves every star.
+
+    Parameters
+    ----------
+    data, x, y, psf, background, variance, mask, fit_radius
+        As for `psf_fluxes`.
+    flux : ndarray, optional
+        Shape (n,): fluxes of the stars' own models subtracted from ``data`` (see above).
+    max_shift : float
+        Stars whose fitted position moves further than this (pixels) from the given one, or
+        whose fit fails (no usable pixels, flux not positive), keep the given position.
+    n_iter : int
+        Gauss-Newton passes (>= 1).
+
+    Returns
+    -------
+    x, y : ndarray
+        Refined positions, shape (n,).
+
+    Raises
+    ------
+    ValueError
+        As `psf_fluxes`, or if ``max_shift`` is not > 0 or ``n_iter`` < 1.
+    """
+    x0, y0 = _as_positions(x, y)
+    if not max_shift > 0 or n_iter < 1:
+        raise ValueError(f"need max_shift > 0 and n_iter >= 1, got {max_shift} and {n_iter}")
+    radius = 2.0 * psf.fwhm_pixels if fit_radius is None else float(fit_radius)
+    half = min(psf.size // 2, int(np.ceil(radius)))
+    own = np.zeros(x0.size) if flux is None else np.broadcast_to(np.asarray(flux, dtype=float), x0.shape)
+    xs, ys = x0.copy(), y0.copy()
+    for start in range(0, x0.size, _CHUNK):
+        part = slice(start, start + _CHUNK)
+        xs[part], ys[part] = _position_chunk(data, x0[part], y0[part], np.nan_to_num(own[part]), psf,
+                                             background, variance, mask, radius, half, n_iter)
+    far = ~(np.hypot(xs - x0, ys - y0) <= max_shift)
+    return np.where(far, x0, xs), np.where(far, y0, ys)
+
+
+def _position_chunk(data, x0, y0, own, psf: PixelPSF, background, variance, mask, radius: float,
+                    half: int, n_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Newton PSF positions of a chunk of stars on stamps fixed at their given pixels."""
+    ok = np.isfinite(x0) & np.isfinite(y0)
+    px, py = np.where(ok, x0, psf.x0), np.where(ok, y0, psf.y0)
+    ix, iy, _, _ = nearest_pixel(px, py)
+    stamps, w = _weighted_stamps(data, px, py, psf, background, variance, mask, radius, half)
+    cut = slice(psf.size // 2 - half, psf.size // 2 + half + 1)
+    stamps += own[:, None, None] * psf.get_clips(px, py)[:, cut, cut]
+    xs, ys = px.copy(), py.copy()
+    for _ in range(n_iter):
+        spectra = np.tensordot(psf.coefficients(xs, ys), psf._spectra, axes=1)
+        cols = [_fourier_shift(spectra, xs - ix, ys - iy, psf.size, derivative=d)[:, cut, cut]
+                for d in (None, "x", "y")]
+        normal = np.stack([np.stack([(w * a * b).sum(axis=(1, 2)) for b in cols], -1) for a in cols], -2)
+        rhs = np.stack([(w * a * stamps).sum(axis=(1, 2)) for a in cols], -1)
+        solvable = ok & (np.abs(np.linalg.det(normal)) > 0)
+        sol = np.zeros((x0.size, 3))
+        sol[solvable] = np.linalg.solve(normal[solvable], rhs[solvable][:, :, None])[:, :, 0]
+        move = solvable & (sol[:, 0] > 0)
+        safe = np.where(move, sol[:, 0], 1.0)
+        xs = np.where(move, xs + sol[:, 1] / safe, xs)
+        ys = np.where(move, ys + sol[:, 2] / safe, ys)
+    return np.where(ok, xs, x0), np.where(ok, ys, y0)
+
+
+def _weighted_stamps(data, x, y, psf: PixelPSF, background, variance, mask, radius: float,
+                     half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Background-subtracted stamps (n, 2 half + 1, 2 half + 1) and their fit weights (0 outside
+    the disc of ``radius`` around each star and on unusable pixels)."""
+    ix, iy, dx, dy = nearest_pixel(x, y)
+    stamps, inside = cut_stamps(data, ix, iy, half, data.shape)
+    stamps -= cut_stamps(background, ix, iy, half, data.shape)[0]
+    var = cut_stamps(variance, ix, iy, half, data.shape)[0]
+    off = np.arange(-half, half + 1)
+    near = ((off[None, None, :] - dx[:, None, None]) ** 2
+            + (off[None, :, None] - dy[:, None, None]) ** 2) <= radius**2
+    good = inside & near & np.isfinite(stamps) & np.isfinite(var) & (var > 0)
+    if mask is not None:
+        good &= ~cut_stamps(mask, ix, iy, half, data.shape)[0].astype(bool)
+    w = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
+    return np.where(good, stamps, 0.0), w
 
 
 def render_sources(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
@@ -164,6 +262,64 @@ def render_sources(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: n
         flat = yy[inside] * shape[1] + xx[inside]
         model += np.bincount(flat, weights=clips[inside], minlength=model.size).reshape(shape)
     return model
+
+
+def model_aperture_sums(psf: PixelPSF, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+                        radii: tuple[float, ...] | list[float], *, subpix: int = 5) -> np.ndarray:
+    """What each star's own PSF model puts into circular apertures centred on it, as sep sums it.
+
+    Each star's clip (``flux * psf.get_clip(x, y)``, at its sub-pixel position) is laid on its
+    own cell of a mosaic and summed by ``sep.sum_circle`` with the same sub-pixel sampling as the
+    image apertures, so the sums use exactly the pixel weights of the apertures on the image.
+    Subtracting these from apertures on a model of all the stars leaves the light of each star's
+    neighbours in its apertures.
+
+    Parameters
+    ----------
+    psf : PixelPSF
+        The PSF.
+    x, y : ndarray
+        Star positions, 0-based pixels, shape (n,).
+    flux : ndarray
+        Model fluxes, shape (n,); non-finite or non-positive fluxes give 0.
+    radii : sequence of float
+        Aperture radii, pixels (> 0).
+    subpix : int
+        sep's sub-pixel sampling (0: exact overlap), as used for the image apertures.
+
+    Returns
+    -------
+    ndarray
+        Shape (n, len(radii)).
+
+    Raises
+    ------
+    ValueError
+        If the arrays disagree in shape or a radius is not > 0.
+    """
+    x, y = _as_positions(x, y)
+    flux = np.broadcast_to(np.asarray(flux, dtype=float), x.shape)
+    radii = [float(r) for r in radii]
+    if not radii or min(radii) <= 0:
+        raise ValueError(f"radii must be a non-empty sequence of values > 0, got {radii}")
+    out = np.zeros((x.size, len(radii)))
+    good = np.flatnonzero(np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0))
+    cell = psf.size + 2 * int(np.ceil(max(radii)))       # apertures never reach the next clip
+    per_row = 32
+    for start in range(0, good.size, _CHUNK):
+        idx = good[start:start + _CHUNK]
+        clips = psf.get_clips(x[idx], y[idx], flux[idx])
+        rows = -(-idx.size // per_row)
+        mosaic = np.zeros((rows * cell, per_row * cell))
+        k = np.arange(idx.size)
+        cx, cy = (k % per_row) * cell + cell // 2, (k // per_row) * cell + cell // 2
+        h = psf.size // 2
+        for j in range(idx.size):
+            mosaic[cy[j] - h:cy[j] + h + 1, cx[j] - h:cx[j] + h + 1] = clips[j]
+        _, _, dx, dy = nearest_pixel(x[idx], y[idx])
+        for i, radius in enumerate(radii):
+            out[idx, i] = sep.sum_circle(mosaic, cx + dx, cy + dy, radius, subpix=subpix)[0]
+    return out
 
 
 def select_psf_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, snr: np.ndarray, flags: np.ndarray,

@@ -8,11 +8,13 @@ from typing import Literal
 import numpy as np
 
 from improc.astrometry import AstrometryError, AstrometrySolution, solve_astrometry
+from improc.extraction import SourceFlag
 from models.world_coordinates import WorldCoordinates
-from pipeline.catalogs import CatalogSource, reference_catalog, stars_at_epoch
+from pipeline.catalogs import CatalogSource, isolated_stars, reference_catalog, stars_at_epoch
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
+from util.gaia import CatalogError
 
 __all__ = ["AstroCalParams", "AstroCalibrator"]
 
@@ -73,20 +75,28 @@ class AstroCalibrator(Step):
         image, sources = ds.get_image(), ds.get_sources()
 
         def make(prov):
-            if image.wcs is None:
-                raise AstrometryError(f"image {image.describe()} has no header WCS to start from")
             table = sources.data
-            good = (np.asarray(table["flags"]) == 0) & (np.asarray(table["snr"]) >= self.params.min_snr)
+            # flags that leave a centroid sound do not exclude a source (as SCAMP's default
+            # FLAGS_MASK): deblended from a neighbour, or an aperture crossing an edge or a mask
+            harmless = (SourceFlag.MERGED | SourceFlag.APER_TRUNCATED | SourceFlag.APER_HAS_MASKED
+                        | SourceFlag.APER_ALL_MASKED | SourceFlag.APER_NONPOSITIVE)
+            good = (((np.asarray(table["flags"]) & ~int(harmless)) == 0)
+                    & (np.asarray(table["snr"]) >= self.params.min_snr))
             flux = np.asarray(table["psfflux"] if "psfflux" in table.colnames else table["apflux_1"])
-            excerpt = reference_catalog(image, self.catalog_source())
             try:
-                solution = self.compute(sources.x[good], sources.y[good], flux[good], excerpt.data,
+                if image.wcs is None:
+                    raise AstrometryError(f"image {image.describe()} has no header WCS to start from")
+                excerpt = reference_catalog(image, self.catalog_source())
+                # stars with a comparably bright neighbour are blends at ground-based seeing
+                solution = self.compute(sources.x[good], sources.y[good], flux[good],
+                                        isolated_stars(excerpt.data),
                                         mjd=image.mjd, wcs_guess=image.wcs,
                                         image_shape=(image.ny, image.nx))
-            except AstrometryError:
+            except (AstrometryError, CatalogError):
                 image.set_badness("BAD_ASTROMETRY")
                 ds.save_and_commit()
                 raise
+            image.clear_badness("BAD_ASTROMETRY")
             image.set_wcs(solution.wcs)
             return WorldCoordinates(wcs=solution.wcs, sources=sources, provenance_id=prov.id,
                                     rms_arcsec=float(solution.rms_arcsec),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from improc.background import BackgroundMesh, estimate_background
+from improc.flags import PixelFlag
 from models.background import Background
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
@@ -51,9 +52,28 @@ class Backgrounder(Step):
         image = ds.get_image()
 
         def make(prov):
-            mesh = self.compute(image.data, mask=image.flags != 0)
+            mask = image.flags != 0
+            usable, need = int(np.count_nonzero(~mask)), min(self.params.box_size, *mask.shape) ** 2 // 2
+            try:
+                if usable < need:
+                    raise ValueError(f"only {usable} of {mask.size} pixels are usable (flagged: "
+                                     f"{_flag_shares(image.flags)}); the background needs at least "
+                                     f"half a mesh box, {need} pixels")
+                mesh = self.compute(image.data, mask=mask)
+            except ValueError:  # parameters are checked when built: the pixels are at fault
+                image.set_badness("BAD_BACKGROUND")
+                ds.save_and_commit()
+                raise
+            image.clear_badness("BAD_BACKGROUND")
             image.bkg_mean_estimate = mesh.median_level
             image.bkg_rms_estimate = mesh.median_rms
             return Background(mesh=mesh, image=image, provenance_id=prov.id)
 
         ds.get_or_make("background", make)
+
+
+def _flag_shares(flags: np.ndarray) -> str:
+    """The share of the pixels each flag bit covers, e.g. ``"SATURATED 4096 (100.0%)"``."""
+    counts = {bit.name: int(np.count_nonzero(flags & bit)) for bit in PixelFlag}
+    shares = [f"{name} {n} ({n / flags.size:.1%})" for name, n in counts.items() if n]
+    return ", ".join(shares) or "none"

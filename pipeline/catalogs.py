@@ -5,6 +5,13 @@ box contains the image (no fetch at all), else from the source named by the para
 folder of Gaia chunk files (the Legacy Surveys' layout, also what the simulator writes) or the
 Gaia archive through astroquery -- saved as a new excerpt (file and row together).  Proper
 motions are applied to the image epoch by `stars_at_epoch`.
+
+Stars that seeing blends with a neighbour are no calibrators: Gaia resolves pairs 0.5" apart that
+a ground-based image shows as one source, whose centroid and flux then include the neighbour.
+Each excerpt therefore carries a boolean column ``isolated``, computed when it is fetched from
+every catalog star (also those fainter than the magnitude limit): False when another star lies
+within `NEIGHBOR_RADIUS_ARCSEC` and is less than `NEIGHBOR_DMAG` fainter.  `isolated_stars` keeps
+the isolated rows.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Literal
 import numpy as np
 from astropy.table import Table
 from astropy.time import Time
+from scipy.spatial import cKDTree
 
 from improc.astrometry import propagate_proper_motion
 from improc.footprint import polygon_bounds
@@ -26,11 +34,17 @@ from models.provenance import Provenance
 from models.saving import save_products
 from util import gaia
 
-__all__ = ["CatalogSource", "reference_catalog", "stars_at_epoch"]
+__all__ = ["CatalogSource", "reference_catalog", "stars_at_epoch", "isolated_stars",
+           "neighbor_free", "NEIGHBOR_RADIUS_ARCSEC", "NEIGHBOR_DMAG"]
 
 log = logging.getLogger(__name__)
 
 CatalogKind = Literal["gaia_folder", "gaia_dr3"]
+
+#: A catalog star with another star closer than this, in arcsec (~3 FWHM of good seeing) ...
+NEIGHBOR_RADIUS_ARCSEC = 3.0
+#: ... that is less than this many magnitudes fainter (6% of its flux) is not isolated.
+NEIGHBOR_DMAG = 3.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +72,7 @@ class CatalogSource:
         return f"{self.kind}_G{self.mag_limit:g}"
 
     def provenance(self) -> Provenance:
-        return Provenance(process="catalog_excerpt", code_version="1.0.0",
+        return Provenance(process="catalog_excerpt", code_version="1.1.0",
                           parameters={"kind": self.kind, "mag_limit": self.mag_limit})
 
 
@@ -82,23 +96,42 @@ def _fetch(source: CatalogSource, box: tuple[float, float, float, float]) -> tup
     if source.kind == "gaia_folder":
         if not source.folder:
             raise ValueError("catalog kind 'gaia_folder' needs a catalog folder (catalog_folder)")
-        table = gaia.read_gaia_folder(source.folder, ra_min=minra, ra_max=maxra,
-                                      dec_min=mindec, dec_max=maxdec)
+        try:
+            table = gaia.read_gaia_folder(source.folder, ra_min=minra, ra_max=maxra,
+                                          dec_min=mindec, dec_max=maxdec)
+        except gaia.CatalogError:
+            raise
+        except (ValueError, TypeError) as exc:  # columns that are not numbers; the box is valid
+            raise gaia.CatalogError(f"Gaia catalog folder {source.folder} holds a file whose columns "
+                                    f"are not Gaia's: {type(exc).__name__}: {exc}") from exc
         origin = str(Path(source.folder).resolve())
     else:
         ra_c = (minra + ((maxra - minra) % 360.0) / 2.0) % 360.0
         dec_c = (mindec + maxdec) / 2.0
         corner_sep = np.hypot(((maxra - minra) % 360.0) / 2.0 * np.cos(np.radians(dec_c)),
                               (maxdec - mindec) / 2.0)
+        # deeper than the limit, so that the neighbours that spoil a star are seen
         table = gaia.query_gaia_astroquery(ra=ra_c, dec=dec_c, radius_deg=float(corner_sep),
-                                           mag_limit=source.mag_limit)
+                                           mag_limit=source.mag_limit + NEIGHBOR_DMAG)
         origin = "Gaia DR3 (astroquery)"
+    table["isolated"] = neighbor_free(table)
     g = np.asarray(table["phot_g_mean_mag"], dtype=float)
     return table[np.isfinite(g) & (g <= source.mag_limit)], origin
 
 
 def reference_catalog(image, source: CatalogSource) -> CatalogExcerpt:
-    """The catalog excerpt covering ``image`` (its corners padded by ``source.pad_arcsec``)."""
+    """The catalog excerpt covering ``image`` (its corners padded by ``source.pad_arcsec``).
+
+    Raises
+    ------
+    util.gaia.CatalogError
+        A file of a ``gaia_folder`` source is not a Gaia table (not FITS, missing columns,
+        columns that are not numbers); the message names the file or the folder.
+    FileNotFoundError
+        The folder of a ``gaia_folder`` source does not exist.
+    util.gaia.GaiaQueryError
+        The Gaia archive could not be queried (``gaia_dr3``).
+    """
     box = _padded_box(image, source.pad_arcsec)
     found = CatalogExcerpt.find_covering(source.name, *box)
     if found is not None:
@@ -111,6 +144,58 @@ def reference_catalog(image, source: CatalogSource) -> CatalogExcerpt:
     save_products([excerpt])
     log.info("cached %d %s stars for %s", len(table), source.name, image)
     return excerpt
+
+
+def neighbor_free(table: Table, *, radius_arcsec: float = NEIGHBOR_RADIUS_ARCSEC,
+                  dmag: float = NEIGHBOR_DMAG) -> np.ndarray:
+    """Which stars of a catalog table have no comparably bright neighbour.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Columns ``ra``, ``dec`` (degrees) and ``phot_g_mean_mag``.
+    radius_arcsec : float
+        Neighbours closer than this count.
+    dmag : float
+        A neighbour counts unless it is at least this many magnitudes fainter; one without a G
+        magnitude always counts.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (n,) bool, False for stars with a neighbour that counts.
+
+    Raises
+    ------
+    ValueError
+        If ``radius_arcsec`` is not > 0 or ``dmag`` is negative.
+    """
+    if not radius_arcsec > 0 or not dmag >= 0:
+        raise ValueError(f"neighbour radius must be > 0 and dmag >= 0, got {radius_arcsec} and {dmag}")
+    ra = np.radians(np.asarray(table["ra"], dtype=float))
+    dec = np.radians(np.asarray(table["dec"], dtype=float))
+    g = np.asarray(table["phot_g_mean_mag"], dtype=float)
+    free = np.ones(len(g), bool)
+    if len(g) < 2:
+        return free
+    xyz = np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+    chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
+    pairs = cKDTree(xyz).query_pairs(chord, output_type="ndarray")
+    i, j = pairs[:, 0], pairs[:, 1]
+    free[i[~(g[j] >= g[i] + dmag)]] = False  # "not >=" so that a NaN magnitude counts
+    free[j[~(g[i] >= g[j] + dmag)]] = False
+    return free
+
+
+def isolated_stars(table: Table) -> Table:
+    """The rows of a reference-catalog table that can calibrate: stars without a blending neighbour.
+
+    Uses the ``isolated`` column of the excerpt; for an excerpt stored without it, `neighbor_free`
+    is computed from the table itself (which then lacks the stars beyond its magnitude limit).
+    """
+    if "isolated" in table.colnames:
+        return table[np.asarray(table["isolated"], dtype=bool)]
+    return table[neighbor_free(table)]
 
 
 def stars_at_epoch(table: Table, mjd: float) -> tuple[np.ndarray, np.ndarray]:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.table import Table
+import sep
+from astropy.table import Table, vstack
 from astropy.wcs.utils import proj_plane_pixel_scales
 
+from improc.background import residual_background
+from improc.crowded_photometry import deblended_psf_fluxes
 from improc.extraction import aperture_photometry, extract_sources
+from improc.hidden_sources import find_hidden_sources
 from improc.psf import PixelPSF, fit_psf, min_psf_stars
-from improc.psf_photometry import psf_fluxes, render_sources, select_psf_stars
+from improc.psf_photometry import model_aperture_sums, psf_positions, select_psf_stars
 from models.psf import PSF
 from models.source_list import SourceList
 from pipeline.data_store import DataStore
@@ -81,44 +85,106 @@ class Extractor(Step):
 
     def compute(self, data: np.ndarray, *, background: np.ndarray, variance: np.ndarray,
                 mask: np.ndarray, gain: float | None, saturation: float | None = None) -> ExtractionResult:
-        """Detect, measure apertures, fit the PSF, and measure PSF fluxes (arrays in)."""
+        """Detect, fit the PSF, refine the sky, find hidden neighbours, measure (arrays in).
+
+        1. Detect on the matched-filtered image (sep "matched": ``threshold`` is in units of the
+           noise of the filtered image, i.e. a detection significance).
+        2. Fit the PSF to bright, isolated, unsaturated stars (`select_psf_stars`; see below).
+        3. Refine the sky: the mode of the backgrounding step is raised by the sources' wings;
+           the clipped mean of image - sky - PSF models (`residual_background`) is added to it
+           and the PSF is refitted on the refined sky; twice, as a PSF fitted on a sky that is
+           too high has wings too low, which raises the next estimate of the sky.
+        4. Detect again on image - PSF models (`find_hidden_sources`): faint neighbours, 2 to
+           5 FWHM from a point source and away from extended ones, that deblending merged into
+           them (flag RESIDUAL); closer ones are blends (the PSF fits would share their light).
+        5. Replace the windowed centroids by PSF-fit positions on the image with the
+           neighbours' models subtracted (`psf_positions`; kept if within 0.5 FWHM of the
+           centroid), which bright neighbours' wings do not pull.
+        6. Measure apertures at ``aperture_multiples`` of the PSF model's FWHM with the model
+           light of the neighbours taken out, and PSF fluxes fitted with the neighbours
+           subtracted (`deblended_psf_fluxes`) and a model-based variance.
+        """
         p = self.params
-        noise = np.sqrt(variance)
-        table = extract_sources(data, background=background, noise=noise, mask=mask,
-                                threshold=p.threshold, minarea=p.minarea,
-                                deblend_nthresh=p.deblend_nthresh, deblend_cont=p.deblend_cont,
-                                gain=gain, saturation=saturation, max_sources=p.max_sources)
+        detect = dict(threshold=p.threshold, minarea=p.minarea, deblend_nthresh=p.deblend_nthresh,
+                      deblend_cont=p.deblend_cont, filter_type="matched", mask=mask,
+                      saturation=saturation, max_sources=p.max_sources)
+        table = extract_sources(data, background=background, noise=np.sqrt(variance), gain=gain, **detect)
         # sep's size estimate (twice the half-light radius) only seeds the PSF fit: for a Moffat
         # profile it is ~25% larger than the FWHM, which comes from the PSF model instead.
-        size = float(table.meta["fwhm"])
+        guess = float(table.meta["fwhm"])
         x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
         flux = np.asarray(table["apflux_1"], float)
-        chosen = select_psf_stars(x, y, flux, np.asarray(table["snr"], float),
-                                  np.asarray(table["flags"]), np.asarray(table["fwhm"], float),
-                                  image_shape=data.shape, min_snr=p.psf_min_snr,
-                                  peak=np.asarray(table["peak"], float), saturation=saturation)
-        order = np.argsort(-flux[chosen])[:p.psf_max_stars]
-        idx = np.flatnonzero(chosen)[order]
-        # A small chip or a sparse field cannot constrain the PSF's variation: lower the degree.
-        degree = next((d for d in range(p.psf_degree, -1, -1) if len(idx) >= min_psf_stars(d)), None)
-        if degree is None:
-            raise PSFError(f"only {len(idx)} stars qualify for the PSF (S/N >= {p.psf_min_snr}, "
-                           f"isolated, unsaturated); need at least {min_psf_stars(0)}")
-        psf = fit_psf(data, x[idx], y[idx], background=background, fwhm_guess=size, noise=noise,
-                      mask=mask, flux=flux[idx], gain=gain, degree=degree,
-                      max_stars=p.psf_max_stars)
-        fwhm = psf.fwhm_pixels
+        idx, degree, psf = np.zeros(0, int), None, None
+
+        def psf_on(sky: np.ndarray) -> PixelPSF:
+            return fit_psf(data, x[idx], y[idx], background=sky, fwhm_guess=guess, noise=np.sqrt(variance),
+                           mask=mask, flux=flux[idx], gain=gain, degree=degree, max_stars=p.psf_max_stars)
+
+        # PSF stars with no neighbour above 5 % of their flux within 3 FWHM (closer, fainter ones
+        # are masked by the fit); should the fit of a few such stars fail or collapse (its FWHM
+        # far from the sources' sizes), those with no neighbour above 1 % within 5 FWHM.
+        for radius, ratio in ((3.0 * guess, 0.05), (None, 0.01)):
+            chosen = select_psf_stars(x, y, flux, np.asarray(table["snr"], float), np.asarray(table["flags"]),
+                                      np.asarray(table["fwhm"], float), image_shape=data.shape,
+                                      min_snr=p.psf_min_snr, isolation_radius=radius, neighbor_flux_ratio=ratio,
+                                      peak=np.asarray(table["peak"], float), saturation=saturation)
+            idx = np.flatnonzero(chosen)[np.argsort(-flux[chosen])[:p.psf_max_stars]]
+            # A small chip or a sparse field cannot constrain the PSF's variation: lower the degree.
+            degree = next((d for d in range(p.psf_degree, -1, -1) if len(idx) >= min_psf_stars(d)), None)
+            failure = None if degree is not None else PSFError(
+                f"only {len(idx)} stars qualify for the PSF (S/N >= {p.psf_min_snr}, isolated, "
+                f"unsaturated); need at least {min_psf_stars(0)}")
+            try:
+                psf = None if failure else psf_on(background)
+            except ValueError as exc:      # too few stars left after rejecting outliers
+                failure = exc
+            if failure is None and not 0.5 * guess < psf.fwhm_pixels < 1.5 * guess:
+                failure = PSFError(f"the PSF fitted to {len(idx)} stars has a FWHM of "
+                                   f"{psf.fwhm_pixels:.2f} px, the sources a size of {guess:.2f} px")
+            if failure is None:
+                break
+        else:
+            raise failure
+        sky = background
+        for _ in range(2):      # twice: a PSF fitted on a biased sky has biased wings
+            _, model = deblended_psf_fluxes(data, x, y, psf, background=sky, variance=variance,
+                                            mask=mask, gain=gain)
+            unreliable = (model > np.sqrt(variance)) | (False if mask is None else mask)
+            sky = background + residual_background(data - background - model, mask=unreliable).counts()
+            psf = psf_on(sky)
+        background = sky
+        fwhm = float(psf.fwhm_pixels)
         radii = tuple(float(m * fwhm) for m in p.aperture_multiples)
-        table = aperture_photometry(data, table, background=background, noise=noise,
+        point = ~(np.asarray(table["fwhm"], float) > 1.3 * guess)     # not extended
+        _, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance,
+                                        mask=mask, gain=gain)
+        hidden = find_hidden_sources(data, model, x, y, point_like=point,
+                                     extent=2.0 * np.sqrt(table["npix"] / np.pi),
+                                     background=background, variance=variance,
+                                     min_separation=2.0 * fwhm, max_separation=5.0 * fwhm, point_fwhm=guess,
+                                     aperture_radii=radii, gain=gain, **detect)
+        table = vstack([table, hidden], metadata_conflicts="silent") if len(hidden) else table
+        x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
+        # PSF-fit positions on the image with the neighbours subtracted: free of their pull
+        fit, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance,
+                                          mask=mask, gain=gain)
+        x, y = psf_positions(data - model, x, y, psf, background=background, variance=variance,
+                             mask=mask, flux=fit.flux, max_shift=0.5 * fwhm)
+        table["x"][:], table["y"][:] = x, y       # in place: the columns keep their units
+        fit, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance,
+                                          mask=mask, gain=gain)
+        table = aperture_photometry(data, table, background=background, noise=np.sqrt(variance),
                                     aperture_radii=radii, mask=mask, gain=gain)
-        # Weights from the sky plus a smooth model of the sources, never from the noisy pixels.
-        first = psf_fluxes(data, x, y, psf, background=background, variance=variance, mask=mask)
-        if gain is not None:
-            variance = variance + render_sources(data.shape, x, y, first.flux, psf) / gain
-        final = psf_fluxes(data, x, y, psf, background=background, variance=variance, mask=mask)
-        table["psfflux"], table["psffluxerr"], table["psfchi2"] = final.flux, final.flux_err, final.chi2
+        # light of the neighbours' models in each aperture: apertures on the model of all the
+        # sources minus those on each source's own model
+        own = model_aperture_sums(psf, x, y, fit.flux, radii)
+        for i, radius in enumerate(radii):
+            on_model = sep.sum_circle(model, x, y, radius, subpix=5)[0]
+            table[f"apflux_{i}"] -= on_model - own[:, i]
+        table["psfflux"], table["psffluxerr"], table["psfchi2"] = fit.flux, fit.flux_err, fit.chi2
         table["is_psf_star"] = np.zeros(len(table), bool)
         table["is_psf_star"][idx] = True
+        table.meta["fwhm"] = fwhm
         return ExtractionResult(sources=table, psf=psf, fwhm_pixels=fwhm, aper_radii=radii)
 
     def run(self, ds: DataStore) -> None:
@@ -131,10 +197,13 @@ class Extractor(Step):
             result = self.compute(image.data, background=bg.counts, variance=bg.variance,
                                   mask=image.flags != 0, gain=_gain(header),
                                   saturation=float(saturation) if saturation is not None else None)
-        except PSFError:
+        except ValueError:
+            # PSFError, or improc's ValueError when too few good stars remain: the parameters
+            # were checked when built, so the data are at fault.
             image.set_badness("BAD_PSF")
             ds.save_and_commit()
             raise
+        image.clear_badness("BAD_PSF")
         table = result.sources
         wcs = image.wcs
         if wcs is not None:

@@ -13,10 +13,11 @@ from improc.color_transforms import gaia_to_band
 from improc.photometry import (PhotometryError, ZeroPointFit, aperture_corrections, fit_zero_point,
                                limiting_magnitude)
 from models.zero_point import ZeroPoint
-from pipeline.catalogs import CatalogSource, reference_catalog, stars_at_epoch
+from pipeline.catalogs import CatalogSource, isolated_stars, reference_catalog, stars_at_epoch
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
+from util.gaia import CatalogError
 
 __all__ = ["PhotoCalParams", "PhotoCalibrator"]
 
@@ -44,8 +45,8 @@ class PhotoCalParams(StepParams):
     def validate(self) -> None:
         if self.match_radius_arcsec <= 0:
             raise ParameterError(f"photocal match_radius_arcsec must be > 0, got {self.match_radius_arcsec}")
-        if self.min_stars < 2:
-            raise ParameterError(f"photocal min_stars must be >= 2, got {self.min_stars}")
+        if self.min_stars < 3:  # aperture corrections need at least three stars
+            raise ParameterError(f"photocal min_stars must be >= 3, got {self.min_stars}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,10 @@ class PhotoCalibrator(Step):
         fit = fit_zero_point(psf_flux, psf_err, catalog_mag, color=color, color_term=p.color_term,
                              clip_sigma=p.clip_sigma, min_stars=p.min_stars)
         used = fit.used
-        apcor = aperture_corrections(apfluxes[used], psf_flux[used])
+        # random-effects mean: weights from the stars' errors scaled to each aperture plus the
+        # corrections' true variation over the chip (see aperture_corrections)
+        mag_err = 2.5 / np.log(10.0) * psf_err[used] / psf_flux[used]
+        apcor = aperture_corrections(apfluxes[used], psf_flux[used], mag_errors=mag_err)
         lim = limiting_magnitude(sky_noise_adu=sky_rms, zero_point=fit.zp, psf=psf_stamp, snr=p.limit_snr)
         return PhotoCalResult(fit=fit, aper_cors=np.asarray(apcor), lim_mag=float(lim))
 
@@ -94,30 +98,34 @@ class PhotoCalibrator(Step):
             p = self.params
             table = sources.data
             flux, err = sources.psffluxadu()
+            # point sources only: Gaia lists compact galaxy nuclei, whose PSF flux is no star's
+            # (sep's size, twice the half-light radius, is ~1.2x the FWHM for a star)
+            point_like = np.asarray(table["fwhm"], dtype=float) <= 2.0 * sources.fwhm_pixels
             good = ((np.asarray(table["flags"]) == 0) & np.isfinite(flux) & (flux > 0)
-                    & (flux / err >= p.min_snr))
+                    & (flux / err >= p.min_snr) & point_like)
             ra, dec = wcs.wcs.pixel_to_world_values(sources.x, sources.y)
             source = CatalogSource(kind=p.catalog, folder=p.catalog_folder, mag_limit=p.mag_limit)
-            catalog = reference_catalog(image, source).data
-            cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
-            g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
-            bright_ok = g >= p.bright_limit_g
-            isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)
-            isrc = np.flatnonzero(good)[isrc]
-            keep = bright_ok[icat]
-            isrc, icat = isrc[keep], icat[keep]
-            bp = np.asarray(catalog["phot_bp_mean_mag"], dtype=float)[icat]
-            rp = np.asarray(catalog["phot_rp_mean_mag"], dtype=float)[icat]
-            cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
-            apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc] for i in range(len(sources.aper_radii))])
             try:
+                catalog = isolated_stars(reference_catalog(image, source).data)
+                cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
+                g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
+                isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)
+                isrc = np.flatnonzero(good)[isrc]
+                keep = g[icat] >= p.bright_limit_g
+                isrc, icat = isrc[keep], icat[keep]
+                bp = np.asarray(catalog["phot_bp_mean_mag"], dtype=float)[icat]
+                rp = np.asarray(catalog["phot_rp_mean_mag"], dtype=float)[icat]
+                cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
+                apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc]
+                                            for i in range(len(sources.aper_radii))])
                 result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
                                       sky_rms=bg.rms_median,
                                       psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
-            except PhotometryError:
+            except (PhotometryError, CatalogError):
                 image.set_badness("BAD_PHOTOMETRY")
                 ds.save_and_commit()
                 raise
+            image.clear_badness("BAD_PHOTOMETRY")
             image.zero_point_estimate = result.fit.zp
             image.lim_mag_estimate = result.lim_mag
             return ZeroPoint(wcs=wcs, provenance_id=prov.id, zp=result.fit.zp, dzp=result.fit.dzp,

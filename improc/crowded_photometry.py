@@ -1,0 +1,171 @@
+"""PSF fluxes of stars that overlap: one weighted least-squares fit of all the fluxes at once.
+
+`improc.psf_photometry.psf_fluxes` fits each star alone, so a neighbour's light within the fit
+radius biases it.  `deblended_psf_fluxes` fits every star's flux together (positions fixed, as
+DAOPHOT's ALLSTAR does once positions are known): it minimises
+
+    sum over pixels of  w * (data - background - sum_j f_j p_j)**2
+
+over the pixels within ``fit_radius`` of any star, ``p_j`` the PSF of star j at its position
+(`PixelPSF.get_clip`), cut at ``model_radius``.  The normal equations ``N f = b`` (``N_ij = sum w p_i p_j``) are
+symmetric and positive semi-definite; they are solved by conjugate gradients preconditioned
+with their diagonal, which needs only renderings of the model and projections of images onto
+the stars' clips.  Two detections of one star make ``N`` singular: CG then shares the flux
+between them instead of diverging, as an iterative subtraction of the neighbours' models can.
+An isolated star gets the `psf_fluxes` result (up to the faint wings of stars beyond its fit
+radius).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from improc.psf import PixelPSF, nearest_pixel
+from improc.psf_photometry import PSFFluxes, _as_positions, _check_image, render_sources
+
+__all__ = ["deblended_psf_fluxes"]
+
+
+class _Clips:
+    """Every star's unit-flux clip and the flat image indices of its pixels (0 weight off-image)."""
+
+    def __init__(self, shape: tuple[int, int], x: np.ndarray, y: np.ndarray, psf: PixelPSF, radius: float,
+                 extent: float):
+        self.shape = shape
+        self.ok = np.isfinite(x) & np.isfinite(y)
+        xs, ys = np.where(self.ok, x, psf.x0), np.where(self.ok, y, psf.y0)
+        ix, iy, dx, dy = nearest_pixel(xs, ys)
+        h = psf.size // 2
+        off = np.arange(-h, h + 1)
+        yy, xx = iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]
+        inside = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1]) & self.ok[:, None, None]
+        self.index = np.where(inside, yy * shape[1] + xx, 0)
+        near = (off[None, None, :] - dx[:, None, None]) ** 2 + (off[None, :, None] - dy[:, None, None]) ** 2
+        self.clip = np.where(inside & (near <= extent**2), psf.get_clips(xs, ys), 0.0).astype(np.float32)
+        self.disc = (near <= radius**2) & inside       # each star's own fit disc
+
+    def render(self, flux: np.ndarray) -> np.ndarray:
+        """(ny, nx) image of the stars with these fluxes (non-finite fluxes count as 0)."""
+        weights = self.clip * np.nan_to_num(flux)[:, None, None]
+        image = np.bincount(self.index.ravel(), weights=weights.ravel(), minlength=self.shape[0] * self.shape[1])
+        return image.reshape(self.shape)
+
+    def project(self, image: np.ndarray) -> np.ndarray:
+        """For each star, the sum of its clip times ``image`` (shape (n,))."""
+        return (self.clip * image.ravel()[self.index]).sum(axis=(1, 2), dtype=np.float64)
+
+
+def _region(clips: _Clips) -> np.ndarray:
+    """(ny, nx) bool: the pixels within the fit radius of some star."""
+    hits = np.bincount(clips.index[clips.disc], minlength=clips.shape[0] * clips.shape[1])
+    return hits.reshape(clips.shape) > 0
+
+
+def _solve(clips: _Clips, weighted_data: np.ndarray, weight: np.ndarray, start: np.ndarray,
+           n_steps: int, rtol: float) -> np.ndarray:
+    """Diagonally preconditioned conjugate gradients for ``N f = b`` from ``start``."""
+    diag = (clips.clip.astype(np.float64) ** 2 * weight.ravel()[clips.index]).sum(axis=(1, 2))
+    solvable = clips.ok & (diag > 0)
+    scale = np.where(solvable, 1.0 / np.where(solvable, diag, 1.0), 0.0)
+    f = np.where(solvable, np.nan_to_num(start), 0.0)
+    b = clips.project(weighted_data)
+    r = np.where(solvable, b - clips.project(weight * clips.render(f)), 0.0)
+    z = scale * r
+    p, rz = z.copy(), r @ z
+    norm_b = np.sqrt(np.sum(scale * b**2)) or 1.0
+    for _ in range(n_steps):
+        if np.sqrt(max(rz, 0.0)) <= rtol * norm_b:
+            break
+        q = np.where(solvable, clips.project(weight * clips.render(p)), 0.0)
+        alpha = rz / (p @ q)
+        f += alpha * p
+        r -= alpha * q
+        z = scale * r
+        rz, rz_old = r @ z, rz
+        p = z + (rz / rz_old) * p
+    return np.where(solvable, f, np.nan)
+
+
+def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, *,
+                         background: np.ndarray | float, variance: np.ndarray | float,
+                         mask: np.ndarray | None = None, gain: float | None = None,
+                         fit_radius: float | None = None, model_radius: float | None = None,
+                         n_steps: int = 50, rtol: float = 1e-6) -> tuple[PSFFluxes, np.ndarray]:
+    """PSF fluxes of stars that may overlap, all fitted together (see the module docstring).
+
+    The first fit weights pixels by ``1 / variance``; a second by ``1 / (variance + model /
+    gain)``, the Poisson variance of the fitted model rather than of the noisy pixels (which
+    would bias the fluxes).  Memory: the clips of all stars, ``4 n size**2`` bytes.
+
+    Parameters
+    ----------
+    data, x, y, psf, background, mask
+        As for `improc.psf_photometry.psf_fluxes`.
+    variance : ndarray or float
+        Background (sky and read) variance of ``data``, (ny, nx) or a constant.
+    gain : float, optional
+        Electrons per data unit, for the sources' Poisson variance; None leaves it out.
+    fit_radius : float, optional
+        Pixels around each star that enter the fit; None means 2 FWHM (``psf.fwhm_pixels``).
+    model_radius : float, optional
+        In the fit, each star's model is cut at this radius (pixels); None means
+        ``fit_radius``: stars are coupled only where their fit discs overlap.  Further out a
+        PSF fitted to few stars is mostly noise, through which a faint star could take a
+        bright star's flux.
+    n_steps : int
+        Most conjugate-gradient steps per fit.
+    rtol : float
+        Relative residual of the preconditioned normal equations at which CG stops.
+
+    Returns
+    -------
+    fluxes : PSFFluxes
+        ``flux``; ``flux_err``, ``1 / sqrt(N_ii)``, the error of a star's flux were its
+        neighbours' known (for an isolated star its exact error); ``chi2``, the reduced
+        chi-square of the joint model over the star's own disc.  NaN for stars with no usable
+        pixel or a non-finite position.
+    model : ndarray
+        (ny, nx) image of all the stars with their fitted fluxes, whole PSF stamps
+        (`render_sources`: stars of non-positive flux left out).
+
+    Raises
+    ------
+    ValueError
+        If arrays have inconsistent shapes, ``fit_radius`` is not > 0 or ``gain`` not > 0.
+    """
+    data = np.asarray(data, dtype=float)
+    if data.ndim != 2:
+        raise ValueError(f"data must be a 2-d (ny, nx) image, got shape {data.shape}")
+    x, y = _as_positions(x, y)
+    for name, value in (("background", background), ("variance", variance)):
+        _check_image(name, value, data.shape)
+    _check_image("mask", mask, data.shape, allow_scalar=False)
+    radius = 2.0 * psf.fwhm_pixels if fit_radius is None else float(fit_radius)
+    extent = radius if model_radius is None else float(model_radius)
+    if not (radius > 0 and extent >= radius) or (gain is not None and not gain > 0):
+        raise ValueError(f"need fit_radius > 0, model_radius >= fit_radius and gain > 0 or None, got "
+                         f"{fit_radius}, {model_radius} and {gain}")
+    clips = _Clips(data.shape, x, y, psf, radius, extent)
+    var = np.broadcast_to(np.asarray(variance, dtype=float), data.shape)
+    usable = _region(clips) & np.isfinite(data) & np.isfinite(var) & (var > 0)
+    if mask is not None:
+        usable &= ~np.asarray(mask, dtype=bool)
+    residual = np.where(usable, data - background, 0.0)
+    flux = np.zeros(x.size)
+    model = np.zeros(data.shape)
+    for k in range(1 if gain is None else 2):
+        total = var if k == 0 else var + np.clip(model, 0.0, None) / gain
+        weight = np.where(usable, 1.0 / np.where(usable, total, 1.0), 0.0)
+        flux = _solve(clips, weight * residual, weight, flux, n_steps, rtol)
+        model = clips.render(flux)
+    weight_disc = weight.ravel()[clips.index] * clips.disc
+    diag = (clips.clip.astype(np.float64) ** 2 * weight_disc).sum(axis=(1, 2))
+    npix = (weight_disc > 0).sum(axis=(1, 2))
+    misfit = ((residual - model).ravel()[clips.index] ** 2 * weight_disc).sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.where(diag > 0, 1.0 / np.sqrt(diag), np.nan)
+        chi2 = np.where(npix > 1, misfit / (npix - 1), np.nan)
+    bad = ~np.isfinite(flux) | ~(diag > 0)
+    flux = np.where(bad, np.nan, flux)
+    return PSFFluxes(flux, np.where(bad, np.nan, err), np.where(bad, np.nan, chi2)), render_sources(
+        data.shape, x, y, flux, psf)
