@@ -14,7 +14,6 @@ from pipeline.catalogs import CatalogSource, isolated_stars, reference_catalog, 
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
-from util.gaia import CatalogError
 
 __all__ = ["AstroCalParams", "AstroCalibrator"]
 
@@ -55,6 +54,7 @@ class AstroCalibrator(Step):
     Params = AstroCalParams
     products = ("wcs",)
     upstream_processes = ("extraction",)
+    badness = "BAD_ASTROMETRY"
 
     def catalog_source(self) -> CatalogSource:
         return CatalogSource(kind=self.params.catalog, folder=self.params.catalog_folder,
@@ -83,20 +83,14 @@ class AstroCalibrator(Step):
             good = (((np.asarray(table["flags"]) & ~int(harmless)) == 0)
                     & (np.asarray(table["snr"]) >= self.params.min_snr))
             flux = np.asarray(table["psfflux"] if "psfflux" in table.colnames else table["apflux_1"])
-            try:
-                if image.wcs is None:
-                    raise AstrometryError(f"image {image.describe()} has no header WCS to start from")
-                excerpt = reference_catalog(image, self.catalog_source())
-                # stars with a comparably bright neighbour are blends at ground-based seeing
-                solution = self.compute(sources.x[good], sources.y[good], flux[good],
-                                        isolated_stars(excerpt.data),
-                                        mjd=image.mjd, wcs_guess=image.wcs,
-                                        image_shape=(image.ny, image.nx))
-            except (AstrometryError, CatalogError):
-                image.set_badness("BAD_ASTROMETRY")
-                ds.save_and_commit()
-                raise
-            image.clear_badness("BAD_ASTROMETRY")
+            if image.wcs is None:
+                raise AstrometryError(f"image {image.describe()} has no header WCS to start from")
+            excerpt = reference_catalog(image, self.catalog_source())
+            # stars with a comparably bright neighbour are blends at ground-based seeing
+            solution = self.compute(sources.x[good], sources.y[good], flux[good],
+                                    isolated_stars(excerpt.data),
+                                    mjd=image.mjd, wcs_guess=image.wcs,
+                                    image_shape=(image.ny, image.nx))
             image.set_wcs(solution.wcs)
             return WorldCoordinates(wcs=solution.wcs, sources=sources, provenance_id=prov.id,
                                     rms_arcsec=float(solution.rms_arcsec),

@@ -41,6 +41,7 @@ class Backgrounder(Step):
     Params = BackgroundingParams
     products = ("background",)
     upstream_processes = ("image",)
+    badness = "BAD_BACKGROUND"
 
     def compute(self, data: np.ndarray, *, mask: np.ndarray | None) -> BackgroundMesh:
         """The background mesh of one image (arrays in, mesh out)."""
@@ -54,17 +55,11 @@ class Backgrounder(Step):
         def make(prov):
             mask = image.flags != 0
             usable, need = int(np.count_nonzero(~mask)), min(self.params.box_size, *mask.shape) ** 2 // 2
-            try:
-                if usable < need:
-                    raise ValueError(f"only {usable} of {mask.size} pixels are usable (flagged: "
-                                     f"{_flag_shares(image.flags)}); the background needs at least "
-                                     f"half a mesh box, {need} pixels")
-                mesh = self.compute(image.data, mask=mask)
-            except ValueError:  # parameters are checked when built: the pixels are at fault
-                image.set_badness("BAD_BACKGROUND")
-                ds.save_and_commit()
-                raise
-            image.clear_badness("BAD_BACKGROUND")
+            if usable < need:
+                raise ValueError(f"only {usable} of {mask.size} pixels are usable (flagged: "
+                                 f"{_flag_shares(image.flags)}); the background needs at least "
+                                 f"half a mesh box, {need} pixels")
+            mesh = self.compute(image.data, mask=mask)
             image.bkg_mean_estimate = mesh.median_level
             image.bkg_rms_estimate = mesh.median_rms
             return Background(mesh=mesh, image=image, provenance_id=prov.id)

@@ -10,14 +10,13 @@ from astropy.coordinates import SkyCoord
 import astropy.units as u
 
 from improc.color_transforms import gaia_to_band
-from improc.photometry import (PhotometryError, ZeroPointFit, aperture_corrections, fit_zero_point,
+from improc.photometry import (ZeroPointFit, aperture_corrections, fit_zero_point,
                                limiting_magnitude)
 from models.zero_point import ZeroPoint
 from pipeline.catalogs import CatalogSource, isolated_stars, reference_catalog, stars_at_epoch
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
-from util.gaia import CatalogError
 
 __all__ = ["PhotoCalParams", "PhotoCalibrator"]
 
@@ -66,6 +65,7 @@ class PhotoCalibrator(Step):
     Params = PhotoCalParams
     products = ("zp",)
     upstream_processes = ("astrocal",)
+    badness = "BAD_PHOTOMETRY"
 
     def match(self, ra: np.ndarray, dec: np.ndarray, cat_ra: np.ndarray, cat_dec: np.ndarray):
         """Indices (sources, catalog) of pairs closer than ``match_radius_arcsec``."""
@@ -105,27 +105,21 @@ class PhotoCalibrator(Step):
                     & (flux / err >= p.min_snr) & point_like)
             ra, dec = wcs.wcs.pixel_to_world_values(sources.x, sources.y)
             source = CatalogSource(kind=p.catalog, folder=p.catalog_folder, mag_limit=p.mag_limit)
-            try:
-                catalog = isolated_stars(reference_catalog(image, source).data)
-                cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
-                g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
-                isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)
-                isrc = np.flatnonzero(good)[isrc]
-                keep = g[icat] >= p.bright_limit_g
-                isrc, icat = isrc[keep], icat[keep]
-                bp = np.asarray(catalog["phot_bp_mean_mag"], dtype=float)[icat]
-                rp = np.asarray(catalog["phot_rp_mean_mag"], dtype=float)[icat]
-                cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
-                apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc]
-                                            for i in range(len(sources.aper_radii))])
-                result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
-                                      sky_rms=bg.rms_median,
-                                      psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
-            except (PhotometryError, CatalogError):
-                image.set_badness("BAD_PHOTOMETRY")
-                ds.save_and_commit()
-                raise
-            image.clear_badness("BAD_PHOTOMETRY")
+            catalog = isolated_stars(reference_catalog(image, source).data)
+            cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
+            g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
+            isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)
+            isrc = np.flatnonzero(good)[isrc]
+            keep = g[icat] >= p.bright_limit_g
+            isrc, icat = isrc[keep], icat[keep]
+            bp = np.asarray(catalog["phot_bp_mean_mag"], dtype=float)[icat]
+            rp = np.asarray(catalog["phot_rp_mean_mag"], dtype=float)[icat]
+            cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
+            apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc]
+                                        for i in range(len(sources.aper_radii))])
+            result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
+                                  sky_rms=bg.rms_median,
+                                  psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
             image.zero_point_estimate = result.fit.zp
             image.lim_mag_estimate = result.lim_mag
             return ZeroPoint(wcs=wcs, provenance_id=prov.id, zp=result.fit.zp, dzp=result.fit.dzp,

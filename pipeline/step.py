@@ -5,7 +5,8 @@ process and code version, the DataStore products it makes, and the processes ups
 it implements ``run(ds)``, which looks its products up, computes what is missing with a pure
 ``compute(...)`` and attaches the result to the DataStore.
 
-Calling a step (``step(ds)``) wraps ``run`` with timing, peak-memory tracking and logging, and
+Calling a step (``step(ds)``) wraps ``run`` with timing, peak-memory tracking and logging, marks
+the image bad (the step's ``badness`` bit, saved at once) when the data make the step fail, and
 turns any failure into a `StepError` that names the step and the image.
 """
 
@@ -69,6 +70,10 @@ class Step:
     #: Processes whose provenances are upstream of this one.  ``"image"`` stands for whatever
     #: process made the DataStore's image (preprocessing, ingest, coaddition, ...).
     upstream_processes: ClassVar[tuple[str, ...]] = ("image",)
+    #: The `models.image.ImageBadness` bit set on the image when this step fails because of the
+    #: data (a ValueError: parameters are checked when built, so bad data are what is left);
+    #: cleared when the step succeeds.  None: the step marks nothing.
+    badness: ClassVar[str | None] = None
 
     def __init__(self, params: StepParams | None = None, *, config: Config | None = None,
                  **overrides: Any):
@@ -97,8 +102,13 @@ class Step:
         log.info("%s: starting on %s", self.process, ds.describe())
         try:
             self.run(ds)
+            if self.badness and ds.image is not None:
+                ds.image.clear_badness(self.badness)
         except Exception as exc:
             log.error("%s failed on %s: %s", self.process, ds.describe(), exc)
+            if self.badness and ds.image is not None and isinstance(exc, ValueError):
+                ds.image.set_badness(self.badness)
+                ds.save_and_commit()  # keeps the flag; nothing of this step was attached
             raise StepError(self.process, ds.describe(), exc) from exc
         finally:
             elapsed = time.perf_counter() - start
