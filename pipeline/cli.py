@@ -94,8 +94,6 @@ def _cmd_provenance(args: argparse.Namespace) -> int:
     from models.base import session_scope
     from models.provenance import Provenance, ProvenanceTag
     from pipeline.data_store import DataStore
-    from pipeline.top import default_steps
-
     config = _setup(args)
     if args.action == "list":
         with session_scope() as session:
@@ -114,7 +112,7 @@ def _cmd_provenance(args: argparse.Namespace) -> int:
         roots = {im.provenance_id: im for im in session.scalars(select(Image)).all()}
     provs: dict[str, Provenance] = {}
     for image in roots.values():
-        tree = DataStore(image).make_prov_tree(default_steps(config=config, include_preprocessing=False))
+        tree = DataStore(image).make_prov_tree(config)
         provs.update({p.id: p for p in tree.values()})
     ProvenanceTag.add(args.tag, provs.values())
     print(f"tagged {len(provs)} provenance(s) as '{args.tag}'")

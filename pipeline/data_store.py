@@ -125,15 +125,22 @@ class DataStore:
 
     # --- provenance tree -------------------------------------------------------------------
 
-    def make_prov_tree(self, steps: list[Any] | None = None, *, config: Config | None = None) -> dict[str, Provenance]:
-        """Build the provenances of ``steps`` (default: the standard pipeline) from their parameters.
+    def make_prov_tree(self, steps: Config | list[Any] | None = None) -> dict[str, Provenance]:
+        """Build the provenances of the pipeline's steps from their parameters.
+
+        Parameters
+        ----------
+        steps : Config or list of Step, optional
+            A configuration (its ``pipeline.steps`` and step sections), explicit steps, or None
+            for the default configuration.  Preprocessing is left out when the DataStore starts
+            from an image.
 
         The image's own provenance is the root.  For an exposure, the first step must be
         preprocessing, whose upstream is the exposure's provenance.
         """
-        if steps is None:
+        if steps is None or isinstance(steps, Config):
             from pipeline.top import default_steps
-            steps = default_steps(config=config)
+            steps = default_steps(config=steps, include_preprocessing=self.image is None)
         tree: dict[str, Provenance] = {}
         root = self._root_provenance()
         if root is not None:
