@@ -49,8 +49,12 @@ def metadata() -> sa.MetaData:
 
 
 def alembic_dir() -> Path:
-    """The folder holding ``env.py`` and ``versions/``."""
-    return Path(__file__).resolve().parent.parent / "alembic"
+    """The folder holding ``env.py`` and ``versions/``: the repository's, else the installed copy."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "alembic", here / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError(f"alembic migrations not found near {here}")
 
 
 def _alembic_config(engine: Engine):
