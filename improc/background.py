@@ -23,7 +23,6 @@ including two quirks that must be kept for the maps to agree:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -261,19 +260,51 @@ def _clipped_box_means(values: np.ndarray, usable: np.ndarray, box_size: int, cl
     """Sigma-clipped mean, standard deviation and number of pixels kept in each mesh box."""
     ny, nx = values.shape
     ny_mesh, nx_mesh = _mesh_shape(values.shape, box_size)
-    padded = np.full((ny_mesh * box_size, nx_mesh * box_size), np.nan)
-    padded[:ny, :nx] = np.where(usable, values, np.nan)
+    padded = np.full((ny_mesh * box_size, nx_mesh * box_size), np.nan, dtype=np.float32)
+    padded[:ny, :nx] = values
+    padded[:ny, :nx][~usable] = np.nan
     boxes = padded.reshape(ny_mesh, box_size, nx_mesh, box_size).transpose(0, 2, 1, 3)
-    boxes = boxes.reshape(ny_mesh, nx_mesh, box_size * box_size)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # empty boxes give NaN, handled below
-        centre = np.nanmedian(boxes, axis=2)
-        spread = 1.4826 * np.nanmedian(np.abs(boxes - centre[..., None]), axis=2)
-        for _ in range(n_iter):
-            kept = np.abs(boxes - centre[..., None]) <= clip_sigma * spread[..., None]
-            clipped = np.where(kept, boxes, np.nan)
-            centre, spread = np.nanmean(clipped, axis=2), np.nanstd(clipped, axis=2)
-    return centre, spread, np.count_nonzero(kept, axis=2)
+    boxes = boxes.reshape(ny_mesh * nx_mesh, box_size * box_size)       # a copy
+    del padded
+    boxes.sort(axis=1)       # NaN sort last
+    n_finite = np.count_nonzero(np.isfinite(boxes), axis=1)
+    centre = _sorted_median(boxes, n_finite)
+    deviation = np.abs(boxes - centre[:, None].astype(np.float32))
+    deviation.sort(axis=1)
+    spread = 1.4826 * _sorted_median(deviation, n_finite)
+    del deviation
+    out = np.full((3, boxes.shape[0]), np.nan)
+    out[2] = 0
+    for k in np.flatnonzero(n_finite > 0):
+        out[:, k] = _clip_sorted(boxes[k, :n_finite[k]], centre[k], spread[k], clip_sigma, n_iter)
+    level, rms, count = out.reshape(3, ny_mesh, nx_mesh)
+    return level, rms, count.astype(np.int64)
+
+
+def _sorted_median(ordered: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Median of the first ``n`` (finite) values of each row of sorted rows; NaN if n = 0."""
+    lo = np.take_along_axis(ordered, np.maximum((n - 1) // 2, 0)[:, None], axis=1)[:, 0]
+    hi = np.take_along_axis(ordered, np.maximum(n // 2, 0)[:, None], axis=1)[:, 0]
+    return np.where(n > 0, 0.5 * (lo.astype(np.float64) + hi), np.nan)
+
+
+def _clip_sorted(run: np.ndarray, centre: float, spread: float, clip_sigma: float,
+                 n_iter: int) -> tuple[float, float, int]:
+    """Iterated sigma clip of sorted finite values: the kept ones are a contiguous run."""
+    count = run.size
+    for _ in range(n_iter):
+        if not (np.isfinite(centre) and np.isfinite(spread)):
+            return np.nan, np.nan, 0
+        lo = np.searchsorted(run, centre - clip_sigma * spread, "left")
+        hi = np.searchsorted(run, centre + clip_sigma * spread, "right")
+        kept = run[lo:hi].astype(np.float64)
+        count = kept.size
+        if count == 0:
+            return np.nan, np.nan, 0
+        centre = float(kept.sum()) / count
+        kept -= centre
+        spread = float(np.sqrt(np.dot(kept, kept) / count))
+    return centre, spread, count
 
 
 def residual_background(residual: np.ndarray, *, mask: np.ndarray | None = None, box_size: int = 128,
@@ -329,7 +360,9 @@ def residual_background(residual: np.ndarray, *, mask: np.ndarray | None = None,
         larger than the image, if ``filter_size`` < 1, ``clip_sigma`` or ``smooth_sigma`` <= 0,
         or if no box has enough usable pixels.
     """
-    values = np.asarray(residual, dtype=np.float64)
+    values = np.asarray(residual)
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
     if values.ndim != 2:
         raise ValueError(f"residual must be a 2-D (ny, nx) array, got {values.ndim} dimensions")
     usable = np.isfinite(values)
@@ -347,7 +380,7 @@ def residual_background(residual: np.ndarray, *, mask: np.ndarray | None = None,
                          f"{filter_size}, {clip_sigma} and {smooth_sigma}")
     first = _residual_mesh(values, usable, box_size, filter_size, clip_sigma, min_fraction, n_iter)
     if np.isfinite(structure_sigma):
-        usable &= ~_structure_mask(values - first.counts(), usable, first.rms_map(), smooth_sigma,
+        usable &= ~_structure_mask(values, first.counts(), usable, first.rms_map(), smooth_sigma,
                                    structure_sigma)
     return _residual_mesh(values, usable, box_size, filter_size, clip_sigma, min_fraction, n_iter)
 
@@ -368,15 +401,35 @@ def _residual_mesh(values: np.ndarray, usable: np.ndarray, box_size: int, filter
                           shape=values.shape)
 
 
-def _structure_mask(values: np.ndarray, usable: np.ndarray, rms: np.ndarray, sigma: float,
+def _structure_mask(values: np.ndarray, level: np.ndarray, usable: np.ndarray, rms: np.ndarray, sigma: float,
                     threshold: float) -> np.ndarray:
-    """Pixels near significant positive structure of a residual image (normalized convolution)."""
-    weight = ndimage.gaussian_filter(usable.astype(float), sigma, truncate=3.0)
-    smooth = ndimage.gaussian_filter(np.where(usable, values, 0.0), sigma, truncate=3.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        smooth = smooth / weight
+    """Pixels near significant positive structure of ``values - level`` (normalized convolution)."""
+    weight = ndimage.gaussian_filter(usable.astype(np.float32), sigma, truncate=3.0)
+    smooth = values.astype(np.float32)
+    smooth -= level
+    smooth[~usable] = 0.0
+    smooth = ndimage.gaussian_filter(smooth, sigma, truncate=3.0)
     noise = rms / (2.0 * np.sqrt(np.pi) * sigma)     # white noise through a unit-sum Gaussian
-    found = (weight > 0.2) & (smooth > threshold * noise)
+    # smooth / weight > threshold * noise where weight > 0.2 (float32 is ample for a threshold)
+    found = (weight > 0.2) & (smooth > (threshold * noise) * weight)
+    del weight, smooth
     grow = int(np.ceil(2 * sigma))
-    disc = np.hypot(*np.mgrid[-grow:grow + 1, -grow:grow + 1]) <= grow
-    return ndimage.binary_dilation(found, structure=disc)
+    return _disc_dilation(found, grow)
+
+
+def _disc_dilation(found: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation by the disc ``hypot(dx, dy) <= radius``, as rows: the OR over row offsets
+    dy of the image dilated along x by the disc's half-width at dy, shifted by dy."""
+    ny = found.shape[0]
+    out = np.zeros_like(found)
+    rows: dict[int, np.ndarray] = {}
+    for dy in range(-radius, radius + 1):
+        width = int(np.floor(np.sqrt(radius**2 - dy**2)))
+        if width not in rows:
+            rows[width] = ndimage.maximum_filter1d(found.view(np.uint8), 2 * width + 1, axis=1,
+                                                   mode="constant").view(bool)
+        if dy >= 0:
+            out[dy:] |= rows[width][:ny - dy]
+        else:
+            out[:ny + dy] |= rows[width][-dy:]
+    return out

@@ -21,13 +21,15 @@ from __future__ import annotations
 import numpy as np
 
 from improc.psf import PixelPSF, nearest_pixel
-from improc.psf_photometry import PSFFluxes, _as_positions, _check_image, render_sources
+from improc.psf_photometry import PSFFluxes, _as_positions, _check_image, _render
 
 __all__ = ["deblended_psf_fluxes"]
 
 
 class _Clips:
-    """Every star's unit-flux clip and the flat image indices of its pixels (0 weight off-image)."""
+    """Every star's unit-flux clip, cut at the model radius, on the compact set of the pixels that
+    some clip touches: ``index`` maps each clip pixel to a position in ``pixels`` (flat image
+    indices), so that rendering and projecting never touch the rest of the frame."""
 
     def __init__(self, shape: tuple[int, int], x: np.ndarray, y: np.ndarray, psf: PixelPSF, radius: float,
                  extent: float):
@@ -35,36 +37,47 @@ class _Clips:
         self.ok = np.isfinite(x) & np.isfinite(y)
         xs, ys = np.where(self.ok, x, psf.x0), np.where(self.ok, y, psf.y0)
         ix, iy, dx, dy = nearest_pixel(xs, ys)
-        h = psf.size // 2
+        c = psf.size // 2
+        h = min(c, int(np.ceil(extent)) + 1)       # the clip is 0 beyond ``extent``
         off = np.arange(-h, h + 1)
         yy, xx = iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]
         inside = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1]) & self.ok[:, None, None]
-        self.index = np.where(inside, yy * shape[1] + xx, 0)
         near = (off[None, None, :] - dx[:, None, None]) ** 2 + (off[None, :, None] - dy[:, None, None]) ** 2
-        self.clip = np.where(inside & (near <= extent**2), psf.get_clips(xs, ys), 0.0).astype(np.float32)
+        self.unit = psf.get_clips(xs, ys).astype(np.float32)      # whole stamps, for the model image
+        clips = self.unit[:, c - h:c + h + 1, c - h:c + h + 1]
+        self.clip = np.where(inside & (near <= extent**2), clips, 0.0).astype(np.float32)
         self.disc = (near <= radius**2) & inside       # each star's own fit disc
+        flat = np.where(inside, yy * shape[1] + xx, -1)
+        self.pixels, index = np.unique(flat, return_inverse=True)
+        self.index = index.reshape(flat.shape)
+        self.clip[~inside] = 0.0
+
+    def gather(self, image: np.ndarray | float) -> np.ndarray:
+        """The values of an (ny, nx) image (or a constant) at ``pixels``, float64."""
+        if np.ndim(image) == 0:
+            return np.full(self.pixels.size, float(image))
+        return np.asarray(image).ravel()[np.clip(self.pixels, 0, None)].astype(np.float64)
 
     def render(self, flux: np.ndarray) -> np.ndarray:
-        """(ny, nx) image of the stars with these fluxes (non-finite fluxes count as 0)."""
+        """The stars with these fluxes (non-finite fluxes count as 0) at ``pixels``."""
         weights = self.clip * np.nan_to_num(flux)[:, None, None]
-        image = np.bincount(self.index.ravel(), weights=weights.ravel(), minlength=self.shape[0] * self.shape[1])
-        return image.reshape(self.shape)
+        return np.bincount(self.index.ravel(), weights=weights.ravel(), minlength=self.pixels.size)
 
-    def project(self, image: np.ndarray) -> np.ndarray:
-        """For each star, the sum of its clip times ``image`` (shape (n,))."""
-        return (self.clip * image.ravel()[self.index]).sum(axis=(1, 2), dtype=np.float64)
+    def project(self, values: np.ndarray) -> np.ndarray:
+        """For each star, the sum of its clip times ``values`` (given at ``pixels``; shape (n,))."""
+        return (self.clip * values[self.index]).sum(axis=(1, 2), dtype=np.float64)
 
 
 def _region(clips: _Clips) -> np.ndarray:
-    """(ny, nx) bool: the pixels within the fit radius of some star."""
-    hits = np.bincount(clips.index[clips.disc], minlength=clips.shape[0] * clips.shape[1])
-    return hits.reshape(clips.shape) > 0
+    """Bool at ``clips.pixels``: the pixels within the fit radius of some star."""
+    hits = np.bincount(clips.index[clips.disc], minlength=clips.pixels.size)
+    return (hits > 0) & (clips.pixels >= 0)
 
 
 def _solve(clips: _Clips, weighted_data: np.ndarray, weight: np.ndarray, start: np.ndarray,
            n_steps: int, rtol: float) -> np.ndarray:
     """Diagonally preconditioned conjugate gradients for ``N f = b`` from ``start``."""
-    diag = (clips.clip.astype(np.float64) ** 2 * weight.ravel()[clips.index]).sum(axis=(1, 2))
+    diag = (clips.clip.astype(np.float64) ** 2 * weight[clips.index]).sum(axis=(1, 2))
     solvable = clips.ok & (diag > 0)
     scale = np.where(solvable, 1.0 / np.where(solvable, diag, 1.0), 0.0)
     f = np.where(solvable, np.nan_to_num(start), 0.0)
@@ -133,7 +146,7 @@ def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: Pi
     ValueError
         If arrays have inconsistent shapes, ``fit_radius`` is not > 0 or ``gain`` not > 0.
     """
-    data = np.asarray(data, dtype=float)
+    data = np.asarray(data)
     if data.ndim != 2:
         raise ValueError(f"data must be a 2-d (ny, nx) image, got shape {data.shape}")
     x, y = _as_positions(x, y)
@@ -146,26 +159,27 @@ def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: Pi
         raise ValueError(f"need fit_radius > 0, model_radius >= fit_radius and gain > 0 or None, got "
                          f"{fit_radius}, {model_radius} and {gain}")
     clips = _Clips(data.shape, x, y, psf, radius, extent)
-    var = np.broadcast_to(np.asarray(variance, dtype=float), data.shape)
-    usable = _region(clips) & np.isfinite(data) & np.isfinite(var) & (var > 0)
+    values, var = clips.gather(data), clips.gather(variance)
+    usable = _region(clips) & np.isfinite(values) & np.isfinite(var) & (var > 0)
     if mask is not None:
-        usable &= ~np.asarray(mask, dtype=bool)
-    residual = np.where(usable, data - background, 0.0)
+        usable &= clips.gather(mask) == 0
+    residual = np.where(usable, values - clips.gather(background), 0.0)
     flux = np.zeros(x.size)
-    model = np.zeros(data.shape)
+    model = np.zeros(clips.pixels.size)
     for k in range(1 if gain is None else 2):
         total = var if k == 0 else var + np.clip(model, 0.0, None) / gain
         weight = np.where(usable, 1.0 / np.where(usable, total, 1.0), 0.0)
         flux = _solve(clips, weight * residual, weight, flux, n_steps, rtol)
         model = clips.render(flux)
-    weight_disc = weight.ravel()[clips.index] * clips.disc
+    weight_disc = weight[clips.index] * clips.disc
     diag = (clips.clip.astype(np.float64) ** 2 * weight_disc).sum(axis=(1, 2))
     npix = (weight_disc > 0).sum(axis=(1, 2))
-    misfit = ((residual - model).ravel()[clips.index] ** 2 * weight_disc).sum(axis=(1, 2))
+    misfit = ((residual - model)[clips.index] ** 2 * weight_disc).sum(axis=(1, 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         err = np.where(diag > 0, 1.0 / np.sqrt(diag), np.nan)
         chi2 = np.where(npix > 1, misfit / (npix - 1), np.nan)
     bad = ~np.isfinite(flux) | ~(diag > 0)
     flux = np.where(bad, np.nan, flux)
-    return PSFFluxes(flux, np.where(bad, np.nan, err), np.where(bad, np.nan, chi2)), render_sources(
-        data.shape, x, y, flux, psf)
+    # the model image from the whole unit clips already rendered (as `render_sources` would)
+    model = _render(data.shape, x, y, flux, lambda idx: clips.unit[idx] * flux[idx, None, None], psf.size)
+    return PSFFluxes(flux, np.where(bad, np.nan, err), np.where(bad, np.nan, chi2)), model

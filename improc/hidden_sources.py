@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import sep
 from astropy.table import Table
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from improc.extraction import SourceFlag, extract_sources
@@ -104,11 +103,16 @@ def find_hidden_sources(data: np.ndarray, model: np.ndarray, known_x: np.ndarray
     mask = outside if mask is None else (np.asarray(mask, bool) | outside)
     if mask.all():
         return Table()
-    positive = np.clip(model, 0.0, None)
-    noise = np.sqrt(variance + (0.0 if gain is None else positive / gain) + (model_error * model) ** 2)
+    model = model.astype(np.float32)       # float32 temporaries: ample for a noise map
+    noise = np.square(model_error * model)
+    if gain is not None:
+        noise += np.clip(model, 0.0, None) / np.float32(gain)
+    noise += np.asarray(variance, dtype=np.float32)
+    np.sqrt(noise, out=noise)
     # where the model itself is noisy (the far wings of a PSF fitted to few stars, scaled by a
     # very bright star), the residual's own local scatter is the noise to beat
-    residual = np.asarray(data, dtype=np.float32) - model.astype(np.float32)
+    residual = np.asarray(data, dtype=np.float32) - model
+    del model
     box = int(min(32, *data.shape))
     local = sep.Background(np.ascontiguousarray(residual - np.asarray(background, np.float32)),
                            mask=mask, bw=box, bh=box, fw=3, fh=3).rms()
@@ -135,11 +139,10 @@ def _paint_disc(image: np.ndarray, x: float, y: float, radius: float) -> None:
 
 def _within(shape: tuple[int, int], points: np.ndarray, radius: float) -> np.ndarray:
     """(ny, nx) bool: pixels within ``radius`` of one of the (x, y) points."""
-    seeds = np.ones(shape, dtype=bool)
+    within = np.zeros(shape, dtype=bool)
     ix = np.rint(points[:, 0]).astype(int) if len(points) else np.zeros(0, int)
     iy = np.rint(points[:, 1]).astype(int) if len(points) else np.zeros(0, int)
     on = (ix >= 0) & (ix < shape[1]) & (iy >= 0) & (iy < shape[0])
-    if not on.any():
-        return np.zeros(shape, dtype=bool)
-    seeds[iy[on], ix[on]] = False
-    return ndimage.distance_transform_edt(seeds) <= radius
+    for x, y in zip(ix[on], iy[on]):      # discs around the nearest pixels, as a distance transform
+        _paint_disc(within, x, y, radius)
+    return within

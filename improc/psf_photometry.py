@@ -243,16 +243,21 @@ def render_sources(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: n
     (``variance = background variance + model / gain``).  Sources with non-finite or
     non-positive flux are left out; parts of stamps off the image are dropped.
     """
+    return _render(shape, x, y, flux, lambda idx: psf.get_clips(x[idx], y[idx], flux[idx]), psf.size)
+
+
+def _render(shape: tuple[int, int], x, y, flux, clips_of, size: int) -> np.ndarray:
+    """`render_sources` with ``clips_of(idx)`` giving the flux-scaled clips of stars ``idx``."""
     x, y = _as_positions(x, y)
     flux = np.broadcast_to(np.asarray(flux, dtype=float), x.shape)
     keep = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0)
     model = np.zeros(shape, dtype=np.float64)
-    half = psf.size // 2
+    half = size // 2
     off = np.arange(-half, half + 1)
     for start in range(0, int(keep.sum()), _CHUNK):
         idx = np.flatnonzero(keep)[start:start + _CHUNK]
         ix, iy, _, _ = nearest_pixel(x[idx], y[idx])
-        clips = psf.get_clips(x[idx], y[idx], flux[idx])
+        clips = clips_of(idx)
         yy = iy[:, None, None] + off[None, :, None]
         xx = ix[:, None, None] + off[None, None, :]
         inside = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,8 @@ class ExtractionParams(StepParams):
 
     step_name = "extraction"
 
-    threshold: float = param(5.0, "Detection threshold, in sigma of the background noise.")
+    threshold: float = param(5.0, "Detection threshold: significance (in sigma) of the matched-filtered image, sep's "
+        "filter_type='matched'; about 2.7x SExtractor's per-pixel DETECT_THRESH for default.conv.")
     minarea: int = param(5, "Fewest connected pixels above threshold.")
     deblend_nthresh: int = param(32, "Deblending levels (SExtractor DEBLEND_NTHRESH).")
     deblend_cont: float = param(0.005, "Deblending contrast (DEBLEND_MINCONT); 1 = no deblending.")
@@ -108,79 +110,41 @@ class Extractor(Step):
         detect = dict(threshold=p.threshold, minarea=p.minarea, deblend_nthresh=p.deblend_nthresh,
                       deblend_cont=p.deblend_cont, filter_type="matched", mask=mask,
                       saturation=saturation, max_sources=p.max_sources)
-        table = extract_sources(data, background=background, noise=np.sqrt(variance), gain=gain, **detect)
+        noise = np.sqrt(variance)
+        table = extract_sources(data, background=background, noise=noise, gain=gain, **detect)
         # sep's size estimate (twice the half-light radius) only seeds the PSF fit: for a Moffat
         # profile it is ~25% larger than the FWHM, which comes from the PSF model instead.
         guess = float(table.meta["fwhm"])
         x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
-        flux = np.asarray(table["apflux_1"], float)
-        idx, degree, psf = np.zeros(0, int), None, None
-
-        def psf_on(sky: np.ndarray) -> PixelPSF:
-            return fit_psf(data, x[idx], y[idx], background=sky, fwhm_guess=guess, noise=np.sqrt(variance),
-                           mask=mask, flux=flux[idx], gain=gain, degree=degree, max_stars=p.psf_max_stars)
-
-        # PSF stars with no neighbour above 5 % of their flux within 3 FWHM (closer, fainter ones
-        # are masked by the fit); should the fit of a few such stars fail or collapse (its FWHM
-        # far from the sources' sizes), those with no neighbour above 1 % within 5 FWHM.
-        for radius, ratio in ((3.0 * guess, 0.05), (None, 0.01)):
-            chosen = select_psf_stars(x, y, flux, np.asarray(table["snr"], float), np.asarray(table["flags"]),
-                                      np.asarray(table["fwhm"], float), image_shape=data.shape,
-                                      min_snr=p.psf_min_snr, isolation_radius=radius, neighbor_flux_ratio=ratio,
-                                      peak=np.asarray(table["peak"], float), saturation=saturation)
-            idx = np.flatnonzero(chosen)[np.argsort(-flux[chosen])[:p.psf_max_stars]]
-            # A small chip or a sparse field cannot constrain the PSF's variation: lower the degree.
-            degree = next((d for d in range(p.psf_degree, -1, -1) if len(idx) >= min_psf_stars(d)), None)
-            failure = None if degree is not None else PSFError(
-                f"only {len(idx)} stars qualify for the PSF (S/N >= {p.psf_min_snr}, isolated, "
-                f"unsaturated); need at least {min_psf_stars(0)}")
-            try:
-                psf = None if failure else psf_on(background)
-            except ValueError as exc:      # too few stars left after rejecting outliers
-                failure = exc
-            if failure is None and not 0.5 * guess < psf.fwhm_pixels < 1.5 * guess:
-                failure = PSFError(f"the PSF fitted to {len(idx)} stars has a FWHM of "
-                                   f"{psf.fwhm_pixels:.2f} px, the sources a size of {guess:.2f} px")
-            if failure is None:
-                break
-        else:
-            raise failure
-        sky = background
+        fluxes = dict(variance=variance, mask=mask, gain=gain)     # options of deblended_psf_fluxes
+        idx, psf, psf_on = _first_psf(data, table, p, background=background, noise=noise, mask=mask, gain=gain,
+                                      saturation=saturation)
         for _ in range(2):      # twice: a PSF fitted on a biased sky has biased wings
-            _, model = deblended_psf_fluxes(data, x, y, psf, background=sky, variance=variance,
-                                            mask=mask, gain=gain)
-            unreliable = (model > np.sqrt(variance)) | (False if mask is None else mask)
-            sky = background + residual_background(data - background - model, mask=unreliable).counts()
-            psf = psf_on(sky)
-        background = sky
+            background = _refined_sky(data, x, y, psf, background, noise=noise, **fluxes)
+            psf = psf_on(background)
         fwhm = float(psf.fwhm_pixels)
         radii = tuple(float(m * fwhm) for m in p.aperture_multiples)
         point = ~(np.asarray(table["fwhm"], float) > 1.3 * guess)     # not extended
-        _, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance,
-                                        mask=mask, gain=gain)
+        _, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
         hidden = find_hidden_sources(data, model, x, y, point_like=point,
                                      extent=2.0 * np.sqrt(table["npix"] / np.pi),
                                      background=background, variance=variance,
                                      min_separation=2.0 * fwhm, max_separation=5.0 * fwhm, point_fwhm=guess,
                                      aperture_radii=radii, gain=gain, **detect)
+        del model
         table = vstack([table, hidden], metadata_conflicts="silent") if len(hidden) else table
         x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
         # PSF-fit positions on the image with the neighbours subtracted: free of their pull
-        fit, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance,
-                                          mask=mask, gain=gain)
-        x, y = psf_positions(data - model, x, y, psf, background=background, variance=variance,
+        fit, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
+        model = np.subtract(data, model, dtype=np.float32)      # the image minus the neighbours
+        x, y = psf_positions(model, x, y, psf, background=background, variance=variance,
                              mask=mask, flux=fit.flux, max_shift=0.5 * fwhm)
+        del model
         table["x"][:], table["y"][:] = x, y       # in place: the columns keep their units
-        fit, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance,
-                                          mask=mask, gain=gain)
-        table = aperture_photometry(data, table, background=background, noise=np.sqrt(variance),
+        fit, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
+        table = aperture_photometry(data, table, background=background, noise=noise,
                                     aperture_radii=radii, mask=mask, gain=gain)
-        # light of the neighbours' models in each aperture: apertures on the model of all the
-        # sources minus those on each source's own model
-        own = model_aperture_sums(psf, x, y, fit.flux, radii)
-        for i, radius in enumerate(radii):
-            on_model = sep.sum_circle(model, x, y, radius, subpix=5)[0]
-            table[f"apflux_{i}"] -= on_model - own[:, i]
+        _remove_neighbour_light(table, model, psf, x, y, fit.flux, radii)
         table["psfflux"], table["psffluxerr"], table["psfchi2"] = fit.flux, fit.flux_err, fit.chi2
         table["is_psf_star"] = np.zeros(len(table), bool)
         table["is_psf_star"][idx] = True
@@ -219,3 +183,90 @@ class Extractor(Step):
                   num_stars=int(table["is_psf_star"].sum()))
         ds.set_product("sources", sources)
         ds.set_product("psf", psf)
+
+
+def _first_psf(data: np.ndarray, table: Table, p: ExtractionParams, *, background: np.ndarray, noise: np.ndarray,
+               mask: np.ndarray | None, gain: float | None,
+               saturation: float | None) -> tuple[np.ndarray, PixelPSF, Callable[[np.ndarray], PixelPSF]]:
+    """Choose the PSF stars and fit the PSF on the first sky.
+
+    PSF stars have no neighbour above 5 % of their flux within 3 FWHM (closer, fainter ones are
+    masked by the fit); should the fit of a few such stars fail or collapse (its FWHM far from
+    the sources' sizes), those with no neighbour above 1 % within 5 FWHM.
+
+    Returns
+    -------
+    idx : ndarray
+        Rows of ``table`` of the PSF stars.
+    psf : PixelPSF
+        The PSF fitted on ``background``.
+    psf_on : callable
+        Fits the PSF of the same stars on another sky map.
+
+    Raises
+    ------
+    PSFError, ValueError
+        If too few stars qualify, or the fit of either set of stars fails or collapses.
+    """
+    guess = float(table.meta["fwhm"])
+    x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
+    flux = np.asarray(table["apflux_1"], float)
+    for radius, ratio in ((3.0 * guess, 0.05), (None, 0.01)):
+        chosen = select_psf_stars(x, y, flux, np.asarray(table["snr"], float), np.asarray(table["flags"]),
+                                  np.asarray(table["fwhm"], float), image_shape=data.shape,
+                                  min_snr=p.psf_min_snr, isolation_radius=radius, neighbor_flux_ratio=ratio,
+                                  peak=np.asarray(table["peak"], float), saturation=saturation)
+        idx = np.flatnonzero(chosen)[np.argsort(-flux[chosen])[:p.psf_max_stars]]
+        # A small chip or a sparse field cannot constrain the PSF's variation: lower the degree.
+        degree = next((d for d in range(p.psf_degree, -1, -1) if len(idx) >= min_psf_stars(d)), None)
+
+        def psf_on(sky: np.ndarray, idx: np.ndarray = idx, degree: int | None = degree) -> PixelPSF:
+            # Outlier rejection (cosmic rays, unmasked defects) can leave too few stars for the
+            # degree: then a simpler model is better than none.
+            for trial in range(degree, -1, -1):
+                try:
+                    return fit_psf(data, x[idx], y[idx], background=sky, fwhm_guess=guess, noise=noise,
+                                   mask=mask, flux=flux[idx], gain=gain, degree=trial,
+                                   max_stars=p.psf_max_stars)
+                except ValueError:
+                    if trial == 0:
+                        raise
+
+        failure = None if degree is not None else PSFError(
+            f"only {len(idx)} stars qualify for the PSF (S/N >= {p.psf_min_snr}, isolated, "
+            f"unsaturated); need at least {min_psf_stars(0)}")
+        try:
+            psf = None if failure else psf_on(background)
+        except ValueError as exc:      # too few stars left after rejecting outliers
+            failure = exc
+        if failure is None and not 0.5 * guess < psf.fwhm_pixels < 1.5 * guess:
+            failure = PSFError(f"the PSF fitted to {len(idx)} stars has a FWHM of "
+                               f"{psf.fwhm_pixels:.2f} px, the sources a size of {guess:.2f} px")
+        if failure is None:
+            return idx, psf, psf_on
+    raise failure
+
+
+def _refined_sky(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, background: np.ndarray, *,
+                 noise: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, gain: float | None) -> np.ndarray:
+    """``background`` plus the clipped mean of image - sky - PSF models (`residual_background`),
+    where the models are below the noise."""
+    _, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance, mask=mask,
+                                    gain=gain)
+    unreliable = model > noise
+    if mask is not None:
+        unreliable |= np.asarray(mask, dtype=bool)
+    residual = np.subtract(data, background, dtype=np.float32)
+    residual -= model      # float32 is ample for a sky level
+    del model
+    return background + residual_background(residual, mask=unreliable).counts()
+
+
+def _remove_neighbour_light(table: Table, model: np.ndarray, psf: PixelPSF, x: np.ndarray, y: np.ndarray,
+                            flux: np.ndarray, radii: tuple[float, ...]) -> None:
+    """Take the light of the neighbours' models out of the apertures ``apflux_<i>``: apertures on
+    the model of all the sources minus those on each source's own model."""
+    own = model_aperture_sums(psf, x, y, flux, radii)
+    for i, radius in enumerate(radii):
+        on_model = sep.sum_circle(model, x, y, radius, subpix=5)[0]
+        table[f"apflux_{i}"] -= on_model - own[:, i]

@@ -163,7 +163,8 @@ def test_image_without_stars_fails_extraction_and_is_flagged(database, tmp_path)
 
 
 def test_sky_above_saturation_fails_backgrounding_naming_the_flag(database, tmp_path):
-    field = make_field(tmp_path / "sim", size=512, sky_adu=60000.0)  # saturation is 50000 ADU
+    # saturation is 50000 ADU; no bad columns, whose values would not saturate
+    field = make_field(tmp_path / "sim", size=512, sky_adu=60000.0, n_bad_columns=0)
     exposure, _ = ingest_file(field.paths[0])
     _fail(exposure, field.config(tmp_path), step="backgrounding", cause=ValueError,
           match=r"only 0 of 262144 pixels are usable \(flagged: SATURATED 262144 \(100\.0%\)\)")
