@@ -29,7 +29,7 @@ import numpy as np
 import sep
 from scipy import ndimage
 
-__all__ = ["BackgroundMesh", "estimate_background", "residual_background", "spline_basis"]
+__all__ = ["BackgroundMesh", "as_image", "estimate_background", "residual_background", "spline_basis"]
 
 
 def _spline_second_derivatives(n_nodes: int) -> np.ndarray:
@@ -175,8 +175,14 @@ class BackgroundMesh:
         return float(np.median(self.rms))
 
 
-def _prepared_image(data: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Native float32 copy of ``data`` with bad pixels zeroed, and the bad-pixel mask."""
+def as_image(data: np.ndarray) -> np.ndarray:
+    """``data`` as a native-byte-order float32 (ny, nx) array, as sep needs (FITS is big-endian).
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is not 2-D, is empty, or is not real numbers.
+    """
     arr = np.asarray(data)
     if arr.ndim != 2:
         raise ValueError(f"data must be a 2-D (ny, nx) array, got {arr.ndim} dimensions")
@@ -184,15 +190,22 @@ def _prepared_image(data: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarr
         raise ValueError(f"data is empty, shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"data must be a real numeric array, got dtype {arr.dtype}")
-    image = np.ascontiguousarray(arr, dtype=np.float32)  # also converts big-endian FITS data
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _prepared_image(data: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Native float32 copy of ``data`` with bad pixels zeroed, and the bad-pixel mask."""
+    image = as_image(data)
+    if np.shares_memory(image, np.asarray(data)):
+        image = image.copy()  # bad pixels are zeroed below: never in the caller's array
     bad = ~np.isfinite(image)
     if mask is not None:
         mask_arr = np.asarray(mask)
-        if mask_arr.shape != arr.shape:
-            raise ValueError(f"mask shape {mask_arr.shape} does not match data shape {arr.shape}")
+        if mask_arr.shape != image.shape:
+            raise ValueError(f"mask shape {mask_arr.shape} does not match data shape {image.shape}")
         bad |= mask_arr.astype(bool)
     if bad.all():
-        raise ValueError(f"data has no valid pixel: all {arr.size} are NaN, infinite or masked")
+        raise ValueError(f"data has no valid pixel: all {image.size} are NaN, infinite or masked")
     image[bad] = 0.0
     return image, bad
 

@@ -37,6 +37,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from improc.background import as_image
+
 __all__ = ["SourceFlag", "DEFAULT_FILTER_KERNEL", "FWHM_APERTURE_MULTIPLES", "extract_sources",
            "aperture_photometry", "estimate_fwhm", "stellar_locus"]
 
@@ -82,15 +84,6 @@ _APERTURE_BITS = (SourceFlag.APER_TRUNCATED | SourceFlag.APER_HAS_MASKED
 _LOCUS_IGNORED = _APERTURE_BITS | SourceFlag.MERGED
 
 
-def _as_image(data: np.ndarray) -> np.ndarray:
-    arr = np.asarray(data)
-    if arr.ndim != 2:
-        raise ValueError(f"data must be a 2-D (ny, nx) array, got {arr.ndim} dimensions")
-    if arr.size == 0:
-        raise ValueError(f"data is empty, shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"data must be a real numeric array, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)  # native byte order, as sep needs
 
 
 def _as_map(value: np.ndarray | float, shape: tuple[int, int], name: str) -> np.ndarray | float:
@@ -105,7 +98,7 @@ def _as_map(value: np.ndarray | float, shape: tuple[int, int], name: str) -> np.
 
 def _prepare(data, background, noise, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Background-subtracted image, noise map (bad pixels filled) and bad-pixel mask."""
-    raw = _as_image(data)
+    raw = as_image(data)
     shape = raw.shape
     sub = raw - _as_map(background, shape, "background")
     noise_map = np.broadcast_to(_as_map(noise, shape, "noise"), shape).astype(np.float32)

@@ -2,19 +2,13 @@
 
 import numpy as np
 import pytest
-from astropy.wcs import WCS
 
 from improc import footprint as fp
+from tests.models.synthetic_files import tan_wcs
 
 
 def _tan_wcs(ra, dec, *, scale_arcsec=1.0, rotation_deg=0.0, shape=(100, 200)):
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = [ra, dec]
-    wcs.wcs.crpix = [(shape[1] + 1) / 2, (shape[0] + 1) / 2]
-    s, t = scale_arcsec / 3600.0, np.radians(rotation_deg)
-    wcs.wcs.cd = [[-s * np.cos(t), s * np.sin(t)], [s * np.sin(t), s * np.cos(t)]]
-    return wcs
+    return tan_wcs(ra, dec, shape, scale_arcsec=scale_arcsec, rotation_deg=rotation_deg)
 
 
 def _random_points_in_bounds(rng, minra, maxra, mindec, maxdec, n):
