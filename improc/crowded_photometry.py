@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from improc.psf import PixelPSF, nearest_pixel
-from improc.psf_photometry import PSFFluxes, _as_positions, _check_image, _render
+from improc.psf_photometry import PSFFluxes, _render, checked_fit_inputs
 
 __all__ = ["deblended_psf_fluxes"]
 
@@ -146,13 +146,7 @@ def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: Pi
     ValueError
         If arrays have inconsistent shapes, ``fit_radius`` is not > 0 or ``gain`` not > 0.
     """
-    data = np.asarray(data)
-    if data.ndim != 2:
-        raise ValueError(f"data must be a 2-d (ny, nx) image, got shape {data.shape}")
-    x, y = _as_positions(x, y)
-    for name, value in (("background", background), ("variance", variance)):
-        _check_image(name, value, data.shape)
-    _check_image("mask", mask, data.shape, allow_scalar=False)
+    data, x, y = checked_fit_inputs(data, x, y, background=background, variance=variance, mask=mask)
     radius = 2.0 * psf.fwhm_pixels if fit_radius is None else float(fit_radius)
     extent = radius if model_radius is None else float(model_radius)
     if not (radius > 0 and extent >= radius) or (gain is not None and not gain > 0):

@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from improc.psf import PixelPSF, _fourier_shift, cut_stamps, nearest_pixel
 
-__all__ = ["PSFFluxes", "psf_fluxes", "psf_positions", "render_sources", "model_aperture_sums",
+__all__ = ["PSFFluxes", "checked_fit_inputs", "psf_fluxes", "psf_positions", "render_sources", "model_aperture_sums",
            "select_psf_stars"]
 
 #: Stars processed together by `psf_fluxes` (bounds the memory of the rendered clips).
@@ -54,6 +54,21 @@ def _check_image(name: str, value, shape: tuple[int, int], allow_scalar: bool = 
         return
     if np.shape(value) != shape:
         raise ValueError(f"{name} must have the shape of data {shape}, got {np.shape(value)}")
+
+
+def checked_fit_inputs(data, x, y, *, background, variance, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate the arrays of a PSF fit: a 2-d image, 1-d positions, maps of the image's shape.
+
+    Returns ``data`` as an array and ``x, y`` as 1-d float arrays; ValueError names the argument.
+    """
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise ValueError(f"data must be a 2-d (ny, nx) image, got shape {data.shape}")
+    x, y = _as_positions(x, y)
+    for name, value in (("background", background), ("variance", variance)):
+        _check_image(name, value, data.shape)
+    _check_image("mask", mask, data.shape, allow_scalar=False)
+    return data, x, y
 
 
 def psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, *,
@@ -98,13 +113,7 @@ def psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, *,
     ValueError
         If arrays have inconsistent shapes or ``fit_radius`` is not > 0.
     """
-    data = np.asarray(data)
-    if data.ndim != 2:
-        raise ValueError(f"data must be a 2-d (ny, nx) image, got shape {data.shape}")
-    x, y = _as_positions(x, y)
-    for name, value in (("background", background), ("variance", variance)):
-        _check_image(name, value, data.shape)
-    _check_image("mask", mask, data.shape, allow_scalar=False)
+    data, x, y = checked_fit_inputs(data, x, y, background=background, variance=variance, mask=mask)
     radius = 2.0 * psf.fwhm_pixels if fit_radius is None else float(fit_radius)
     if not radius > 0:
         raise ValueError(f"fit_radius must be > 0, got {fit_radius}")
