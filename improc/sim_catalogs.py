@@ -31,7 +31,7 @@ from improc.color_transforms import gaia_to_band
 from improc.sim_wcs import tangent_offsets_to_radec
 
 __all__ = [
-    "SCENE_COLUMNS", "draw_stars", "check_scene_catalog", "propagate_positions",
+    "SCENE_COLUMNS", "scatter_objects", "draw_stars", "check_scene_catalog", "propagate_positions",
     "band_magnitudes", "make_gaia_catalog",
 ]
 
@@ -45,6 +45,22 @@ _FIRST_SOURCE_ID = 3_838_000_000_000_000_000
 #: Mean and spread of the stars' tangential velocities (east, north), km/s.
 _V_MEAN = (-15.0, -25.0)
 _V_SIGMA = 45.0
+
+
+def scatter_objects(*, ra: float, dec: float, half_width_arcsec: float, half_height_arcsec: float,
+                    n: int, mag_range: tuple[float, float],
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RA, Dec (degrees) and magnitudes of ``n`` objects uniform over a tangent-plane rectangle.
+
+    Magnitudes follow number counts rising as ``10**(0.3 m)`` between ``mag_range`` (bright,
+    faint).  Shared by the star and galaxy catalogs.
+    """
+    xi = rng.uniform(-half_width_arcsec, half_width_arcsec, n)
+    eta = rng.uniform(-half_height_arcsec, half_height_arcsec, n)
+    ra_o, dec_o = tangent_offsets_to_radec(ra, dec, xi, eta)
+    lo, hi = 10.0 ** (_COUNT_SLOPE * np.asarray(mag_range, dtype=float))
+    mag = np.log10(lo + rng.random(n) * (hi - lo)) / _COUNT_SLOPE
+    return ra_o, dec_o, mag
 
 
 def draw_stars(*, ra: float, dec: float, half_width_arcsec: float, half_height_arcsec: float,
@@ -69,11 +85,9 @@ def draw_stars(*, ra: float, dec: float, half_width_arcsec: float, half_height_a
     astropy.table.Table
         A scene catalog (see the module docstring).
     """
-    xi = rng.uniform(-half_width_arcsec, half_width_arcsec, n)
-    eta = rng.uniform(-half_height_arcsec, half_height_arcsec, n)
-    ra_s, dec_s = tangent_offsets_to_radec(ra, dec, xi, eta)
-    lo, hi = 10.0 ** (_COUNT_SLOPE * np.asarray(mag_range, dtype=float))
-    g = np.log10(lo + rng.random(n) * (hi - lo)) / _COUNT_SLOPE
+    ra_s, dec_s, g = scatter_objects(ra=ra, dec=dec, half_width_arcsec=half_width_arcsec,
+                                     half_height_arcsec=half_height_arcsec, n=n,
+                                     mag_range=mag_range, rng=rng)
     color = _draw_colors(g, mag_range, rng)
     g_minus_rp = 0.08 + 0.52 * color - 0.04 * color**2
     rp = g - g_minus_rp

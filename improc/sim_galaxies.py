@@ -19,6 +19,7 @@ import numpy as np
 from astropy.table import Table
 from scipy.signal import fftconvolve
 
+from improc.sim_catalogs import scatter_objects
 from improc.sim_psf import PsfField
 from improc.sim_wcs import tangent_offsets_to_radec
 
@@ -59,11 +60,9 @@ def draw_galaxies(*, ra: float, dec: float, half_width_arcsec: float, half_heigh
     astropy.table.Table
         A galaxy catalog (see the module docstring).
     """
-    xi = rng.uniform(-half_width_arcsec, half_width_arcsec, n)
-    eta = rng.uniform(-half_height_arcsec, half_height_arcsec, n)
-    ra_g, dec_g = tangent_offsets_to_radec(ra, dec, xi, eta)
-    lo, hi = 10.0 ** (0.3 * np.asarray(mag_range, dtype=float))
-    mag = np.log10(lo + rng.random(n) * (hi - lo)) / 0.3
+    ra_g, dec_g, mag = scatter_objects(ra=ra, dec=dec, half_width_arcsec=half_width_arcsec,
+                                       half_height_arcsec=half_height_arcsec, n=n,
+                                       mag_range=mag_range, rng=rng)
     r_eff = 0.8 * 10.0 ** (-0.15 * (mag - 20.0)) * np.exp(0.35 * rng.standard_normal(n))
     return Table({
         "galaxy_id": np.arange(n, dtype=np.int64),
