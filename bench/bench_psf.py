@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from improc.psf import fit_psf  # noqa: E402
+from improc.psf_fit import fit_psf  # noqa: E402
 from improc.psf_photometry import psf_fluxes, select_psf_stars  # noqa: E402
 from tests.improc.test_psf import READ_NOISE, SKY, render_stars  # noqa: E402
 

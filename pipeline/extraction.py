@@ -14,7 +14,8 @@ from improc.background import residual_background
 from improc.crowded_photometry import deblended_psf_fluxes
 from improc.extraction import aperture_photometry, extract_sources
 from improc.hidden_sources import find_hidden_sources
-from improc.psf import PixelPSF, fit_psf, min_psf_stars
+from improc.psf import PixelPSF
+from improc.psf_fit import fit_psf, min_psf_stars
 from improc.psf_photometry import model_aperture_sums, psf_positions, select_psf_stars
 from models.psf import PSF
 from models.source_list import SourceList
@@ -42,7 +43,7 @@ class ExtractionParams(StepParams):
     deblend_cont: float = param(0.005, "Deblending contrast (DEBLEND_MINCONT); 1 = no deblending.")
     aperture_multiples: tuple[float, ...] = param(
         (1.0, 2.0, 3.0, 5.0), "Aperture radii in units of the image FWHM.")
-    psf_degree: int = param(2, "Polynomial degree of the PSF's variation across the chip.")
+    psf_degree: int = param(3, "Polynomial degree of the PSF's variation across the chip.")
     psf_min_snr: float = param(50.0, "Only stars above this S/N build the PSF.")
     psf_max_stars: int = param(500, "At most this many PSF stars (the brightest).")
     max_sources: int = param(100_000, "Fail beyond this many detections.", affects_result=False)

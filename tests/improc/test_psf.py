@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from improc.psf import PixelPSF, fit_psf, monomials, n_terms
+from improc.psf import PixelPSF, monomials, n_terms
+from improc.psf_fit import fit_psf
 
 BETA = 3.0
 SKY = 800.0
@@ -106,7 +107,7 @@ def test_fit_matches_truth_everywhere(field, fitted):
               for px, py in corners for _ in range(2)]
     assert max(errors) < 0.01, np.round(errors, 4)
     assert fitted.size == 2 * 19 + 1
-    assert fitted.degree == 2 and fitted.basis.shape == (6, 39, 39)
+    assert fitted.degree == 3 and fitted.basis.shape == (10, 39, 39)
 
 
 def test_fit_does_not_depend_on_input_positions(field, fitted):
@@ -203,7 +204,7 @@ def test_invalid_scale_and_shape():
 
 def test_too_few_stars(field):
     shape, data, x, y, _ = field
-    with pytest.raises(ValueError, match="need at least 12 PSF stars for degree 2, got 5"):
+    with pytest.raises(ValueError, match="need at least 20 PSF stars for degree 3, got 5"):
         fit_psf(data, x[:5], y[:5], background=0.0, noise=30.0, fwhm_guess=3.8)
     with pytest.raises(ValueError, match="need at least 6 PSF stars for degree 1, got 3"):
         fit_psf(data, np.r_[x[:3], -50.0, np.nan], np.r_[y[:3], 10.0, 5.0], background=0.0, noise=30.0,

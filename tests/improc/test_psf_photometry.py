@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from improc.psf import fit_psf
+from improc.psf_fit import fit_psf
 from improc.psf_photometry import psf_fluxes, select_psf_stars
 from tests.improc.test_psf import READ_NOISE, SKY, grid_positions, star_field
 

@@ -1,0 +1,235 @@
+"""A PSF as a mean stamp plus a few pixel modes with polynomial coefficients, fitted to star stamps.
+
+`fit_psf` (``improc.psf_fit``) works on each star's estimate of the PSF moved onto the model's
+pixel grid, ``Y_n`` (``P = size**2`` pixels), with weights ``W_n``.  The model is
+
+    Y(x, y) = phi[0] + sum_m c_m(x, y) phi[m],        c_m(x, y) = sum_t coef[m, t] * monomial_t(u, v),
+
+``K`` pixel modes ``phi[1:]`` whose amplitudes ``c_m`` are polynomials of the scaled position
+(`improc.psf.monomials`).  The same model is a `~improc.psf.PixelPSF` of the coefficients' degree
+whose basis has rank ``K`` in its non-constant terms (`to_basis`).
+
+A pixel-wise polynomial (PSFEx) is the special case ``coef = identity`` over the non-constant
+monomials; it is what the first passes of the fit use, and where the modes come from
+(`principal_modes`).  Fewer modes than terms have much less noise: each pixel has ``1 + K``
+unknowns instead of ``n_terms``, and the ``K x n_terms`` coefficients are fitted with every pixel
+of every star.  So the coefficients can be of higher degree (e.g. cubic, needed to follow a FWHM
+that varies quadratically over the chip) without the noise of a cubic pixel-wise fit.
+Modes and coefficients are fitted alternately (`fit_modes`, `fit_coefficients`), both linear
+least squares.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+
+from improc.psf import n_terms
+
+__all__ = ["exponents", "identity_coefficients", "embed_coefficients", "to_basis", "fit_modes",
+           "fit_coefficients", "normalized", "recentred", "principal_modes"]
+
+
+def exponents(degree: int) -> list[tuple[int, int]]:
+    """Exponents (i, j) of the monomials ``u**i v**j`` of a degree, in PSFEx order."""
+    return [(i, j) for j in range(degree + 1) for i in range(degree + 1 - j)]
+
+
+def identity_coefficients(degree: int) -> np.ndarray:
+    """Coefficients (n_terms - 1, n_terms) that make each mode one non-constant monomial."""
+    k = n_terms(degree)
+    return np.eye(k)[1:]
+
+
+def embed_coefficients(coef: np.ndarray, degree: int, new_degree: int) -> np.ndarray:
+    """The same polynomials, written over the monomials of a degree >= ``degree``."""
+    new = exponents(new_degree)
+    out = np.zeros((coef.shape[0], len(new)))
+    for k, e in enumerate(exponents(degree)):
+        out[:, new.index(e)] = coef[:, k]
+    return out
+
+
+def to_basis(phi: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """The polynomial basis (n_terms, S, S) of a `PixelPSF` equal to the model (phi, coef)."""
+    basis = np.tensordot(coef.T, phi[1:], axes=1) if len(coef) else np.zeros((coef.shape[1],) + phi.shape[1:])
+    basis[0] += phi[0]
+    return basis
+
+
+def fit_modes(y: np.ndarray, w: np.ndarray, features: np.ndarray,
+              previous: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-wise weighted least squares of the stars' stamps on their features.
+
+    Parameters
+    ----------
+    y, w : ndarray
+        (n, P) stars' stamps on the model grid and their weights.
+    features : ndarray
+        (n, F): 1 and the modes' amplitudes at each star.
+    previous : ndarray, optional
+        (F, P) the current mean stamp and modes: a pixel that no star constrains (every star's
+        pixel rejected) keeps its value instead of dropping to 0.
+
+    Returns
+    -------
+    phi : ndarray
+        (F, P), the mean stamp and the modes.
+    normal : ndarray
+        (P, F, F), the normal matrices (their inverses are the pixels' covariances).
+    """
+    wf = w[:, :, None] * features[:, None, :]                        # (n, P, F)
+    normal = np.einsum("npf,ng->pfg", wf, features, optimize=True)
+    rhs = np.einsum("npf,np->pf", wf, y, optimize=True)
+    ridge = 1e-9 * np.trace(normal, axis1=1, axis2=2)[:, None] + 1e-300
+    if previous is not None:       # a ridge towards the current values rather than towards 0
+        rhs = rhs + ridge * previous.T
+    phi = np.linalg.solve(normal + ridge[:, :, None] * np.eye(features.shape[1]), rhs[:, :, None])[:, :, 0]
+    return phi.T, normal
+
+
+def fit_coefficients(y: np.ndarray, w: np.ndarray, monos: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """Weighted least squares of the modes' polynomial coefficients, the modes fixed.
+
+    Parameters
+    ----------
+    y, w : ndarray
+        (n, P) stars' stamps on the model grid and their weights.
+    monos : ndarray
+        (n, T) monomials at the stars.
+    phi : ndarray
+        (1 + K, P) mean stamp and modes.
+
+    Returns
+    -------
+    ndarray
+        (K, T) coefficients.
+    """
+    modes = phi[1:]
+    k, t = modes.shape[0], monos.shape[1]
+    if k == 0:
+        return np.zeros((0, t))
+    wm = w[:, None, :] * modes[None]                                  # (n, K, P)
+    cross = np.einsum("nkp,lp->nkl", wm, modes, optimize=True)        # (n, K, K)
+    proj = np.einsum("nkp,np->nk", wm, y - phi[0], optimize=True)     # (n, K)
+    normal = np.einsum("nkl,nt,ns->ktls", cross, monos, monos, optimize=True).reshape(k * t, k * t)
+    rhs = np.einsum("nk,nt->kt", proj, monos).ravel()
+    normal += (1e-12 * np.trace(normal) / (k * t) + 1e-300) * np.eye(k * t)
+    return np.linalg.solve(normal, rhs).reshape(k, t)
+
+
+def normalized(phi: np.ndarray, coef: np.ndarray, monos: np.ndarray,
+               star_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same model with the mean stamp summing to 1 and every mode to 0 (so the PSF sums to 1
+    everywhere), each mode's amplitude of zero weighted mean over the stars (its mean goes into
+    the mean stamp) and each mode of unit norm (its scale goes into the coefficients)."""
+    phi = phi / phi[0].sum()
+    phi[1:] -= phi[1:].sum(axis=(1, 2))[:, None, None] * phi[0]
+    if len(coef) == 0:
+        return phi, coef
+    coef = coef.copy()
+    mean = (star_weight @ (monos @ coef.T)) / star_weight.sum()
+    coef[:, 0] -= mean
+    phi[0] = phi[0] + np.tensordot(mean, phi[1:], axes=1)
+    norm = np.sqrt((phi[1:] ** 2).sum(axis=(1, 2)))
+    norm[norm == 0] = 1.0
+    phi[1:] /= norm[:, None, None]
+    coef *= norm[:, None]
+    return phi, coef
+
+
+def recentred(phi: np.ndarray, sigma: float) -> np.ndarray:
+    """Shift the mean stamp and every mode so that their first moments in a Gaussian window vanish.
+
+    Then the model's centroid (windowed, as for a windowed centroid) is the centre of its central
+    pixel at every position: this fixes the convention for a star's centre and removes the
+    degeneracy between the model's centring and the stars' fitted positions.
+    """
+    size = phi.shape[1]
+    off = np.arange(size) - size // 2
+    window = np.exp(-0.5 * (off[None, :] ** 2 + off[:, None] ** 2) / sigma**2)
+    moments = np.stack([window * off[None, :], window * off[:, None]])       # x and y weights
+    spectrum = scipy.fft.rfft2(phi[0])
+    grads = np.stack([scipy.fft.irfft2(spectrum * (2j * np.pi * f), s=(size, size))
+                      for f in (scipy.fft.rfftfreq(size)[None, :], scipy.fft.fftfreq(size)[:, None])])
+    response = np.einsum("myx,gyx->mg", moments, grads)                    # moment m per gradient g
+    for _ in range(2):
+        first = np.einsum("myx,kyx->km", moments, phi)
+        amounts = -np.linalg.solve(response, first.T).T                    # (F, 2)
+        phi = phi + np.einsum("kg,gyx->kyx", amounts, grads)
+    return phi
+
+
+def principal_modes(basis: np.ndarray, normal: np.ndarray, monos: np.ndarray, star_weight: np.ndarray,
+                    core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The modes of a pixel-wise polynomial model that the stars detect above the noise.
+
+    The non-constant terms, scaled by the spread of the stars' (weighted) monomials, are
+    decomposed over the core pixels (SVD in term space); a mode is kept if its energy exceeds
+    three times the noise energy that the fit's normal matrices predict for it.
+
+    Parameters
+    ----------
+    basis : ndarray
+        (T, S, S) pixel-wise polynomial model.
+    normal : ndarray
+        (S*S, T, T) normal matrices of its fit.
+    monos, star_weight : ndarray
+        (n, T) monomials at the stars and (n,) the stars' total weights.
+    core : ndarray of bool
+        (S, S) pixels where modes are detected.
+
+    Returns
+    -------
+    phi : ndarray
+        (1 + K, S, S): the mean stamp (the model at the stars' weighted mean position with the
+        undetected variation) and the K detected modes.
+    coef : ndarray
+        (K, T) the modes' coefficients over the same monomials.
+    """
+    t = basis.shape[0]
+    flat = basis.reshape(t, -1)
+    w = star_weight / star_weight.sum()
+    mean = w @ monos
+    centred = monos[:, 1:] - mean[1:]
+    evals, evecs = np.linalg.eigh((centred * w[:, None]).T @ centred) if t > 1 else (np.ones(0), None)
+    if t == 1 or evals.min() <= 1e-12 * evals.max():        # no variation, or the stars cannot tell
+        return basis.copy(), np.eye(t)[1:]
+    half = (evecs * np.sqrt(evals)) @ evecs.T
+    core = core.ravel()
+    u, s, _ = np.linalg.svd(half @ flat[1:, core], full_matrices=False)
+    cov = np.linalg.pinv(normal[core], hermitian=True)[:, 1:, 1:].sum(axis=0)
+    noise = np.einsum("kj,kl,lj->j", u, half @ cov @ half, u)
+    keep = u[:, s**2 > 2.0 * noise]                                       # (T - 1, K)
+    modes = keep.T @ (half @ flat[1:])                                     # (K, P)
+    coef = np.zeros((keep.shape[1], t))
+    coef[:, 1:] = np.linalg.solve(half, keep).T
+    variation = coef[:, 1:].T @ modes
+    constant = flat[0] + mean[1:] @ (flat[1:] - variation)
+    return np.vstack([constant[None], modes]).reshape((-1,) + basis.shape[1:]), coef
+
+
+
+def denoised(phi: np.ndarray) -> np.ndarray:
+    """The modes (not the mean stamp) with white pixel noise suppressed by a Wiener filter.
+
+    Each mode's power, averaged in annuli of spatial frequency, is compared with its noise floor,
+    the median power at the highest frequencies (beyond 0.4 cycles per pixel, where a PSF of
+    FWHM >~ 2.5 px has no power); frequencies are weighted by (power - noise) / power.
+    """
+    size = phi.shape[1]
+    fy = scipy.fft.fftfreq(size)[:, None]
+    fx = scipy.fft.rfftfreq(size)[None, :]
+    k = np.hypot(fx, fy)
+    bins = np.minimum((k * size).astype(int), size // 2 + 1)
+    out = phi.copy()
+    spectra = scipy.fft.rfft2(phi[1:])
+    for m, spectrum in enumerate(spectra, start=1):
+        power = np.abs(spectrum) ** 2
+        noise = np.median(power[k > 0.4])
+        mean = np.bincount(bins.ravel(), power.ravel(), minlength=bins.max() + 1)
+        count = np.bincount(bins.ravel(), minlength=bins.max() + 1)
+        radial = mean / np.maximum(count, 1)
+        gain = np.clip(1.0 - noise / np.maximum(radial, 1e-300), 0.0, 1.0)[bins]
+        out[m] = scipy.fft.irfft2(spectrum * gain, s=(size, size))
+    return out
