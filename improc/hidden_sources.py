@@ -10,15 +10,29 @@ brighter is lost; and a first pass run at a conservative threshold misses the fa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import sep
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from improc.extraction import SourceFlag, extract_sources
+from improc.extraction import SourceFlag, aperture_photometry, extract_sources
 
 __all__ = ["find_hidden_sources"]
+
+#: Detection runs this many ``point_fwhm`` beyond ``max_separation``, so that the footprint
+#: and centroid window of a source near ``max_separation`` are not cut by the search area.
+SEARCH_MARGIN_FWHM = 2.0
+
+
+@dataclass(frozen=True)
+class _Known:
+    """The known sources with finite positions."""
+
+    xy: np.ndarray              #: (n, 2) positions, 0-based pixels
+    point_like: np.ndarray      #: (n,) bool
+    extent: np.ndarray          #: (n,) radius of the footprint, pixels
 
 
 def find_hidden_sources(data: np.ndarray, model: np.ndarray, known_x: np.ndarray, known_y: np.ndarray, *,
@@ -31,16 +45,27 @@ def find_hidden_sources(data: np.ndarray, model: np.ndarray, known_x: np.ndarray
     """Sources that the first detection missed: too faint, or merged into a brighter neighbour.
 
     The known sources are subtracted (``model``, e.g. their PSF models) and `extract_sources`
-    runs on what is left (with the ``detection`` options, e.g. a matched filter), within
-    ``max_separation`` of a known point source if given (to look only for neighbours hidden
-    in their light), and not within the ``extent`` of a known extended source (a PSF cannot
-    model it, and its residual would break into spurious pieces).  The noise adds the sources' Poisson noise and a
-    ``model_error`` fraction of the model (its imperfection near bright cores), so that the
-    residuals of the subtracted sources are not detected.  Detections closer than
-    ``min_separation`` to a known source are dropped (residuals of that source, or a blend
-    already measured as one), and so are those whose size (``fwhm``, twice the half-light
-    radius) is not within ``fwhm_tolerance`` of ``point_fwhm`` (the sharp or shapeless
-    residuals of an imperfect model); the others get the `SourceFlag.RESIDUAL` flag.
+    runs on what is left (with the ``detection`` options, e.g. a matched filter), near the
+    known point sources if ``max_separation`` is given (to look only for neighbours hidden in
+    their light), and not within the ``extent`` of a known extended source (a PSF cannot model
+    it, and its residual would break into spurious pieces).  The noise adds the sources'
+    Poisson noise and a ``model_error`` fraction of the model (its imperfection near bright
+    cores), so that the residuals of the subtracted sources are not detected.
+
+    Detection runs up to ``max_separation`` plus `SEARCH_MARGIN_FWHM` x ``point_fwhm`` from
+    the known point sources, so that a neighbour near ``max_separation`` keeps its whole
+    footprint and an unbiased position; then only the detections whose centre is within
+    ``max_separation`` of a known point source are kept.  Those closer than ``min_separation``
+    to a known source are dropped (residuals of that source, or a blend already measured as
+    one), and so are those whose size (``fwhm``, twice the half-light radius) is not within
+    ``fwhm_tolerance`` of ``point_fwhm`` (the sharp or shapeless residuals of an imperfect
+    model); the others get the `SourceFlag.RESIDUAL` flag.  Pixels left out only to bound the
+    search (far from the point sources, or on an extended source) do not set the
+    `SourceFlag.MASKED` flag, which is kept for a footprint touching a pixel of ``mask`` or a
+    non-finite one: as `extract_sources` returns no footprints, for a source whose footprint
+    touches a masked pixel, a bad pixel within ``sqrt(npix / pi) + 1.5`` of its centre or
+    nearer to it than the search area's edge.  The apertures are then measured anew with
+    ``mask`` alone.
 
     Parameters
     ----------
@@ -50,28 +75,33 @@ def find_hidden_sources(data: np.ndarray, model: np.ndarray, known_x: np.ndarray
         (ny, nx) model of the known sources (e.g. PSF models of them all), background-subtracted
         units.
     known_x, known_y
-        Positions of all the known sources, 0-based pixels.
+        Positions of all the known sources, 0-based pixels, same shape.  Sources with a
+        non-finite position are ignored (as `deblended_psf_fluxes` accepts them).
     point_like
         Bool, shape of ``known_x``: which known sources are point sources.
     extent
         Shape of ``known_x``: radius (pixels) of a disc covering each source's footprint, e.g.
-        twice ``sqrt(npix / pi)``.
-    background, gain
-        As for `extract_sources`.
+        twice ``sqrt(npix / pi)``; NaN counts as 0.
+    background
+        Sky level, scalar or (ny, nx), data units.
     variance
-        Background (sky and read) variance, scalar or (ny, nx).
+        Background (sky and read) variance, scalar (finite, >= 0) or (ny, nx).
     min_separation, max_separation
         Pixels, e.g. 2 and 5 FWHM; ``max_separation`` None searches the whole image.
     point_fwhm
         Size (``fwhm`` column of `extract_sources`) of the point sources, pixels.
     aperture_radii
-        Radii of the apertures measured (on the residual image), pixels.
+        Radii of the apertures measured (on the residual image, with ``mask`` only), pixels.
+    gain
+        e-/ADU, finite and > 0: the known sources' Poisson noise (from ``model``) is added to
+        the detection noise and the new sources' to their flux errors.  None: sky only.
     model_error
-        Fractional error of ``model`` added to the detection noise.
+        Fractional error of ``model`` added to the detection noise, >= 0.
     fwhm_tolerance
-        Largest fractional difference of a new source's size from ``point_fwhm``.
+        Largest fractional difference of a new source's size from ``point_fwhm``, >= 0.
     **detection
-        Other options of `extract_sources` (threshold, minarea, filter_type, saturation, mask...).
+        Other options of `extract_sources` (threshold, minarea, filter_type, saturation,
+        mask...); ``mask`` is (ny, nx), True where pixels are bad.
 
     Returns
     -------
@@ -82,29 +112,116 @@ def find_hidden_sources(data: np.ndarray, model: np.ndarray, known_x: np.ndarray
     Raises
     ------
     ValueError
-        As `extract_sources`, or if ``model`` has another shape than ``data`` or ``point_like``
-        another length than ``known_x``.
+        As `extract_sources`; if ``data`` is not 2-D; if ``model`` or ``mask`` has another
+        shape than ``data``, or ``background`` or ``variance`` is neither a scalar nor of that
+        shape; if ``known_y`` has another shape than ``known_x``, or ``point_like`` or
+        ``extent`` another length; if ``gain`` is not None nor finite and > 0; or if a
+        separation, ``point_fwhm``, ``model_error`` or ``fwhm_tolerance`` is out of range.
     """
     data = np.asarray(data)
-    model = np.asarray(model, dtype=float)
-    known = np.column_stack([np.asarray(known_x, float), np.asarray(known_y, float)])
+    if data.ndim != 2:
+        raise ValueError(f"data must be a 2-D (ny, nx) array, got shape {data.shape}")
+    model = _checked_map(model, data.shape, "model", scalar=False)
+    _checked_map(background, data.shape, "background")
+    variance = _checked_map(variance, data.shape, "variance")
+    mask = detection.pop("mask", None)
+    mask = None if mask is None else _checked_map(mask, data.shape, "mask", scalar=False).astype(bool)
+    _check_options(gain=gain, variance=variance, min_separation=min_separation, max_separation=max_separation,
+                   point_fwhm=point_fwhm, model_error=model_error, fwhm_tolerance=fwhm_tolerance)
+    known = _finite_known(known_x, known_y, point_like, extent)
+    margin = SEARCH_MARGIN_FWHM * point_fwhm
+    reach = None if max_separation is None else max_separation + margin
+    steer = _outside_search(data.shape, known, reach)     # masked only to bound the search
+    detect_mask = steer if mask is None else steer | mask
+    if detect_mask.all():
+        return Table()
+    residual, noise = _residual_and_noise(data, model, background=background, variance=variance, gain=gain,
+                                          model_error=model_error, mask=detect_mask)
+    del model
+    found = extract_sources(residual, background=background, noise=noise, gain=gain, mask=detect_mask,
+                            aperture_radii=aperture_radii, **detection)
+    found = found[_kept(found, known, min_separation=min_separation, max_separation=max_separation,
+                        point_fwhm=point_fwhm, fwhm_tolerance=fwhm_tolerance)]
+    if len(found):
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.isfinite(residual - np.asarray(background, np.float32)) & (noise > 0))
+        bad = bad if mask is None else bad | mask
+        masked = (found["flags"] & SourceFlag.MASKED) > 0
+        found["flags"][masked & ~_flagged_by_bad_pixels(found, bad, steer & ~bad, margin=margin)] \
+            &= ~int(SourceFlag.MASKED)
+        found = aperture_photometry(residual, found, background=background, noise=noise,
+                                    aperture_radii=aperture_radii, mask=mask, gain=gain)
+    found["flags"] |= int(SourceFlag.RESIDUAL)
+    return found
+
+
+def _checked_map(value: np.ndarray | float, shape: tuple[int, int], name: str, *,
+                 scalar: bool = True) -> np.ndarray | float:
+    """``value`` as an array of the data shape (or a float if ``scalar`` allows it)."""
+    arr = np.asarray(value)
+    if scalar and arr.ndim == 0:
+        return float(arr)
+    if arr.shape != shape:
+        expected = f"a scalar or the data shape {shape}" if scalar else f"the data shape {shape}"
+        raise ValueError(f"{name} must have {expected}, got shape {arr.shape}")
+    return arr
+
+
+def _check_options(*, gain: float | None, variance: np.ndarray | float, min_separation: float,
+                   max_separation: float | None, point_fwhm: float, model_error: float,
+                   fwhm_tolerance: float) -> None:
+    """Raise a ValueError naming the first option out of range."""
+    if gain is not None and not (np.isfinite(gain) and gain > 0):
+        raise ValueError(f"gain must be None or finite and > 0 (e-/ADU), got {gain}")
+    if np.ndim(variance) == 0 and not (np.isfinite(variance) and variance >= 0):
+        raise ValueError(f"variance must be finite and >= 0 if a scalar, got {variance}")
+    checks = [("min_separation", min_separation, "finite and >= 0", lambda v: v >= 0),
+              ("point_fwhm", point_fwhm, "finite and > 0", lambda v: v > 0),
+              ("model_error", model_error, "finite and >= 0", lambda v: v >= 0),
+              ("fwhm_tolerance", fwhm_tolerance, "finite and >= 0", lambda v: v >= 0)]
+    if max_separation is not None:
+        checks.append(("max_separation", max_separation, "None or finite and > 0", lambda v: v > 0))
+    for name, value, expected, ok in checks:
+        if not (np.isfinite(value) and ok(value)):
+            raise ValueError(f"{name} must be {expected}, got {value}")
+
+
+def _finite_known(known_x, known_y, point_like, extent) -> _Known:
+    """The known sources after checking the shapes, without those with a non-finite position."""
+    x, y = np.asarray(known_x, dtype=float), np.asarray(known_y, dtype=float)
+    if x.ndim != 1 or y.shape != x.shape:
+        raise ValueError(f"known_x and known_y must be 1-D of the same length, got shapes {x.shape} "
+                         f"and {y.shape}")
     point_like = np.asarray(point_like, dtype=bool)
     extent = np.nan_to_num(np.asarray(extent, dtype=float))
-    if model.shape != data.shape:
-        raise ValueError(f"model must have the data shape {data.shape}, got {model.shape}")
-    if point_like.shape != (len(known),) or extent.shape != (len(known),):
-        raise ValueError(f"point_like and extent must have the length of known_x, {len(known)}, got "
+    if point_like.shape != x.shape or extent.shape != x.shape:
+        raise ValueError(f"point_like and extent must have the length of known_x, {len(x)}, got "
                          f"{point_like.shape} and {extent.shape}")
-    outside = (np.zeros(data.shape, dtype=bool) if max_separation is None
-               else ~_within(data.shape, known[point_like], max_separation))
-    for (x, y), radius in zip(known[~point_like], extent[~point_like]):
+    finite = np.isfinite(x) & np.isfinite(y)
+    return _Known(xy=np.column_stack([x[finite], y[finite]]), point_like=point_like[finite],
+                  extent=extent[finite])
+
+
+def _outside_search(shape: tuple[int, int], known: _Known, reach: float | None) -> np.ndarray:
+    """(ny, nx) bool: beyond ``reach`` of every known point source (if given) or on an extended one."""
+    if reach is None:
+        outside = np.zeros(shape, dtype=bool)
+    else:
+        within = np.zeros(shape, dtype=bool)
+        for x, y in known.xy[known.point_like]:
+            _paint_disc(within, x, y, reach)
+        outside = ~within
+    for (x, y), radius in zip(known.xy[~known.point_like], known.extent[~known.point_like]):
         _paint_disc(outside, x, y, radius)
-    mask = detection.pop("mask", None)
-    mask = outside if mask is None else (np.asarray(mask, bool) | outside)
-    if mask.all():
-        return Table()
+    return outside
+
+
+def _residual_and_noise(data: np.ndarray, model: np.ndarray, *, background: np.ndarray | float,
+                        variance: np.ndarray | float, gain: float | None, model_error: float,
+                        mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``data - model`` and its detection noise (float32, (ny, nx))."""
     model = model.astype(np.float32)       # float32 temporaries: ample for a noise map
-    noise = np.square(model_error * model)
+    noise = np.square(np.float32(model_error) * model)
     if gain is not None:
         noise += np.clip(model, 0.0, None) / np.float32(gain)
     noise += np.asarray(variance, dtype=np.float32)
@@ -112,19 +229,54 @@ def find_hidden_sources(data: np.ndarray, model: np.ndarray, known_x: np.ndarray
     # where the model itself is noisy (the far wings of a PSF fitted to few stars, scaled by a
     # very bright star), the residual's own local scatter is the noise to beat
     residual = np.asarray(data, dtype=np.float32) - model
-    del model
     box = int(min(32, *data.shape))
     local = sep.Background(np.ascontiguousarray(residual - np.asarray(background, np.float32)),
                            mask=mask, bw=box, bh=box, fw=3, fh=3).rms()
-    noise = np.maximum(noise, local)
-    found = extract_sources(residual, background=background, noise=noise, gain=gain, mask=mask,
-                            aperture_radii=aperture_radii, **detection)
-    if len(found) and len(known):
-        distance, _ = cKDTree(known).query(np.column_stack([found["x"], found["y"]]))
-        point_sized = np.abs(np.asarray(found["fwhm"], float) / point_fwhm - 1.0) <= fwhm_tolerance
-        found = found[(distance >= min_separation) & point_sized]
-    found["flags"] |= int(SourceFlag.RESIDUAL)
-    return found
+    return residual, np.maximum(noise, local)
+
+
+def _kept(found: Table, known: _Known, *, min_separation: float, max_separation: float | None,
+          point_fwhm: float, fwhm_tolerance: float) -> np.ndarray:
+    """Bool per detection: of a point source's size, at least ``min_separation`` from every
+    known source and, if ``max_separation`` is given, within it of a known point source."""
+    with np.errstate(invalid="ignore"):
+        keep = np.abs(np.asarray(found["fwhm"], float) / point_fwhm - 1.0) <= fwhm_tolerance
+    if not len(found):
+        return keep
+    xy = np.column_stack([found["x"], found["y"]])
+    if len(known.xy):
+        keep &= cKDTree(known.xy).query(xy)[0] >= min_separation
+    if max_separation is not None:
+        points = known.xy[known.point_like]
+        keep &= (cKDTree(points).query(xy)[0] <= max_separation) if len(points) else False
+    return keep
+
+
+def _flagged_by_bad_pixels(found: Table, bad: np.ndarray, steer: np.ndarray, *,
+                           margin: float) -> np.ndarray:
+    """Bool per source: whether its MASKED flag (if set) may be due to a ``bad`` pixel.
+
+    `extract_sources` sets MASKED when a footprint touches a masked pixel, whether ``bad`` or
+    masked only to ``steer`` the search, and returns no footprints.  A source is taken to
+    touch a ``bad`` pixel if one lies within its footprint's radius (``sqrt(npix / pi)`` + 1.5
+    pixels) or nearer to its centre than every ``steer`` pixel, within that radius plus twice
+    the search ``margin`` (pixels); if neither is there the footprint is huge and the flag is
+    kept.
+    """
+    ny, nx = bad.shape
+    radius_fp = np.sqrt(np.asarray(found["npix"], float) / np.pi) + 1.5
+    out = np.ones(len(found), dtype=bool)
+    for i, (x, y) in enumerate(zip(np.asarray(found["x"], float), np.asarray(found["y"], float))):
+        half = int(np.ceil(radius_fp[i] + 2.0 * margin)) + 1
+        x0, x1 = max(int(round(x)) - half, 0), min(int(round(x)) + half + 1, nx)
+        y0, y1 = max(int(round(y)) - half, 0), min(int(round(y)) + half + 1, ny)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        d2 = (xx - x) ** 2 + (yy - y) ** 2
+        near_bad = d2[bad[y0:y1, x0:x1]].min(initial=np.inf)
+        near_steer = d2[steer[y0:y1, x0:x1]].min(initial=np.inf)
+        out[i] = (near_bad <= radius_fp[i] ** 2 or near_bad < near_steer
+                  or (np.isinf(near_bad) and np.isinf(near_steer)))
+    return out
 
 
 def _paint_disc(image: np.ndarray, x: float, y: float, radius: float) -> None:
@@ -135,14 +287,3 @@ def _paint_disc(image: np.ndarray, x: float, y: float, radius: float) -> None:
     if x0 < x1 and y0 < y1:
         yy, xx = np.mgrid[y0:y1, x0:x1]
         image[y0:y1, x0:x1] |= (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
-
-
-def _within(shape: tuple[int, int], points: np.ndarray, radius: float) -> np.ndarray:
-    """(ny, nx) bool: pixels within ``radius`` of one of the (x, y) points."""
-    within = np.zeros(shape, dtype=bool)
-    ix = np.rint(points[:, 0]).astype(int) if len(points) else np.zeros(0, int)
-    iy = np.rint(points[:, 1]).astype(int) if len(points) else np.zeros(0, int)
-    on = (ix >= 0) & (ix < shape[1]) & (iy >= 0) & (iy < shape[0])
-    for x, y in zip(ix[on], iy[on]):      # discs around the nearest pixels, as a distance transform
-        _paint_disc(within, x, y, radius)
-    return within
