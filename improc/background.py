@@ -416,16 +416,31 @@ def _residual_mesh(values: np.ndarray, usable: np.ndarray, box_size: int, filter
 
 def _structure_mask(values: np.ndarray, level: np.ndarray, usable: np.ndarray, rms: np.ndarray, sigma: float,
                     threshold: float) -> np.ndarray:
-    """Pixels near significant positive structure of ``values - level`` (normalized convolution)."""
-    weight = ndimage.gaussian_filter(usable.astype(np.float32), sigma, truncate=3.0)
-    smooth = values.astype(np.float32)
-    smooth -= level
-    smooth[~usable] = 0.0
-    smooth = ndimage.gaussian_filter(smooth, sigma, truncate=3.0)
-    noise = rms / (2.0 * np.sqrt(np.pi) * sigma)     # white noise through a unit-sum Gaussian
+    """Pixels near significant positive structure of ``values - level`` (normalized convolution).
+
+    The smoothing runs on 2 x 2 binned pixels when ``sigma >= 2``: structure a few pixels wide
+    survives the binning, the noise of the smoothed map is the same, and it costs 8x less.
+    """
+    f = 2 if sigma >= 2 else 1
+    ny, nx = values.shape
+    by, bx = -(-ny // f), -(-nx // f)
+    resid = np.zeros((by * f, bx * f), np.float32)       # padded with unusable pixels
+    use = np.zeros((by * f, bx * f), np.float32)
+    resid[:ny, :nx] = values
+    resid[:ny, :nx] -= level
+    resid[:ny, :nx][~usable] = 0.0
+    use[:ny, :nx] = usable
+    resid = resid.reshape(by, f, bx, f).mean(axis=(1, 3))
+    use = use.reshape(by, f, bx, f).mean(axis=(1, 3))
+    weight = ndimage.gaussian_filter(use, sigma / f, truncate=3.0)
+    smooth = ndimage.gaussian_filter(resid, sigma / f, truncate=3.0)
+    noise = np.asarray(rms, dtype=np.float32)[::f, ::f] / (2.0 * np.sqrt(np.pi) * sigma) if np.ndim(rms) \
+        else np.float32(rms / (2.0 * np.sqrt(np.pi) * sigma))    # white noise through a unit-sum Gaussian
     # smooth / weight > threshold * noise where weight > 0.2 (float32 is ample for a threshold)
     found = (weight > 0.2) & (smooth > (threshold * noise) * weight)
     del weight, smooth
+    if f > 1:
+        found = np.repeat(np.repeat(found, f, axis=0), f, axis=1)[:ny, :nx]
     grow = int(np.ceil(2 * sigma))
     return _disc_dilation(found, grow)
 

@@ -2,7 +2,13 @@
 
 Overscan subtraction and trimming per amplifier from the instrument's header keywords; bias,
 flat and linearity corrections when calibration files are configured; a weight plane from
-gain, read noise and the image; flags for saturated and non-finite pixels.
+gain, read noise and the image; flags for saturated and non-finite pixels, and BAD (weight 0)
+for the instrument's known defects.
+
+Known defects come from a bad-pixel mask that travels with the raw frame: the instrument's
+flags plane in the same file (``plane_hdu(hdul, "flags")`` of a `GenericInstrument`, e.g. the
+``BPM`` HDU of `models.instruments.synthetic` raw frames), in the raw geometry (overscan
+included); any non-zero pixel is bad.  A file without one (DECam raw frames) gets no BAD flags.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from astropy.wcs import WCS
 from improc.flags import FLAGS_DTYPE
 from improc.preprocessing import Preprocessed, parse_fits_section, preprocess
 from models.image import Image, ImageType
-from models.instrument import SectionInfo, header_to_dict
+from models.instrument import BadInputError, Instrument, SectionInfo, header_to_dict
 from pipeline.data_store import DataStore
 from pipeline.parameters import StepParams, param
 from pipeline.step import Step
@@ -84,18 +90,64 @@ def _data_box(info: SectionInfo, raw_shape: tuple[int, int]) -> tuple[int, int, 
             min(b[1].start for b in boxes), max(b[1].stop for b in boxes))
 
 
+def _raw_bad_pixel_mask(exposure, instrument: Instrument, section: str,
+                        raw_shape: tuple[int, int]) -> np.ndarray | None:
+    """The exposure file's bad-pixel mask (see the module docstring) as booleans, or None."""
+    finder = getattr(instrument, "plane_hdu", None)
+    if finder is None:
+        return None
+    hdul = exposure.open()
+    index = finder(hdul, "flags")
+    if index is None:
+        return None
+    plane = np.asarray(hdul[index].data)
+    if plane.shape != tuple(raw_shape):
+        raise BadInputError(f"{exposure.origin}: bad-pixel mask HDU {index} ({hdul[index].name}) has "
+                            f"shape {plane.shape}, expected the raw frame shape {tuple(raw_shape)} "
+                            f"of section {section}")
+    return plane != 0
+
+
 class Preprocessor(Step):
     """Make the Image of one exposure section."""
 
     process = "preprocessing"
-    version = "1.0.0"
+    version = "1.1.0"  # 1.1: known defects from the raw frame's bad-pixel mask are flagged BAD
     Params = PreprocessingParams
     products = ("image",)
     upstream_processes = ("exposure",)
 
     def compute(self, raw: np.ndarray, info: SectionInfo, *, bias: np.ndarray | None = None,
-                flat: np.ndarray | None = None) -> Preprocessed:
-        """Preprocess one raw section (each amplifier with its own overscan, gain and noise)."""
+                flat: np.ndarray | None = None,
+                bad_pixel_mask: np.ndarray | None = None) -> Preprocessed:
+        """Preprocess one raw section (each amplifier with its own overscan, gain and noise).
+
+        Parameters
+        ----------
+        raw
+            (ny_raw, nx_raw) raw frame of the section in ADU, overscan included.
+        info
+            The section's detector values and data / overscan sections (per amplifier if any).
+        bias, flat
+            Master bias (ADU) and flat, (ny, nx) like the trimmed image; None for none.
+        bad_pixel_mask
+            (ny_raw, nx_raw) array like ``raw``, non-zero (True) on known bad pixels, which are
+            flagged BAD with weight 0 in the trimmed image; None for none.
+
+        Returns
+        -------
+        Preprocessed
+            The trimmed image, weight and flags, and the largest overscan level subtracted.
+
+        Raises
+        ------
+        ValueError
+            If ``bad_pixel_mask`` does not have the shape of ``raw``, or as for
+            `improc.preprocessing.preprocess`.
+        """
+        if bad_pixel_mask is not None and np.shape(bad_pixel_mask) != np.shape(raw):
+            raise ValueError(f"bad_pixel_mask must have the raw frame shape {np.shape(raw)} of "
+                             f"section {info.section_id}, got {np.shape(bad_pixel_mask)}")
         p = self.params
         linearity = np.asarray(p.linearity, dtype=float) if p.linearity else None
         y0, y1, x0, x1 = _data_box(info, raw.shape)
@@ -108,16 +160,26 @@ class Preprocessor(Step):
             data = parse_fits_section(amp.data_section) if amp.data_section else (slice(y0, y1), slice(x0, x1))
             overscan = parse_fits_section(amp.overscan_section) if amp.overscan_section else None
             out = (slice(data[0].start - y0, data[0].stop - y0), slice(data[1].start - x0, data[1].stop - x0))
+            bpm = None if bad_pixel_mask is None else bad_pixel_mask[data]
             part = preprocess(raw, overscan=overscan, data=data, gain=amp.gain, read_noise=amp.read_noise,
                               saturation=amp.saturation, linearity=linearity,
                               bias=None if bias is None else bias[out],
                               flat=None if flat is None else flat[out],
+                              bad_pixel_mask=bpm,
                               overscan_method=p.overscan_method if overscan is not None else "median")
             image[out], weight[out], flags[out] = part.image, part.weight, part.flags
             levels.append(float(np.nanmedian(part.overscan_level)) if overscan is not None else 0.0)
         return Preprocessed(image=image, weight=weight, flags=flags, overscan_level=float(np.max(levels)))
 
     def run(self, ds: DataStore) -> None:
+        """Make the Image of ``ds``'s exposure section, unless it exists (see `Step.run`).
+
+        Raises
+        ------
+        ValueError
+            A calibration file cannot be used, or the exposure's bad-pixel mask has a shape
+            other than the raw section's (`BadInputError`, naming the file).
+        """
         if ds.get_image() is not None:
             return
         exposure, section = ds.exposure, ds.section_id
@@ -130,7 +192,8 @@ class Preprocessor(Step):
         flat = _calibration_frame(self.params.flat_file, fields, (y1 - y0, x1 - x0), "flat")
         if flat is not None:
             flat = flat / np.nanmedian(flat)
-        result = self.compute(np.asarray(raw), info, bias=bias, flat=flat)
+        mask = _raw_bad_pixel_mask(exposure, instrument, section, np.shape(raw))
+        result = self.compute(np.asarray(raw), info, bias=bias, flat=flat, bad_pixel_mask=mask)
         wcs = self._wcs(header, exposure, info, (y0, x0), result.image.shape)
         header = header.copy()
         # The image is overscan-subtracted, so its saturation level is lower by the overscan.

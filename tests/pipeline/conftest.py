@@ -33,10 +33,7 @@ def make_field(folder: Path, *, n: int = 1, size: int = 512, seed: int = 11, raw
     """``n`` exposures of one simulated field (same stars and galaxies, new noise and pointing)."""
     folder.mkdir(parents=True, exist_ok=True)
     params = {"star_density": 100000.0, "pointing_error_arcsec": 10.0, "rotation_error_deg": 0.3,
-              "scene_seed": seed,
-              # Synthetic raw frames carry no defect map yet, so bad columns would stay unflagged
-              # through preprocessing; the demo keeps them and exercises that case.
-              "n_bad_columns": 0, **params}
+              "scene_seed": seed, **params}
     sims, paths = [], []
     for k in range(n):
         sim = simulate_image(SimulationParams(nx=size, ny=size, seed=seed + 100 + k,
