@@ -39,7 +39,7 @@ from scipy.spatial import cKDTree
 
 from improc.background import as_image
 
-__all__ = ["SourceFlag", "DEFAULT_FILTER_KERNEL", "FWHM_APERTURE_MULTIPLES", "extract_sources",
+__all__ = ["TooFewSourcesError", "SourceFlag", "DEFAULT_FILTER_KERNEL", "FWHM_APERTURE_MULTIPLES", "extract_sources",
            "aperture_photometry", "estimate_fwhm", "stellar_locus"]
 
 #: SExtractor's default.conv: 3x3 "all-ground" kernel, FWHM about 2 pixels.
@@ -57,6 +57,10 @@ _R50_SNR_SCATTER = 2.0       # FWHM scatter of a point source is about this * FW
 # sep's apertures spread each pixel's value uniformly over it, which adds the variance of a
 # 1-pixel box, 1/12 px**2 per axis, to the profile; for a Gaussian this is 2 ln2 / 12 in r50**2.
 _R50_BOX_TERM = 2.0 * np.log(2.0) / 12.0
+
+
+class TooFewSourcesError(ValueError):
+    """Too few clean, bright point sources to measure the image's FWHM: an image without stars."""
 
 
 class SourceFlag(enum.IntFlag):
@@ -358,7 +362,7 @@ def estimate_fwhm(sources: Table, *, min_snr: float = 20.0) -> float:
     flags = np.asarray(sources["flags"], np.int64) & ~int(_LOCUS_IGNORED)
     good = _locus_candidates(fwhm, np.asarray(sources["snr"], float), flags, min_snr)
     if good.sum() < _MIN_LOCUS_SOURCES:
-        raise ValueError(f"not enough sources to estimate the FWHM: {good.sum()} of {len(sources)} "
+        raise TooFewSourcesError(f"not enough sources to estimate the FWHM: {good.sum()} of {len(sources)} "
                          f"have snr >= {min_snr}, no flags but aperture and deblending ones and a "
                          f"valid fwhm; need {_MIN_LOCUS_SOURCES}")
     return stellar_locus(fwhm[good])[0]

@@ -26,7 +26,11 @@ from improc.psf import PixelPSF, cut_stamps, monomials, n_terms, nearest_pixel, 
 from improc.psf_modes import (embed_coefficients, fit_coefficients, fit_modes, normalized, principal_modes, denoised,
                               recentred, to_basis)
 
-__all__ = ["fit_psf", "min_psf_stars"]
+__all__ = ["fit_psf", "min_psf_stars", "TooFewPSFStarsError"]
+
+
+class TooFewPSFStarsError(ValueError):
+    """Fewer usable stars than the model's degree needs, before or after rejecting outliers."""
 
 #: Half-width (pixels) of the Lanczos kernel that moves star residuals onto the model grid.
 _LANCZOS_A = 4
@@ -189,7 +193,7 @@ def _initial_stars(data, x, y, flux, degree: int, max_stars: int) -> _Stars:
         usable &= np.isfinite(f) & (f > 0)
     need = min_psf_stars(degree)
     if np.count_nonzero(usable) < need:
-        raise ValueError(f"need at least {need} PSF stars for degree {degree}, "
+        raise TooFewPSFStarsError(f"need at least {need} PSF stars for degree {degree}, "
                          f"got {np.count_nonzero(usable)} usable of {x.size}")
     idx = np.flatnonzero(usable)
     return _Stars(x=x[idx].copy(), y=y[idx].copy(), flux=np.array(f[idx]), active=np.ones(idx.size, bool))
@@ -241,9 +245,10 @@ def fit_psf(data: np.ndarray, x: np.ndarray, y: np.ndarray, *, background: np.nd
 
     Raises
     ------
+    TooFewPSFStarsError
+        Fewer usable stars than `min_psf_stars` (``degree``), before or after outlier rejection.
     ValueError
-        For inconsistent arguments, or fewer usable stars than `min_psf_stars` (``degree``),
-        before or after outlier rejection.
+        For inconsistent arguments.
     """
     data = np.asarray(data)
     size = _check_fit_options(data, fwhm_guess, stamp_size, n_iter, clip_sigma, max_stars, gain, degree)
@@ -360,5 +365,5 @@ def _first_weights(stars: _Stars, fwhm: float) -> np.ndarray:
 def _check_enough(stars: _Stars, degree: int) -> None:
     need, have = min_psf_stars(degree), int(np.count_nonzero(stars.active))
     if have < need:
-        raise ValueError(f"need at least {need} PSF stars for degree {degree}, got {have} "
+        raise TooFewPSFStarsError(f"need at least {need} PSF stars for degree {degree}, got {have} "
                          f"after rejecting {stars.active.size - have} of {stars.active.size} as outliers")

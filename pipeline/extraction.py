@@ -12,10 +12,10 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from improc.background import residual_background
 from improc.crowded_photometry import deblended_psf_fluxes
-from improc.extraction import aperture_photometry, extract_sources
+from improc.extraction import TooFewSourcesError, aperture_photometry, extract_sources
 from improc.hidden_sources import find_hidden_sources
 from improc.psf import PixelPSF
-from improc.psf_fit import fit_psf, min_psf_stars
+from improc.psf_fit import TooFewPSFStarsError, fit_psf, min_psf_stars
 from improc.psf_photometry import model_aperture_sums, psf_positions, select_psf_stars
 from models.psf import PSF
 from models.source_list import SourceList
@@ -23,11 +23,15 @@ from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
 
-__all__ = ["ExtractionParams", "Extractor", "ExtractionResult", "PSFError"]
+__all__ = ["ExtractionParams", "Extractor", "ExtractionResult", "PSFError", "TooFewStarsError"]
 
 
 class PSFError(ValueError):
-    """Too few good stars to fit a PSF."""
+    """The PSF could not be fitted (the image is marked BAD_PSF)."""
+
+
+class TooFewStarsError(PSFError):
+    """Too few bright, isolated, unsaturated stars qualify for the PSF (the image is marked NO_STARS)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,13 +166,15 @@ class Extractor(Step):
             result = self.compute(image.data, background=bg.counts, variance=bg.variance,
                                   mask=image.flags != 0, gain=_gain(header),
                                   saturation=float(saturation) if saturation is not None else None)
-        except ValueError:
+        except ValueError as exc:
             # PSFError, or improc's ValueError when too few good stars remain: the parameters
             # were checked when built, so the data are at fault.
-            image.set_badness("BAD_PSF")
+            few = isinstance(exc, (TooFewStarsError, TooFewSourcesError, TooFewPSFStarsError))
+            image.set_badness("NO_STARS" if few else "BAD_PSF")
             ds.save_and_commit()
             raise
         image.clear_badness("BAD_PSF")
+        image.clear_badness("NO_STARS")
         table = result.sources
         wcs = image.wcs
         if wcs is not None:
@@ -233,7 +239,7 @@ def _first_psf(data: np.ndarray, table: Table, p: ExtractionParams, *, backgroun
                     if trial == 0:
                         raise
 
-        failure = None if degree is not None else PSFError(
+        failure = None if degree is not None else TooFewStarsError(
             f"only {len(idx)} stars qualify for the PSF (S/N >= {p.psf_min_snr}, isolated, "
             f"unsaturated); need at least {min_psf_stars(0)}")
         try:

@@ -24,6 +24,7 @@ from astropy.wcs import WCS
 
 from improc.flags import FLAGS_DTYPE
 from improc.preprocessing import Preprocessed, parse_fits_section, preprocess
+from models.exposure import Exposure
 from models.image import Image, ImageType
 from models.instrument import BadInputError, Instrument, SectionInfo, header_to_dict
 from pipeline.data_store import DataStore
@@ -90,7 +91,7 @@ def _data_box(info: SectionInfo, raw_shape: tuple[int, int]) -> tuple[int, int, 
             min(b[1].start for b in boxes), max(b[1].stop for b in boxes))
 
 
-def _raw_bad_pixel_mask(exposure, instrument: Instrument, section: str,
+def _raw_bad_pixel_mask(exposure: Exposure, instrument: Instrument, section: str,
                         raw_shape: tuple[int, int]) -> np.ndarray | None:
     """The exposure file's bad-pixel mask (see the module docstring) as booleans, or None."""
     finder = getattr(instrument, "plane_hdu", None)

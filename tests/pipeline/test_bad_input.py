@@ -33,6 +33,8 @@ from models.source_list import SourceList
 from models.world_coordinates import WorldCoordinates
 from models.zero_point import ZeroPoint
 from models.instruments.synthetic import write_simulated_file
+from improc.extraction import TooFewSourcesError
+from improc.psf_fit import TooFewPSFStarsError
 from pipeline.catalogs import CatalogSource, reference_catalog
 from pipeline.parameters import ParameterError
 from pipeline.step import StepError
@@ -157,9 +159,10 @@ def _config(field: SimulatedField, tmp_path: Path, catalog_folder: Path) -> Conf
 def test_image_without_stars_fails_extraction_and_is_flagged(database, tmp_path):
     field = make_field(tmp_path / "sim", size=512, n_stars=0, n_galaxies=0)  # cosmic rays remain
     exposure, _ = ingest_file(field.paths[0])
-    _fail(exposure, field.config(tmp_path), step="extraction", cause=ValueError,
-          match=r"(PSF stars|sources)")
-    _assert_stopped_at("extraction", ImageBadness.BAD_PSF, database.store)
+    # the cosmic rays that pass for sources are rejected by the PSF fit as outliers
+    _fail(exposure, field.config(tmp_path), step="extraction", cause=TooFewPSFStarsError,
+          match=r"need at least \d+ PSF stars for degree \d+, got \d+ after rejecting")
+    _assert_stopped_at("extraction", ImageBadness.NO_STARS, database.store)
 
 
 def test_sky_above_saturation_fails_backgrounding_naming_the_flag(database, tmp_path):
@@ -178,9 +181,10 @@ def test_field_of_saturated_stars_fails_extraction_and_is_flagged(database, tmp_
     inside = sim.stars[sim.stars["in_image"]]
     assert np.mean(inside["saturated"]) > 0.8
     exposure, _ = ingest_file(field.paths[0])
-    _fail(exposure, field.config(tmp_path), step="extraction", cause=ValueError,
-          match=r"(PSF stars|sources|stars qualify)")
-    _assert_stopped_at("extraction", ImageBadness.BAD_PSF, database.store)
+    # saturated stars do not measure the FWHM, and too few others are bright enough
+    _fail(exposure, field.config(tmp_path), step="extraction", cause=TooFewSourcesError,
+          match=r"not enough sources to estimate the FWHM: 2 of \d+ have snr >= 20")
+    _assert_stopped_at("extraction", ImageBadness.NO_STARS, database.store)
 
 
 def test_large_nan_region_is_flagged_no_data_and_the_rest_calibrates(database, nan_files, tmp_path):
