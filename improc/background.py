@@ -434,8 +434,8 @@ def _structure_mask(values: np.ndarray, level: np.ndarray, usable: np.ndarray, r
     use = use.reshape(by, f, bx, f).mean(axis=(1, 3))
     weight = ndimage.gaussian_filter(use, sigma / f, truncate=3.0)
     smooth = ndimage.gaussian_filter(resid, sigma / f, truncate=3.0)
-    noise = np.asarray(rms, dtype=np.float32)[::f, ::f] / (2.0 * np.sqrt(np.pi) * sigma) if np.ndim(rms) \
-        else np.float32(rms / (2.0 * np.sqrt(np.pi) * sigma))    # white noise through a unit-sum Gaussian
+    # white noise through a unit-sum Gaussian
+    noise = np.broadcast_to(np.asarray(rms, np.float32), (ny, nx))[::f, ::f] / (2.0 * np.sqrt(np.pi) * sigma)
     # smooth / weight > threshold * noise where weight > 0.2 (float32 is ample for a threshold)
     found = (weight > 0.2) & (smooth > (threshold * noise) * weight)
     del weight, smooth

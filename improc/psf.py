@@ -33,7 +33,7 @@ from functools import cached_property
 import numpy as np
 import scipy.fft
 
-__all__ = ["PixelPSF", "n_terms", "monomials", "nearest_pixel", "cut_stamps"]
+__all__ = ["PixelPSF", "n_terms", "exponents", "monomials", "nearest_pixel", "cut_stamps"]
 
 
 def n_terms(degree: int) -> int:
@@ -41,11 +41,16 @@ def n_terms(degree: int) -> int:
     return (degree + 1) * (degree + 2) // 2
 
 
+def exponents(degree: int) -> list[tuple[int, int]]:
+    """Exponents (i, j) of the monomials ``u**i v**j`` of a degree, in PSFEx order."""
+    return [(i, j) for j in range(degree + 1) for i in range(degree + 1 - j)]
+
+
 def monomials(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
     """The monomials ``u**i v**j`` (i + j <= degree) in PSFEx order, shape (n, n_terms)."""
     u = np.atleast_1d(np.asarray(u, dtype=float))
     v = np.atleast_1d(np.asarray(v, dtype=float))
-    terms = [u**i * v**j for j in range(degree + 1) for i in range(degree + 1 - j)]
+    terms = [u**i * v**j for i, j in exponents(degree)]
     return np.stack(terms, axis=-1)
 
 

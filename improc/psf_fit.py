@@ -22,15 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from improc.psf import PixelPSF, cut_stamps, monomials, n_terms, nearest_pixel, _fourier_shift
-from improc.psf_modes import (embed_coefficients, fit_coefficients, fit_modes, normalized, principal_modes, denoised,
-                              recentred, to_basis)
+from improc.psf import PixelPSF, _fourier_shift, cut_stamps, n_terms, nearest_pixel
+from improc.psf_modes import (denoised, embed_coefficients, fit_coefficients, fit_modes, normalized,
+                              principal_modes, recentred, to_basis)
 
 __all__ = ["fit_psf", "min_psf_stars", "TooFewPSFStarsError"]
 
 
 class TooFewPSFStarsError(ValueError):
     """Fewer usable stars than the model's degree needs, before or after rejecting outliers."""
+
 
 #: Half-width (pixels) of the Lanczos kernel that moves star residuals onto the model grid.
 _LANCZOS_A = 4
@@ -48,6 +49,12 @@ _PIXELWISE_PASSES = 2
 def min_psf_stars(degree: int) -> int:
     """Fewest stars `fit_psf` accepts for a model of this degree: twice the number of terms."""
     return 2 * n_terms(degree)
+
+
+def _disc(size: int, radius: float) -> np.ndarray:
+    """(size, size) booleans: the pixels of a stamp within ``radius`` of its central pixel."""
+    off = np.arange(size) - size // 2
+    return off[None, :] ** 2 + off[:, None] ** 2 <= radius**2
 
 
 def _lanczos_matrices(offsets: np.ndarray, size: int) -> np.ndarray:
@@ -148,8 +155,7 @@ def _neighbour_mask(chi: np.ndarray, fwhm: float, core: np.ndarray, threshold: f
     sigma = fwhm / 2.3548
     smooth = ndimage.gaussian_filter(chi, sigma=(0, sigma, sigma), mode="constant", truncate=3.0)
     bumps = (smooth * (2.0 * np.sqrt(np.pi) * sigma) > threshold) & ~core
-    off = np.arange(-int(np.ceil(fwhm)), int(np.ceil(fwhm)) + 1)
-    disc = off[None, :] ** 2 + off[:, None] ** 2 <= fwhm**2
+    disc = _disc(2 * int(np.ceil(fwhm)) + 1, fwhm)
     return ndimage.binary_dilation(bumps, structure=disc[None])
 
 
@@ -258,23 +264,22 @@ def fit_psf(data: np.ndarray, x: np.ndarray, y: np.ndarray, *, background: np.nd
     first = min(degree, _PIXELWISE_DEGREE)
     psf = PixelPSF(np.zeros((n_terms(first), size, size)), first, x0=(nx - 1) / 2, y0=(ny - 1) / 2,
                    xscale=nx / 2, yscale=ny / 2, image_shape=(ny, nx))
-    off = np.arange(size) - size // 2
-    core2 = off[None, :] ** 2 + off[:, None] ** 2 <= (2 * fwhm_guess) ** 2
-    coef = np.eye(n_terms(first))[1:]
+    core2 = _disc(size, 2 * fwhm_guess)
+    aperture = _disc(size, 3 * fwhm_guess)
+    coef = None         # the low-rank model's coefficients, from the hand-over on
     for it in range(n_iter):
         stars.cut(data, background, variance, mask, size // 2)
         if it == 0:
             model = np.zeros_like(stars.data)
             if flux is None:
-                aperture = off[None, :] ** 2 + off[:, None] ** 2 <= (3 * fwhm_guess) ** 2
                 stars.flux = (stars.data * aperture).sum(axis=(1, 2))
                 stars.active &= stars.flux > 0
             stars.keep_brightest(max_stars)
         else:
             model = psf.get_clips(stars.x, stars.y, np.where(stars.active, stars.flux, 0.0))
         resid = stars.data - model
-        weight_st = _first_weights(stars, fwhm_guess) if it == 0 else _pixel_weights(stars, resid, model, gain, clip_sigma,
-                                                                   fwhm_guess, core2)
+        weight_st = (_first_weights(stars, aperture) if it == 0
+                     else _pixel_weights(stars, resid, model, gain, clip_sigma, fwhm_guess, core2))
         _check_enough(stars, degree)
         resid = np.where(weight_st > 0, resid, 0.0)
         grid_y, grid_w = _on_grid(psf, stars, resid, weight_st)
@@ -282,7 +287,7 @@ def fit_psf(data: np.ndarray, x: np.ndarray, y: np.ndarray, *, background: np.nd
         star_weight = grid_w.sum(axis=1)
         if it < _PIXELWISE_PASSES:
             phi, normal = fit_modes(grid_y, grid_w, monos, psf.basis.reshape(len(psf.basis), -1))
-            phi, _ = normalized(phi.reshape(-1, size, size), np.zeros((0, monos.shape[1])), monos, star_weight)
+            phi, _ = normalized(phi.reshape(-1, size, size))
             if it == _PIXELWISE_PASSES - 1:       # hand over to the low-rank model
                 phi, coef = principal_modes(phi, normal, monos, star_weight, core2)
                 coef = embed_coefficients(coef, first, degree)
@@ -335,20 +340,17 @@ def _pixel_weights(stars: _Stars, resid: np.ndarray, model: np.ndarray, gain: fl
     return np.where(bad, 0.0, 1.0 / var)
 
 
-def _first_weights(stars: _Stars, fwhm: float) -> np.ndarray:
+def _first_weights(stars: _Stars, aperture: np.ndarray) -> np.ndarray:
     """Inverse variances for the first pass, zero for pixels far off the stars' median profile.
 
     The first pass has no model to clip against, and a star's weight grows as its flux squared:
     one unflagged hot column through a bright star's stamp would enter the model whole.  So
     each stamp, scaled by its aperture flux, is compared with the median of all of them, with a
     tolerance of half the median's local maximum (the stars' sub-pixel phases and the PSF's
-    variation differ by less) plus 10 sigma of the noise.
+    variation differ by less) plus 10 sigma of the noise.  ``aperture``: (S, S) booleans.
     """
-    size = stars.data.shape[1]
-    off = np.arange(size) - size // 2
-    aperture = off[None, :] ** 2 + off[:, None] ** 2 <= (3 * fwhm) ** 2
     good = np.isfinite(stars.var)
-    flux = (np.where(good, stars.data, 0.0) * aperture).sum(axis=(1, 2))
+    flux = (stars.data * aperture).sum(axis=(1, 2))      # unusable pixels are 0 in the stamps
     use = flux > 0
     if np.count_nonzero(use) < 3:
         return 1.0 / stars.var

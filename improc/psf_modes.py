@@ -9,8 +9,8 @@ pixel grid, ``Y_n`` (``P = size**2`` pixels), with weights ``W_n``.  The model i
 (`improc.psf.monomials`).  The same model is a `~improc.psf.PixelPSF` of the coefficients' degree
 whose basis has rank ``K`` in its non-constant terms (`to_basis`).
 
-A pixel-wise polynomial (PSFEx) is the special case ``coef = identity`` over the non-constant
-monomials; it is what the first passes of the fit use, and where the modes come from
+A pixel-wise polynomial (PSFEx) is the special case of one mode per non-constant monomial;
+it is what the first passes of the fit use, and where the modes come from
 (`principal_modes`).  Fewer modes than terms have much less noise: each pixel has ``1 + K``
 unknowns instead of ``n_terms``, and the ``K x n_terms`` coefficients are fitted with every pixel
 of every star.  So the coefficients can be of higher degree (e.g. cubic, needed to follow a FWHM
@@ -24,21 +24,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from improc.psf import n_terms
+from improc.psf import exponents
 
-__all__ = ["exponents", "identity_coefficients", "embed_coefficients", "to_basis", "fit_modes",
-           "fit_coefficients", "normalized", "recentred", "principal_modes"]
-
-
-def exponents(degree: int) -> list[tuple[int, int]]:
-    """Exponents (i, j) of the monomials ``u**i v**j`` of a degree, in PSFEx order."""
-    return [(i, j) for j in range(degree + 1) for i in range(degree + 1 - j)]
-
-
-def identity_coefficients(degree: int) -> np.ndarray:
-    """Coefficients (n_terms - 1, n_terms) that make each mode one non-constant monomial."""
-    k = n_terms(degree)
-    return np.eye(k)[1:]
+__all__ = ["embed_coefficients", "to_basis", "fit_modes", "fit_coefficients", "normalized", "recentred",
+           "principal_modes", "denoised"]
 
 
 def embed_coefficients(coef: np.ndarray, degree: int, new_degree: int) -> np.ndarray:
@@ -52,7 +41,7 @@ def embed_coefficients(coef: np.ndarray, degree: int, new_degree: int) -> np.nda
 
 def to_basis(phi: np.ndarray, coef: np.ndarray) -> np.ndarray:
     """The polynomial basis (n_terms, S, S) of a `PixelPSF` equal to the model (phi, coef)."""
-    basis = np.tensordot(coef.T, phi[1:], axes=1) if len(coef) else np.zeros((coef.shape[1],) + phi.shape[1:])
+    basis = np.tensordot(coef.T, phi[1:], axes=1)
     basis[0] += phi[0]
     return basis
 
@@ -118,14 +107,15 @@ def fit_coefficients(y: np.ndarray, w: np.ndarray, monos: np.ndarray, phi: np.nd
     return np.linalg.solve(normal, rhs).reshape(k, t)
 
 
-def normalized(phi: np.ndarray, coef: np.ndarray, monos: np.ndarray,
-               star_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def normalized(phi: np.ndarray, coef: np.ndarray | None = None, monos: np.ndarray | None = None,
+               star_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The same model with the mean stamp summing to 1 and every mode to 0 (so the PSF sums to 1
-    everywhere), each mode's amplitude of zero weighted mean over the stars (its mean goes into
-    the mean stamp) and each mode of unit norm (its scale goes into the coefficients)."""
+    everywhere); given the coefficients (and the stars' monomials and weights), also each mode's
+    amplitude of zero weighted mean over the stars (its mean goes into the mean stamp) and each
+    mode of unit norm (its scale goes into the coefficients)."""
     phi = phi / phi[0].sum()
     phi[1:] -= phi[1:].sum(axis=(1, 2))[:, None, None] * phi[0]
-    if len(coef) == 0:
+    if coef is None or len(coef) == 0:
         return phi, coef
     coef = coef.copy()
     mean = (star_weight @ (monos @ coef.T)) / star_weight.sum()

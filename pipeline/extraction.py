@@ -23,15 +23,11 @@ from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
 
-__all__ = ["ExtractionParams", "Extractor", "ExtractionResult", "PSFError", "TooFewStarsError"]
+__all__ = ["ExtractionParams", "Extractor", "ExtractionResult", "PSFError"]
 
 
 class PSFError(ValueError):
     """The PSF could not be fitted (the image is marked BAD_PSF)."""
-
-
-class TooFewStarsError(PSFError):
-    """Too few bright, isolated, unsaturated stars qualify for the PSF (the image is marked NO_STARS)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,8 +165,8 @@ class Extractor(Step):
         except ValueError as exc:
             # PSFError, or improc's ValueError when too few good stars remain: the parameters
             # were checked when built, so the data are at fault.
-            few = isinstance(exc, (TooFewStarsError, TooFewSourcesError, TooFewPSFStarsError))
-            image.set_badness("NO_STARS" if few else "BAD_PSF")
+            few_stars = isinstance(exc, (TooFewSourcesError, TooFewPSFStarsError))
+            image.set_badness("NO_STARS" if few_stars else "BAD_PSF")
             ds.save_and_commit()
             raise
         image.clear_badness("BAD_PSF")
@@ -239,7 +235,7 @@ def _first_psf(data: np.ndarray, table: Table, p: ExtractionParams, *, backgroun
                     if trial == 0:
                         raise
 
-        failure = None if degree is not None else TooFewStarsError(
+        failure = None if degree is not None else TooFewPSFStarsError(
             f"only {len(idx)} stars qualify for the PSF (S/N >= {p.psf_min_snr}, isolated, "
             f"unsaturated); need at least {min_psf_stars(0)}")
         try:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from improc.psf import monomials
+from improc.psf import exponents, monomials
 from improc.psf_fit import fit_psf
-from improc.psf_modes import embed_coefficients, exponents, fit_coefficients, fit_modes, normalized, to_basis
+from improc.psf_modes import embed_coefficients, fit_coefficients, fit_modes, normalized, to_basis
 from improc.sim_psf import PsfField
 
 SHAPE = (2048, 2048)
