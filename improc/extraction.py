@@ -476,7 +476,8 @@ def extract_sources(data: np.ndarray, *, background: np.ndarray | float, noise: 
                     filter_kernel: np.ndarray | None = DEFAULT_FILTER_KERNEL,
                     filter_type: Literal["conv", "matched"] = "conv",
                     aperture_radii: Sequence[float] | None = None, gain: float | None = None,
-                    saturation: float | None = None, max_sources: int = 100_000) -> Table:
+                    saturation: float | None = None, max_sources: int = 100_000,
+                    exclude: np.ndarray | None = None) -> Table:
     """Detect sources and measure positions, shapes, sizes and aperture fluxes.
 
     Parameters
@@ -516,6 +517,10 @@ def extract_sources(data: np.ndarray, *, background: np.ndarray | float, noise: 
         Level of ``data`` at or above which a pixel is saturated (SATURATED flag); None: no check.
     max_sources
         More detections than this is an error (the threshold is probably too low).
+    exclude
+        (ny, nx), True where no pixel may belong to a detection (e.g. outside a search area);
+        unlike ``mask`` these pixels are good data: they count in the measurements and do
+        not set MASKED.
 
     Returns
     -------
@@ -543,7 +548,10 @@ def extract_sources(data: np.ndarray, *, background: np.ndarray | float, noise: 
     gain = _check_gain(gain)
     radii = None if aperture_radii is None else _check_radii(aperture_radii)
     raw, sub, noise_map, bad = _prepare(data, background, noise, mask)
-    objs, seg = _detect(sub, noise_map, bad, threshold=threshold, minarea=minarea,
+    if exclude is not None and np.shape(exclude) != sub.shape:
+        raise ValueError(f"exclude shape {np.shape(exclude)} does not match data shape {sub.shape}")
+    search_bad = bad if exclude is None else bad | np.asarray(exclude, dtype=bool)
+    objs, seg = _detect(sub, noise_map, search_bad, threshold=threshold, minarea=minarea,
                         deblend_nthresh=deblend_nthresh, deblend_cont=deblend_cont,
                         filter_kernel=filter_kernel, filter_type=filter_type, gain=gain,
                         max_sources=int(max_sources))

@@ -17,7 +17,7 @@ import sep
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from improc.extraction import SourceFlag, aperture_photometry, extract_sources
+from improc.extraction import SourceFlag, extract_sources
 
 __all__ = ["find_hidden_sources"]
 
@@ -60,12 +60,9 @@ def find_hidden_sources(data: np.ndarray, model: np.ndarray, known_x: np.ndarray
     one), and so are those whose size (``fwhm``, twice the half-light radius) is not within
     ``fwhm_tolerance`` of ``point_fwhm`` (the sharp or shapeless residuals of an imperfect
     model); the others get the `SourceFlag.RESIDUAL` flag.  Pixels left out only to bound the
-    search (far from the point sources, or on an extended source) do not set the
-    `SourceFlag.MASKED` flag, which is kept for a footprint touching a pixel of ``mask`` or a
-    non-finite one: as `extract_sources` returns no footprints, for a source whose footprint
-    touches a masked pixel, a bad pixel within ``sqrt(npix / pi) + 1.5`` of its centre or
-    nearer to it than the search area's edge.  The apertures are then measured anew with
-    ``mask`` alone.
+    search (far from the point sources, or on an extended source) are `extract_sources`'s
+    ``exclude``, not its ``mask``: they do not set the `SourceFlag.MASKED` flag and count in
+    the apertures.
 
     Parameters
     ----------
@@ -131,26 +128,16 @@ def find_hidden_sources(data: np.ndarray, model: np.ndarray, known_x: np.ndarray
     known = _finite_known(known_x, known_y, point_like, extent)
     margin = SEARCH_MARGIN_FWHM * point_fwhm
     reach = None if max_separation is None else max_separation + margin
-    steer = _outside_search(data.shape, known, reach)     # masked only to bound the search
-    detect_mask = steer if mask is None else steer | mask
-    if detect_mask.all():
+    outside = _outside_search(data.shape, known, reach)     # bounds the search; not bad data
+    if (outside if mask is None else outside | mask).all():
         return Table()
     residual, noise = _residual_and_noise(data, model, background=background, variance=variance, gain=gain,
-                                          model_error=model_error, mask=detect_mask)
+                                          model_error=model_error, mask=outside if mask is None else outside | mask)
     del model
-    found = extract_sources(residual, background=background, noise=noise, gain=gain, mask=detect_mask,
-                            aperture_radii=aperture_radii, **detection)
+    found = extract_sources(residual, background=background, noise=noise, gain=gain, mask=mask,
+                            exclude=outside, aperture_radii=aperture_radii, **detection)
     found = found[_kept(found, known, min_separation=min_separation, max_separation=max_separation,
                         point_fwhm=point_fwhm, fwhm_tolerance=fwhm_tolerance)]
-    if len(found):
-        with np.errstate(invalid="ignore"):
-            bad = ~(np.isfinite(residual - np.asarray(background, np.float32)) & (noise > 0))
-        bad = bad if mask is None else bad | mask
-        masked = (found["flags"] & SourceFlag.MASKED) > 0
-        found["flags"][masked & ~_flagged_by_bad_pixels(found, bad, steer & ~bad, margin=margin)] \
-            &= ~int(SourceFlag.MASKED)
-        found = aperture_photometry(residual, found, background=background, noise=noise,
-                                    aperture_radii=aperture_radii, mask=mask, gain=gain)
     found["flags"] |= int(SourceFlag.RESIDUAL)
     return found
 
@@ -250,33 +237,6 @@ def _kept(found: Table, known: _Known, *, min_separation: float, max_separation:
         points = known.xy[known.point_like]
         keep &= (cKDTree(points).query(xy)[0] <= max_separation) if len(points) else False
     return keep
-
-
-def _flagged_by_bad_pixels(found: Table, bad: np.ndarray, steer: np.ndarray, *,
-                           margin: float) -> np.ndarray:
-    """Bool per source: whether its MASKED flag (if set) may be due to a ``bad`` pixel.
-
-    `extract_sources` sets MASKED when a footprint touches a masked pixel, whether ``bad`` or
-    masked only to ``steer`` the search, and returns no footprints.  A source is taken to
-    touch a ``bad`` pixel if one lies within its footprint's radius (``sqrt(npix / pi)`` + 1.5
-    pixels) or nearer to its centre than every ``steer`` pixel, within that radius plus twice
-    the search ``margin`` (pixels); if neither is there the footprint is huge and the flag is
-    kept.
-    """
-    ny, nx = bad.shape
-    radius_fp = np.sqrt(np.asarray(found["npix"], float) / np.pi) + 1.5
-    out = np.ones(len(found), dtype=bool)
-    for i, (x, y) in enumerate(zip(np.asarray(found["x"], float), np.asarray(found["y"], float))):
-        half = int(np.ceil(radius_fp[i] + 2.0 * margin)) + 1
-        x0, x1 = max(int(round(x)) - half, 0), min(int(round(x)) + half + 1, nx)
-        y0, y1 = max(int(round(y)) - half, 0), min(int(round(y)) + half + 1, ny)
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        d2 = (xx - x) ** 2 + (yy - y) ** 2
-        near_bad = d2[bad[y0:y1, x0:x1]].min(initial=np.inf)
-        near_steer = d2[steer[y0:y1, x0:x1]].min(initial=np.inf)
-        out[i] = (near_bad <= radius_fp[i] ** 2 or near_bad < near_steer
-                  or (np.isinf(near_bad) and np.isinf(near_steer)))
-    return out
 
 
 def _paint_disc(image: np.ndarray, x: float, y: float, radius: float) -> None:

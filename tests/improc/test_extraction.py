@@ -244,3 +244,34 @@ def test_two_pass_needs_stars():
     image = np.random.default_rng(1).normal(0.0, 1.0, (64, 64))
     with pytest.raises(ValueError, match="not enough sources to estimate the FWHM"):
         extract_sources(image, background=0.0, noise=1.0)
+
+
+def test_excluded_pixels_bound_the_detection_but_are_not_bad(star_field):
+    """``exclude`` (the left part of the image, its edge 2 px right of a column of stars): no
+    detection lies deeper in it than a footprint reaches; the stars on the edge, whose
+    footprints it cuts, are found without MASKED, with the positions and aperture fluxes of
+    the run without ``exclude`` to 0.05 px and 0.1 % (the excluded pixels are good data); ``mask`` on the same pixels
+    does set MASKED."""
+    image, xs, ys, fluxes, table = star_field
+    radii = [FWHM_PIXEL * m for m in (1, 2, 3)]
+    column = 195.0        # a column of the star_field grid (x = 20 + 25 k, jittered by < 0.5 px)
+    edge_x = int(column) + 2
+    exclude = np.zeros(image.shape, bool)
+    exclude[:, :edge_x] = True
+    options = dict(background=SKY, noise=SKY_NOISE, gain=GAIN, aperture_radii=radii)
+    bounded = extract_sources(image, exclude=exclude, **options)
+    x = np.asarray(bounded["x"])
+    assert len(bounded) > 0 and x.min() > edge_x - 4
+    edge = np.abs(x - column) < 1.5
+    assert edge.sum() >= 10
+    assert np.all((np.asarray(bounded["flags"])[edge] & SourceFlag.MASKED) == 0)
+    full = np.asarray(table["x"]), np.asarray(table["y"])
+    for row in bounded[edge]:
+        k = np.argmin(np.hypot(full[0] - row["x"], full[1] - row["y"]))
+        assert np.hypot(full[0][k] - row["x"], full[1][k] - row["y"]) < 0.05
+        # (the windowed centroids differ by < 0.05 px: the apertures by < 0.1 %)
+        assert row["apflux_2"] == pytest.approx(table["apflux_2"][k], rel=1e-3)
+    masked = extract_sources(image, mask=exclude, **options)
+    assert np.any(np.asarray(masked["flags"]) & SourceFlag.MASKED)
+    with pytest.raises(ValueError, match="exclude shape"):
+        extract_sources(image, exclude=exclude[:10], **options)
