@@ -10,8 +10,9 @@ from astropy.coordinates import SkyCoord
 import astropy.units as u
 
 from improc.color_transforms import gaia_to_band
-from improc.photometry import (ZeroPointFit, aperture_corrections, fit_zero_point,
+from improc.photometry import (PhotometryError, ZeroPointFit, aperture_corrections, fit_zero_point,
                                limiting_magnitude)
+from improc.psf_photometry import model_aperture_sums
 from models.zero_point import ZeroPoint
 from pipeline.catalogs import CatalogSource, isolated_stars, reference_catalog, stars_at_epoch
 from pipeline.data_store import DataStore
@@ -19,6 +20,9 @@ from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
 
 __all__ = ["PhotoCalParams", "PhotoCalibrator"]
+
+#: Fewest calibrators from which aperture corrections are measured (with fewer, the PSF model's).
+MIN_APCOR_STARS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,14 +42,15 @@ class PhotoCalParams(StepParams):
     color_term: Literal["none", "fit"] = param(
         "none", "'fit' also fits a linear term in Gaia BP-RP on top of the band transformation.")
     clip_sigma: float = param(3.0, "Outlier rejection threshold of the fit.")
-    min_stars: int = param(5, "Fewest calibration stars accepted.")
+    min_stars: int = param(5, "Fewest calibration stars accepted (>= 2).  Below 3, the aperture "
+                                 "corrections come from the PSF model instead of the stars.")
     limit_snr: float = param(5.0, "S/N of the limiting magnitude written to the image.")
 
     def validate(self) -> None:
         if self.match_radius_arcsec <= 0:
             raise ParameterError(f"photocal match_radius_arcsec must be > 0, got {self.match_radius_arcsec}")
-        if self.min_stars < 3:  # aperture corrections need at least three stars
-            raise ParameterError(f"photocal min_stars must be >= 3, got {self.min_stars}")
+        if self.min_stars < 2:
+            raise ParameterError(f"photocal min_stars must be >= 2, got {self.min_stars}")
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class PhotoCalibrator(Step):
     """Make the image's `ZeroPoint`; write zero point and limiting magnitude into the image."""
 
     process = "photocal"
-    version = "1.0.0"
+    version = "1.1.0"
     Params = PhotoCalParams
     products = ("zp",)
     upstream_processes = ("astrocal",)
@@ -77,16 +82,49 @@ class PhotoCalibrator(Step):
         return np.flatnonzero(ok), idx[ok]
 
     def compute(self, psf_flux, psf_err, apfluxes, catalog_mag, color, *, sky_rms: float,
-                psf_stamp: np.ndarray) -> PhotoCalResult:
-        """Zero point, aperture corrections and limiting magnitude from matched stars."""
+                psf_stamp: np.ndarray, model_fractions: np.ndarray | None = None) -> PhotoCalResult:
+        """Zero point, aperture corrections and limiting magnitude from matched stars.
+
+        Parameters
+        ----------
+        psf_flux, psf_err : numpy.ndarray
+            Shape (n,) PSF fluxes of the matched stars and their errors, ADU.
+        apfluxes : numpy.ndarray
+            Shape (n, n_ap) their aperture fluxes, ADU.
+        catalog_mag, color : numpy.ndarray
+            Shape (n,) their catalog magnitudes in the image's band, and Gaia BP - RP.
+        sky_rms : float
+            Sky noise per pixel, ADU, for the limiting magnitude.
+        psf_stamp : numpy.ndarray
+            The PSF at the chip centre (sums to 1), for the limiting magnitude.
+        model_fractions : numpy.ndarray or None
+            Shape (n, n_ap): the fraction of each star's PSF model inside each aperture (see
+            `improc.psf_photometry.model_aperture_sums`).  When fewer than three stars calibrate
+            the zero point, too few to measure the corrections or to reject a bad one, the
+            corrections are 2.5 log10 of the mean fraction over those stars: what the PSF fluxes
+            and the apertures give if the model is right.
+
+        Raises
+        ------
+        PhotometryError
+            Too few stars for the zero point, or for the aperture corrections and no
+            ``model_fractions``.
+        """
         p = self.params
         fit = fit_zero_point(psf_flux, psf_err, catalog_mag, color=color, color_term=p.color_term,
                              clip_sigma=p.clip_sigma, min_stars=p.min_stars)
         used = fit.used
-        # random-effects mean: weights from the stars' errors scaled to each aperture plus the
-        # corrections' true variation over the chip (see aperture_corrections)
-        mag_err = 2.5 / np.log(10.0) * psf_err[used] / psf_flux[used]
-        apcor = aperture_corrections(apfluxes[used], psf_flux[used], mag_errors=mag_err)
+        if used.sum() >= MIN_APCOR_STARS:
+            # random-effects mean: weights from the stars' errors scaled to each aperture plus the
+            # corrections' true variation over the chip (see aperture_corrections)
+            mag_err = 2.5 / np.log(10.0) * psf_err[used] / psf_flux[used]
+            apcor = aperture_corrections(apfluxes[used], psf_flux[used], mag_errors=mag_err,
+                                         min_stars=MIN_APCOR_STARS)
+        elif model_fractions is not None:
+            apcor = 2.5 * np.log10(np.mean(np.asarray(model_fractions, dtype=float)[used], axis=0))
+        else:
+            raise PhotometryError(f"aperture corrections need {MIN_APCOR_STARS} stars or the PSF model's "
+                                  f"aperture fractions; {used.sum()} stars calibrate")
         lim = limiting_magnitude(sky_noise_adu=sky_rms, zero_point=fit.zp, psf=psf_stamp, snr=p.limit_snr)
         return PhotoCalResult(fit=fit, aper_cors=np.asarray(apcor), lim_mag=float(lim))
 
@@ -117,8 +155,10 @@ class PhotoCalibrator(Step):
             cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
             apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc]
                                         for i in range(len(sources.aper_radii))])
+            x, y = np.asarray(sources.x)[isrc], np.asarray(sources.y)[isrc]
+            fractions = model_aperture_sums(psf.model, x, y, 1.0, sources.aper_radii)
             result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
-                                  sky_rms=bg.rms_median,
+                                  sky_rms=bg.rms_median, model_fractions=fractions,
                                   psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
             image.zero_point_estimate = result.fit.zp
             image.lim_mag_estimate = result.lim_mag

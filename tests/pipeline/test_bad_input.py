@@ -326,3 +326,5 @@ def test_step_parameter_of_wrong_type_names_the_step_and_the_key(tmp_path):
         Pipeline(config)
     with pytest.raises(ParameterError, match=r"extraction threshold must be > 0, got -1"):
         Pipeline(Config.load(**{"extraction.threshold": -1}))
+    with pytest.raises(ParameterError, match=r"photocal min_stars must be >= 2, got 1"):
+        Pipeline(Config.load(**{"photocal.min_stars": 1}))

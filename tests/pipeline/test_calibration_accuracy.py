@@ -38,7 +38,8 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from improc.color_transforms import gaia_to_band
-from improc.psf_photometry import psf_fluxes
+from improc.photometry import PhotometryError
+from improc.psf_photometry import model_aperture_sums, psf_fluxes
 from improc.simulator import SimulatedImage, SimulationParams, simulate_image
 from pipeline.astro_cal import AstroCalibrator, AstroCalParams
 from pipeline.backgrounding import Backgrounder, BackgroundingParams
@@ -381,6 +382,40 @@ def test_aperture_corrections_within_5_mmag(calibrated):
     for i, radius in enumerate(sources.meta["aperture_radii"]):
         truth = 2.5 * np.log10(np.mean(_true_aperture_fraction(sim, true_x, true_y, radius)))
         assert result.aper_cors[i] == pytest.approx(truth, abs=0.005), f"aperture {i}, r = {radius:.2f} px"
+
+
+def test_two_calibrators_take_aperture_corrections_from_the_psf_model(calibrated):
+    """With two calibrators (``min_stars=2``), too few to measure aperture corrections, they
+    come from the PSF model's fractions in the apertures at those stars: within 0.005 mag of
+    the truth for two stars at opposite corners, where the PSF differs most from the chip's
+    mean (measured: -0.0003, -0.0005, -0.0011, -0.0008 for the 1, 2, 3, 5 FWHM apertures).  Without the fractions photocal refuses."""
+    sim, sources, extraction = calibrated.sim, calibrated.extraction.sources, calibrated.extraction
+    used = calibrated.calibrators[calibrated.photometry.fit.used]
+    x, y = np.asarray(sources["x"])[used], np.asarray(sources["y"])[used]
+    pair = used[[np.argmin(x + y), np.argmax(x + y)]]            # lower-left and upper-right
+    distance, index = cKDTree(np.column_stack([sim.stars["x"], sim.stars["y"]])).query(
+        np.column_stack([sources["x"][pair], sources["y"][pair]]))
+    assert distance.max() < 0.2
+    true_x, true_y = np.asarray(sim.stars["x"])[index], np.asarray(sim.stars["y"])[index]
+    assert np.hypot(true_x[1] - true_x[0], true_y[1] - true_y[0]) > 0.7 * np.hypot(PARAMS.nx, PARAMS.ny)
+    radii = sources.meta["aperture_radii"]
+    flux, err = np.asarray(sources["psfflux"])[pair], np.asarray(sources["psffluxerr"])[pair]
+    apfluxes = np.column_stack([np.asarray(sources[f"apflux_{i}"])[pair] for i in range(len(radii))])
+    catalog_mag = np.asarray(sim.stars["mag"])[index]
+    fractions = model_aperture_sums(extraction.psf, sources["x"][pair], sources["y"][pair], 1.0, radii)
+    calibrator = PhotoCalibrator(params=PhotoCalParams(min_stars=2))
+    stamp = extraction.psf.get_clip(PARAMS.nx / 2.0, PARAMS.ny / 2.0)
+
+    result = calibrator.compute(flux, err, apfluxes, catalog_mag, np.zeros(2), sky_rms=10.0, psf_stamp=stamp,
+                                model_fractions=fractions)
+
+    assert result.fit.n_stars == 2
+    sigma = np.sqrt((1.0857 * err / flux) ** 2 + 0.01**2)        # fit_zero_point's default error floor
+    assert abs(result.fit.zp - PARAMS.zero_point) <= 3.0 / np.sqrt(np.sum(sigma**-2.0))
+    truth = [2.5 * np.log10(np.mean(_true_aperture_fraction(sim, true_x, true_y, r))) for r in radii]
+    assert np.abs(result.aper_cors - truth).max() <= 0.005, f"model - truth {result.aper_cors - truth}"
+    with pytest.raises(PhotometryError, match="aperture corrections need 3 stars"):
+        calibrator.compute(flux, err, apfluxes, catalog_mag, np.zeros(2), sky_rms=10.0, psf_stamp=stamp)
 
 
 def test_limiting_magnitude_matches_analytic_and_injected_sources(calibrated):
