@@ -162,6 +162,8 @@ def _neighbour_mask(chi: np.ndarray, fwhm: float, core: np.ndarray, threshold: f
 def _reject_stars(chi: np.ndarray, stars: _Stars, core_mask: np.ndarray, clip_sigma: float) -> None:
     """Deactivate stars whose core chi-square is an outlier (binaries, galaxies, artefacts)."""
     a = np.flatnonzero(stars.active)
+    if a.size == 0:         # all rejected already: the caller reports too few stars
+        return
     used = core_mask & (chi[a] != 0)
     npix = used.sum(axis=(1, 2))
     chi2 = (chi[a] ** 2 * used).sum(axis=(1, 2)) / np.maximum(npix - 3, 1)

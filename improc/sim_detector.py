@@ -66,7 +66,8 @@ def sky_model(shape: tuple[int, int], *, level: float, gradient: float) -> np.nd
 
 def expose(model: np.ndarray, *, gain: float, read_noise: float, saturation_adu: float,
            bleed_trails: bool, n_cosmic_rays: int, n_bad_columns: int, noise: bool,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+           rng: np.random.Generator,
+           defects_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read out a noiseless scene through the detector.
 
     Parameters
@@ -88,7 +89,11 @@ def expose(model: np.ndarray, *, gain: float, read_noise: float, saturation_adu:
     noise : bool
         Add Poisson and read noise.
     rng : numpy.random.Generator
-        Source of all random numbers here.
+        Source of the exposure's random numbers: noise, cosmic rays, and the bad columns'
+        read noise (and their layout when ``defects_rng`` is None).
+    defects_rng : numpy.random.Generator or None
+        Source of the detector's fixed defects (which columns are bad, dead or hot, from which
+        row), the same for every exposure of one detector.  None: drawn from ``rng``.
 
     Returns
     -------
@@ -115,7 +120,8 @@ def expose(model: np.ndarray, *, gain: float, read_noise: float, saturation_adu:
     flags[cosmic] |= FLAG_COSMIC_RAY
     flags[bleed & ~full] |= FLAG_BLEED
     flags[data >= np.float32(saturation_adu)] |= FLAG_SATURATED
-    bad = _add_bad_columns(data, n_bad_columns, column_rng, saturation_adu=saturation_adu,
+    bad = _add_bad_columns(data, n_bad_columns, column_rng if defects_rng is None else defects_rng,
+                           column_rng, saturation_adu=saturation_adu,
                            read_noise_adu=read_noise / gain if noise else 0.0)
     flags[bad] |= FLAG_BAD_COLUMN
     return data, flags
@@ -201,15 +207,20 @@ def _spill(column: np.ndarray, path: np.ndarray, charge: float, full_well: float
     return path[:k]
 
 
-def _add_bad_columns(data: np.ndarray, n: int, rng: np.random.Generator, *,
-                     saturation_adu: float, read_noise_adu: float) -> np.ndarray:
-    """Overwrite ``n`` columns (each whole or from a random row up) as dead or hot; their mask."""
+def _add_bad_columns(data: np.ndarray, n: int, layout_rng: np.random.Generator,
+                     noise_rng: np.random.Generator, *, saturation_adu: float,
+                     read_noise_adu: float) -> np.ndarray:
+    """Overwrite ``n`` columns (each whole or from a random row up) as dead or hot; their mask.
+
+    Which columns, from which row and which kind come from ``layout_rng``, their read noise
+    from ``noise_rng`` (the two may be one generator).
+    """
     ny, nx = data.shape
     mask = np.zeros(data.shape, dtype=bool)
-    for col in rng.choice(nx, size=min(n, nx), replace=False):
-        first = 0 if rng.random() < 0.5 else int(rng.integers(0, ny))
-        level = 0.0 if rng.random() < 0.5 else 0.5 * saturation_adu   # dead or hot
-        values = level + read_noise_adu * rng.standard_normal(ny - first)
+    for col in layout_rng.choice(nx, size=min(n, nx), replace=False):
+        first = 0 if layout_rng.random() < 0.5 else int(layout_rng.integers(0, ny))
+        level = 0.0 if layout_rng.random() < 0.5 else 0.5 * saturation_adu   # dead or hot
+        values = level + read_noise_adu * noise_rng.standard_normal(ny - first)
         data[first:, col] = np.minimum(values, saturation_adu).astype(np.float32)
         mask[first:, col] = True
     return mask

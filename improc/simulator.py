@@ -114,12 +114,15 @@ class SimulationParams:
     seed: int = _param(42, "Seed of the exposure (noise, detector, header pointing error).")
     scene_seed: int | None = _param(None, "Seed of the sky (stars, galaxies, missing Gaia "
                                           "stars); None: use seed.")
+    detector_seed: int | None = _param(None, "Seed of the detector's fixed defects (where the bad "
+                                             "columns are, their kind and extent), shared by the "
+                                             "exposures of one detector; None: use seed.")
 
     def __post_init__(self) -> None:
         for name in ("nx", "ny", "psf_oversample", "n_galaxies", "n_cosmic_rays",
                      "n_bad_columns", "seed"):
             _check_int(name, getattr(self, name))
-        for name in ("n_stars", "scene_seed"):
+        for name in ("n_stars", "scene_seed", "detector_seed"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
         for name in ("nx", "ny"):
@@ -348,7 +351,7 @@ def simulate_image(params: SimulationParams = SimulationParams(), *, stars: Tabl
         model, gain=params.gain, read_noise=params.read_noise,
         saturation_adu=params.saturation_adu, bleed_trails=params.bleed_trails,
         n_cosmic_rays=params.n_cosmic_rays, n_bad_columns=params.n_bad_columns,
-        noise=params.noise, rng=exposure_rngs[1])
+        noise=params.noise, rng=exposure_rngs[1], defects_rng=_defects_generator(params))
     weight = sim_detector.inverse_variance(model, flags, gain=params.gain,
                                            read_noise=params.read_noise)
     return SimulatedImage(
@@ -377,6 +380,13 @@ def _generators(params: SimulationParams) -> tuple[list[np.random.Generator],
     exposure = np.random.SeedSequence(params.seed, spawn_key=(1,))
     return ([np.random.default_rng(s) for s in scene.spawn(3)],
             [np.random.default_rng(s) for s in exposure.spawn(2)])
+
+
+def _defects_generator(params: SimulationParams) -> np.random.Generator | None:
+    """The generator of the detector's defects, or None to draw them with the exposure's."""
+    if params.detector_seed is None:
+        return None
+    return np.random.default_rng(np.random.SeedSequence(params.detector_seed, spawn_key=(2,)))
 
 
 def _render_stars(catalog: Table, in_gaia: np.ndarray, params: SimulationParams, wcs: WCS,

@@ -27,8 +27,8 @@ def _simulate(folder: Path, n_images: int, size: int):
     folder.mkdir(parents=True, exist_ok=True)
     sims, paths = [], []
     for k in range(n_images):
-        params = SimulationParams(nx=size, ny=size, seed=1000 + k, scene_seed=7, mjd=60400.1 + 3.0 * k,
-                                  star_density=40000.0, pointing_error_arcsec=20.0,
+        params = SimulationParams(nx=size, ny=size, seed=1000 + k, scene_seed=7, detector_seed=7,
+                                  mjd=60400.1 + 3.0 * k, star_density=40000.0, pointing_error_arcsec=20.0,
                                   rotation_error_deg=0.5, fwhm_arcsec=0.9 + 0.15 * k)
         sim = simulate_image(params, stars=sims[0].star_catalog if sims else None,
                              galaxies=sims[0].galaxies if sims else None)

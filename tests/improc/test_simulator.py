@@ -219,6 +219,26 @@ def test_cosmic_rays_and_bad_columns_are_flagged():
     assert np.all(sim.weight[bad] == 0)
 
 
+def test_detector_seed_fixes_the_bad_columns_of_every_exposure():
+    """Exposures of one detector (same ``detector_seed``) share their bad columns, as a real
+    camera's defect map; the columns' read noise is the exposure's.  Without a detector seed
+    each exposure draws its own."""
+    params = SimulationParams(nx=256, ny=256, n_stars=0, n_galaxies=0, n_cosmic_rays=0, n_bad_columns=6,
+                              noise=True)
+
+    def columns(**kw):
+        sim = simulate_image(dataclasses.replace(params, **kw))
+        return sim, (sim.flags & FLAG_BAD_COLUMN) > 0
+
+    first, bad = columns(seed=1, detector_seed=9)
+    second, bad_again = columns(seed=2, detector_seed=9)
+    assert np.unique(np.nonzero(bad)[1]).size == 6
+    assert np.array_equal(bad, bad_again)
+    assert not np.array_equal(first.data[bad], second.data[bad])        # new read noise
+    assert np.allclose(first.data[bad], second.data[bad], atol=8 * params.read_noise / params.gain)
+    assert not np.array_equal(bad, columns(seed=1, detector_seed=10)[1])
+    assert not np.array_equal(columns(seed=1)[1], columns(seed=2)[1])
+
 def test_psf_is_normalized_with_requested_fwhm_and_shape():
     params = SimulationParams(nx=256, ny=256, fwhm_arcsec=2.0, ellipticity=0.1,
                               psf_position_angle_deg=40.0)

@@ -30,10 +30,11 @@ class SimulatedField:
 
 def make_field(folder: Path, *, n: int = 1, size: int = 512, seed: int = 11, raw: bool = True,
                **params) -> SimulatedField:
-    """``n`` exposures of one simulated field (same stars and galaxies, new noise and pointing)."""
+    """``n`` exposures of one simulated field by one detector (same stars, galaxies and bad
+    columns; new noise and pointing)."""
     folder.mkdir(parents=True, exist_ok=True)
     params = {"star_density": 100000.0, "pointing_error_arcsec": 10.0, "rotation_error_deg": 0.3,
-              "scene_seed": seed, **params}
+              "scene_seed": seed, "detector_seed": seed, **params}
     sims, paths = [], []
     for k in range(n):
         sim = simulate_image(SimulationParams(nx=size, ny=size, seed=seed + 100 + k,

@@ -156,6 +156,7 @@ def _config(field: SimulatedField, tmp_path: Path, catalog_folder: Path) -> Conf
 # --- pixels: no stars, saturation, NaN --------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")   # e.g. a median of no stars
 def test_image_without_stars_fails_extraction_and_is_flagged(database, tmp_path):
     field = make_field(tmp_path / "sim", size=512, n_stars=0, n_galaxies=0)  # cosmic rays remain
     exposure, _ = ingest_file(field.paths[0])

@@ -388,7 +388,8 @@ def test_two_calibrators_take_aperture_corrections_from_the_psf_model(calibrated
     """With two calibrators (``min_stars=2``), too few to measure aperture corrections, they
     come from the PSF model's fractions in the apertures at those stars: within 0.005 mag of
     the truth for two stars at opposite corners, where the PSF differs most from the chip's
-    mean (measured: -0.0003, -0.0005, -0.0011, -0.0008 for the 1, 2, 3, 5 FWHM apertures).  Without the fractions photocal refuses."""
+    mean (measured: -0.0003, -0.0005, -0.0011, -0.0008 for the 1, 2, 3, 5 FWHM apertures).
+    Without the fractions photocal refuses."""
     sim, sources, extraction = calibrated.sim, calibrated.extraction.sources, calibrated.extraction
     used = calibrated.calibrators[calibrated.photometry.fit.used]
     x, y = np.asarray(sources["x"])[used], np.asarray(sources["y"])[used]
