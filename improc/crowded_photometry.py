@@ -7,13 +7,18 @@ DAOPHOT's ALLSTAR does once positions are known): it minimises
     sum over pixels of  w * (data - background - sum_j f_j p_j)**2
 
 over the pixels within ``fit_radius`` of any star, ``p_j`` the PSF of star j at its position
-(`PixelPSF.get_clip`), cut at ``model_radius``.  The normal equations ``N f = b`` (``N_ij = sum w p_i p_j``) are
-symmetric and positive semi-definite; they are solved by conjugate gradients preconditioned
-with their diagonal, which needs only renderings of the model and projections of images onto
-the stars' clips.  Two detections of one star make ``N`` singular: CG then shares the flux
-between them instead of diverging, as an iterative subtraction of the neighbours' models can.
-An isolated star gets the `psf_fluxes` result (up to the faint wings of stars beyond its fit
-radius).
+(`PixelPSF.get_clip`), cut at ``model_radius``.  The stars' light beyond ``model_radius`` (the
+outer wings of the whole stamps) is not fitted but subtracted from the data as known, with the
+fluxes of a first fit: a bright star's wing then no longer biases a faint neighbour (+4 % for
+the fainter of a 1:10 pair 2 FWHM apart without it), and the faint star cannot take the bright
+star's flux through the wings of a PSF fitted to few stars either.
+
+The normal equations ``N f = b`` (``N_ij = sum w p_i p_j``) are symmetric and positive
+semi-definite; they are solved by conjugate gradients preconditioned with their diagonal,
+which needs only renderings of the model and projections of images onto the stars' clips.
+Two detections of one star make ``N`` singular: CG then shares the flux between them instead
+of diverging, as an iterative subtraction of the neighbours' models can.  An isolated star
+gets the `psf_fluxes` result.
 """
 
 from __future__ import annotations
@@ -68,6 +73,15 @@ class _Clips:
         return (self.clip * values[self.index]).sum(axis=(1, 2), dtype=np.float64)
 
 
+def _wings(clips: _Clips, shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+           size: int) -> np.ndarray:
+    """At ``clips.pixels``: the light of the stars' whole stamps beyond the model radius, for
+    these fluxes (non-positive ones left out, as in the model image)."""
+    positive = np.where(np.isfinite(flux) & (flux > 0), flux, 0.0)
+    whole = _render(shape, x, y, positive, lambda idx: clips.unit[idx] * positive[idx, None, None], size)
+    return clips.gather(whole) - clips.render(positive)
+
+
 def _region(clips: _Clips) -> np.ndarray:
     """Bool at ``clips.pixels``: the pixels within the fit radius of some star."""
     hits = np.bincount(clips.index[clips.disc], minlength=clips.pixels.size)
@@ -106,9 +120,10 @@ def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: Pi
                          n_steps: int = 50, rtol: float = 1e-6) -> tuple[PSFFluxes, np.ndarray]:
     """PSF fluxes of stars that may overlap, all fitted together (see the module docstring).
 
-    The first fit weights pixels by ``1 / variance``; a second by ``1 / (variance + model /
-    gain)``, the Poisson variance of the fitted model rather than of the noisy pixels (which
-    would bias the fluxes).  Memory: the clips of all stars, ``4 n size**2`` bytes.
+    The first fit weights pixels by ``1 / variance``; a second, with the wings of the first
+    subtracted, by ``1 / (variance + model / gain)``, the Poisson variance of the fitted model
+    rather than of the noisy pixels (which would bias the fluxes).  Memory: the clips of all
+    stars, ``4 n size**2`` bytes, and two (ny, nx) float64 images.
 
     Parameters
     ----------
@@ -124,7 +139,7 @@ def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: Pi
         In the fit, each star's model is cut at this radius (pixels); None means
         ``fit_radius``: stars are coupled only where their fit discs overlap.  Further out a
         PSF fitted to few stars is mostly noise, through which a faint star could take a
-        bright star's flux.
+        bright star's flux; the light beyond it is subtracted with the first fit's fluxes.
     n_steps : int
         Most conjugate-gradient steps per fit.
     rtol : float
@@ -158,13 +173,17 @@ def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: Pi
     if mask is not None:
         usable &= clips.gather(mask) == 0
     residual = np.where(usable, values - clips.gather(background), 0.0)
+    has_wings = extent < psf.size // 2
     flux = np.zeros(x.size)
-    model = np.zeros(clips.pixels.size)
-    for k in range(1 if gain is None else 2):
-        total = var if k == 0 else var + np.clip(model, 0.0, None) / gain
+    model = wings = np.zeros(clips.pixels.size)
+    for k in range(2 if gain is not None or has_wings else 1):
+        total = var if k == 0 or gain is None else var + np.clip(model + wings, 0.0, None) / gain
         weight = np.where(usable, 1.0 / np.where(usable, total, 1.0), 0.0)
-        flux = _solve(clips, weight * residual, weight, flux, n_steps, rtol)
+        flux = _solve(clips, weight * (residual - wings), weight, flux, n_steps, rtol)
         model = clips.render(flux)
+        if k == 0 and has_wings:
+            wings = _wings(clips, data.shape, x, y, flux, psf.size) * usable
+    residual = residual - wings
     weight_disc = weight[clips.index] * clips.disc
     diag = (clips.clip.astype(np.float64) ** 2 * weight_disc).sum(axis=(1, 2))
     npix = (weight_disc > 0).sum(axis=(1, 2))

@@ -81,7 +81,7 @@ class Extractor(Step):
     """Make the image's `SourceList` and `PSF`; write the FWHM into the image."""
 
     process = "extraction"
-    version = "1.0.0"
+    version = "1.1.0"  # 1.1: neighbours' wings beyond the model radius subtracted in the joint PSF fit
     Params = ExtractionParams
     products = ("sources", "psf")
     upstream_processes = ("backgrounding",)

@@ -66,7 +66,7 @@ class PhotoCalibrator(Step):
     """Make the image's `ZeroPoint`; write zero point and limiting magnitude into the image."""
 
     process = "photocal"
-    version = "1.1.0"
+    version = "1.1.0"  # 1.1: aperture corrections from the PSF model with fewer than 3 calibrators
     Params = PhotoCalParams
     products = ("zp",)
     upstream_processes = ("astrocal",)
