@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -82,7 +83,8 @@ class PhotoCalibrator(Step):
         return np.flatnonzero(ok), idx[ok]
 
     def compute(self, psf_flux, psf_err, apfluxes, catalog_mag, color, *, sky_rms: float,
-                psf_stamp: np.ndarray, model_fractions: np.ndarray | None = None) -> PhotoCalResult:
+                psf_stamp: np.ndarray,
+                model_fractions: Callable[[np.ndarray], np.ndarray] | None = None) -> PhotoCalResult:
         """Zero point, aperture corrections and limiting magnitude from matched stars.
 
         Parameters
@@ -97,12 +99,13 @@ class PhotoCalibrator(Step):
             Sky noise per pixel, ADU, for the limiting magnitude.
         psf_stamp : numpy.ndarray
             The PSF at the chip centre (sums to 1), for the limiting magnitude.
-        model_fractions : numpy.ndarray or None
-            Shape (n, n_ap): the fraction of each star's PSF model inside each aperture (see
-            `improc.psf_photometry.model_aperture_sums`).  When fewer than three stars calibrate
-            the zero point, too few to measure the corrections or to reject a bad one, the
-            corrections are 2.5 log10 of the mean fraction over those stars: what the PSF fluxes
-            and the apertures give if the model is right.
+        model_fractions : callable or None
+            Given the indices of some of the n stars, the fraction of each one's PSF model inside
+            each aperture, shape (k, n_ap) (see `improc.psf_photometry.model_aperture_sums`).
+            Called only when fewer than three stars calibrate the zero point, too few to measure
+            the corrections or to reject a bad one: the corrections are then 2.5 log10 of the
+            mean fraction over those stars, what the PSF fluxes and the apertures give if the
+            model is right.
 
         Raises
         ------
@@ -121,7 +124,7 @@ class PhotoCalibrator(Step):
             apcor = aperture_corrections(apfluxes[used], psf_flux[used], mag_errors=mag_err,
                                          min_stars=MIN_APCOR_STARS)
         elif model_fractions is not None:
-            apcor = 2.5 * np.log10(np.mean(np.asarray(model_fractions, dtype=float)[used], axis=0))
+            apcor = 2.5 * np.log10(np.mean(model_fractions(np.flatnonzero(used)), axis=0))
         else:
             raise PhotometryError(f"aperture corrections need {MIN_APCOR_STARS} stars or the PSF model's "
                                   f"aperture fractions; {used.sum()} stars calibrate")
@@ -156,7 +159,10 @@ class PhotoCalibrator(Step):
             apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc]
                                         for i in range(len(sources.aper_radii))])
             x, y = np.asarray(sources.x)[isrc], np.asarray(sources.y)[isrc]
-            fractions = model_aperture_sums(psf.model, x, y, 1.0, sources.aper_radii)
+
+            def fractions(idx: np.ndarray) -> np.ndarray:
+                return model_aperture_sums(psf.model, x[idx], y[idx], 1.0, sources.aper_radii)
+
             result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
                                   sky_rms=bg.rms_median, model_fractions=fractions,
                                   psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))

@@ -403,7 +403,11 @@ def test_two_calibrators_take_aperture_corrections_from_the_psf_model(calibrated
     flux, err = np.asarray(sources["psfflux"])[pair], np.asarray(sources["psffluxerr"])[pair]
     apfluxes = np.column_stack([np.asarray(sources[f"apflux_{i}"])[pair] for i in range(len(radii))])
     catalog_mag = np.asarray(sim.stars["mag"])[index]
-    fractions = model_aperture_sums(extraction.psf, sources["x"][pair], sources["y"][pair], 1.0, radii)
+    pair_x, pair_y = np.asarray(sources["x"])[pair], np.asarray(sources["y"])[pair]
+
+    def fractions(idx):
+        return model_aperture_sums(extraction.psf, pair_x[idx], pair_y[idx], 1.0, radii)
+
     calibrator = PhotoCalibrator(params=PhotoCalParams(min_stars=2))
     stamp = extraction.psf.get_clip(PARAMS.nx / 2.0, PARAMS.ny / 2.0)
 
