@@ -240,7 +240,7 @@ def compute_phase(info: dict, clock: Clock) -> dict:
     from pipeline.photo_cal import PhotoCalibrator
     from util.config import Config
 
-    config = Config.load(**{"storage.data_root": tempfile.gettempdir()})
+    config = Config.load()
     data, mask, header, wcs, catalog = clock.time("read inputs", _read_inputs, info)
     bg = clock.time("backgrounding", Backgrounder(config=config).compute, data, mask=mask)
     ext = clock.time("extraction", lambda: Extractor(config=config).compute(
@@ -280,8 +280,8 @@ def compute_phase(info: dict, clock: Clock) -> dict:
 
 def pipeline_phase(info: dict, clock: Clock) -> dict:
     """ingest_file, then Pipeline.run(image) on SQLite in a temporary data root."""
-    from models.base import make_engine, use_database
-    from models.file_store import FileStore, use_file_store
+    from models.base import forget_engine
+    from models.context import Context
     from models.image import ingest_file
     from models.schema import upgrade
     from pipeline.top import Pipeline
@@ -289,14 +289,14 @@ def pipeline_phase(info: dict, clock: Clock) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         root = Path(tmp)
-        use_file_store(FileStore(root / "data"))
-        engine = make_engine(f"sqlite:///{root / 'bench.sqlite'}")
-        upgrade(engine)
-        use_database(engine)
         catalog = {"catalog": "gaia_folder", "catalog_folder": info["gaia"]}
-        pipe = Pipeline(Config.load(**{"storage.data_root": str(root / "data"), "astrocal": catalog,
-                                       "photocal": dict(catalog)}))
-        _, images = clock.time("ingest", ingest_file, info["image"])
+        context = Context.from_config(Config.load(**{
+            "db.url": f"sqlite:///{root / 'bench.sqlite'}", "storage.data_root": str(root / "data"),
+            "astrocal": catalog, "photocal": dict(catalog)}))
+        engine = context.engine
+        upgrade(engine)
+        pipe = Pipeline(context)
+        _, images = clock.time("ingest", ingest_file, info["image"], context=context)
         ds = clock.time("run", pipe.run, images[0])
         steps = PIPELINE_STEPS[1:-1]
         for name in steps:  # the steps' own numbers, from Step.__call__
@@ -305,7 +305,7 @@ def pipeline_phase(info: dict, clock: Clock) -> dict:
         clock.seconds["saving"] = clock.seconds.pop("run") - sum(clock.seconds[s] for s in steps)
         clock.rss_mb["saving"] = clock.rss_mb.pop("run")
         files = sum(p.stat().st_size for p in (root / "data").rglob("*") if p.is_file())
-        engine.dispose()
+        forget_engine(engine)
     return {"zero point": f"{ds.get_zp().zp:.3f} (true {info['zero_point']})",
             "data root": f"{files / 2**20:.0f} MB of files (exposure copy, image, products, catalogs)"}
 

@@ -22,17 +22,19 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.base import make_engine, use_database  # noqa: E402
+from models.base import make_engine, session_scope  # noqa: E402
+from models.context import Context, use_context  # noqa: E402
+from models.file_store import FileStore  # noqa: E402
 from models.image import Image  # noqa: E402
 from models.image_queries import _has_q3c  # noqa: E402
-from models.base import session_scope  # noqa: E402
+from util.config import Config  # noqa: E402
 from models.provenance import Provenance  # noqa: E402
 from models.schema import upgrade  # noqa: E402
 from tests.models.synthetic_files import footprint_rows  # noqa: E402
 
 
 def _fill(engine: sa.Engine, n: int) -> float:
-    prov = Provenance(process="ingest", code_version="1.0.0", parameters={"bench": True})
+    prov = Provenance(process="preprocessing", code_version="1.0.0", parameters={"bench": True})
     prov.save()
     rows = footprint_rows(n, np.random.default_rng(1), provenance_id=prov.id)
     start = time.perf_counter()
@@ -67,7 +69,9 @@ def _time(label: str, calls) -> None:
 def run(url: str, n: int, n_queries: int) -> None:
     engine = make_engine(url)
     upgrade(engine)
-    use_database(engine)
+    root = tempfile.mkdtemp(prefix="bench-find-images-")
+    use_context(Context(config=Config.load(**{"db.url": url, "storage.data_root": root}), engine=engine,
+                        store=FileStore(root)))
     print(f"  bulk insert of {n} rows: {_fill(engine, n):.1f} s")
     with session_scope() as session:
         print(f"  q3c in use: {_has_q3c(session)}")

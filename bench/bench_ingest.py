@@ -25,8 +25,10 @@ from astropy.io import fits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.base import make_engine, use_database  # noqa: E402
-from models.file_store import FileStore, use_file_store  # noqa: E402
+from models.base import make_engine  # noqa: E402
+from models.context import Context  # noqa: E402
+from models.file_store import FileStore  # noqa: E402
+from util.config import Config  # noqa: E402
 from models.image import Image, ingest_file, ingest_provenance  # noqa: E402
 from models.saving import save_products  # noqa: E402
 from models.schema import upgrade  # noqa: E402
@@ -49,10 +51,11 @@ def _report(label: str, times: list[float]) -> None:
 def run(url: str, workdir: Path, repeat: int) -> None:
     engine = make_engine(url)
     upgrade(engine)
-    use_database(engine)
-    store = use_file_store(FileStore(workdir / "data"))
+    config = Config.load(**{"db.url": url, "storage.data_root": str(workdir / "data")})
+    context = Context(config=config, engine=engine, store=FileStore(workdir / "data"))
     prov = ingest_provenance()
-    prov.save()
+    with context.session() as session:
+        prov.save(session)
     rng = np.random.default_rng(0)
     data = rng.normal(1000.0, 30.0, SHAPE).astype(np.float32)
     weight = np.full(SHAPE, 1 / 900.0, np.float32)
@@ -64,7 +67,7 @@ def run(url: str, workdir: Path, repeat: int) -> None:
                      mjd=60000.0 + rng.uniform(), end_mjd=60000.5, exp_time=60.0,
                      data=data, weight=weight, flags=flags, wcs=wcs)
 
-    saves = [_timed(lambda: save_products([make_image()], store=store)) for _ in range(repeat)]
+    saves = [_timed(lambda: save_products([make_image()], context=context)) for _ in range(repeat)]
     _report("save (in memory)", saves)
 
     header = synthetic_header()
@@ -77,12 +80,12 @@ def run(url: str, workdir: Path, repeat: int) -> None:
         paths.append(path)
     both = []
     for path in paths:
-        both.append(_timed(lambda: save_products([Image.from_file(path, provenance=prov)], store=store)))
+        both.append(_timed(lambda: save_products([Image.from_file(path, provenance=prov)], context=context)))
     _report("from_file + save", both)
     for path in paths:  # new md5s, so every ingestion does the full work
         with fits.open(path, mode="update") as hdul:
             hdul[0].header["OBJECT"] = f"again {path.name}"
-    _report("ingest_file", [_timed(lambda: ingest_file(p, store=store)) for p in paths])
+    _report("ingest_file", [_timed(lambda: ingest_file(p, context=context)) for p in paths])
     engine.dispose()
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Literal
 
 import astropy.units as u
@@ -38,9 +37,11 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from improc.background import as_image
+from improc.errors import BadDataError
 
-__all__ = ["TooFewSourcesError", "SourceFlag", "DEFAULT_FILTER_KERNEL", "FWHM_APERTURE_MULTIPLES", "extract_sources",
-           "aperture_photometry", "estimate_fwhm", "stellar_locus"]
+__all__ = ["TooFewSourcesError", "TooManySourcesError", "PixelBufferFullError", "SourceFlag",
+           "DEFAULT_FILTER_KERNEL", "FWHM_APERTURE_MULTIPLES", "extract_sources", "aperture_photometry",
+           "estimate_fwhm", "stellar_locus"]
 
 #: SExtractor's default.conv: 3x3 "all-ground" kernel, FWHM about 2 pixels.
 DEFAULT_FILTER_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
@@ -59,7 +60,16 @@ _R50_SNR_SCATTER = 2.0       # FWHM scatter of a point source is about this * FW
 _R50_BOX_TERM = 2.0 * np.log(2.0) / 12.0
 
 
-class TooFewSourcesError(ValueError):
+class PixelBufferFullError(RuntimeError):
+    """sep's process-wide buffer of object pixels is too small for an image (a setting to raise,
+    not bad data)."""
+
+
+class TooManySourcesError(BadDataError):
+    """More sources than ``max_sources``: a threshold far too low for the image, or junk data."""
+
+
+class TooFewSourcesError(BadDataError):
     """Too few clean, bright point sources to measure the image's FWHM: an image without stars."""
 
 
@@ -123,17 +133,6 @@ def _prepare(data, background, noise, mask) -> tuple[np.ndarray, np.ndarray, np.
     sub[bad] = 0.0
     noise_map[bad] = np.median(noise_map[~bad])
     return raw, sub, noise_map, bad
-
-
-@contextmanager
-def _pixstack(n_pixels: int):
-    """Let sep hold enough object pixels for a large image, then restore its setting."""
-    old = sep.get_extract_pixstack()
-    sep.set_extract_pixstack(max(old, min(n_pixels // 4, 5_000_000)))
-    try:
-        yield
-    finally:
-        sep.set_extract_pixstack(old)
 
 
 def _touches(seg: np.ndarray, pixels: np.ndarray, n_objects: int) -> np.ndarray:
@@ -393,13 +392,23 @@ def _detect(sub, noise_map, bad, *, threshold, minarea, deblend_nthresh, deblend
     # neighbours' wings could explain, and with real PSF wings (Moffat-like) it throws away a
     # large fraction of the genuine faint stars near bright ones (a third of the S/N 10-30 stars
     # of a moderately crowded field); spurious wing detections are rare without it.
-    with _pixstack(sub.size):
+    try:
         objs, seg = sep.extract(sub, float(threshold), err=noise_map, gain=gain, mask=bad,
                                 minarea=int(minarea), filter_kernel=kernel, filter_type=filter_type,
                                 deblend_nthresh=int(deblend_nthresh), deblend_cont=float(deblend_cont),
                                 clean=False, segmentation_map=True)
+    except Exception as exc:
+        # sep's buffer of active object pixels is a process-wide setting that only the program
+        # may choose (sep.set_extract_pixstack; the command line reads pipeline.sep_pixel_stack)
+        if "pixel buffer full" not in str(exc):
+            raise
+        raise PixelBufferFullError(
+            f"sep's object-pixel buffer ({sep.get_extract_pixstack()} pixels) filled up on this "
+            f"{sub.shape[1]} x {sub.shape[0]} image at {threshold} sigma; raise it with "
+            "sep.set_extract_pixstack (config pipeline.sep_pixel_stack for the command line), or "
+            "check the background subtraction") from exc
     if len(objs) > max_sources:
-        raise ValueError(f"found {len(objs)} sources, more than max_sources={max_sources}; "
+        raise TooManySourcesError(f"found {len(objs)} sources, more than max_sources={max_sources}; "
                          f"raise the threshold ({threshold} sigma) or max_sources")
     return objs, seg
 

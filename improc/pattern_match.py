@@ -22,6 +22,8 @@ import numpy as np
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
+from improc.errors import BadDataError
+
 __all__ = [
     "AstrometryError",
     "SimilarityTransform",
@@ -38,7 +40,7 @@ _ARCSEC = 3600.0
 _MIN_SIDE_ARCSEC = 10.0
 
 
-class AstrometryError(ValueError):
+class AstrometryError(BadDataError):
     """Astrometric calibration failed; the message carries the numbers (matches, rms, limits)."""
 
 

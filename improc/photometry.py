@@ -16,6 +16,8 @@ from typing import Literal
 
 import numpy as np
 
+from improc.errors import BadDataError
+
 __all__ = [
     "ColorTermMode",
     "PhotometryError",
@@ -33,7 +35,7 @@ _MAG_PER_FRAC = 2.5 / np.log(10.0)  # 1.0857: d(mag) = 1.0857 d(flux) / flux
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
-class PhotometryError(ValueError):
+class PhotometryError(BadDataError):
     """Photometric calibration failed; the message carries the numbers (stars, limits)."""
 
 

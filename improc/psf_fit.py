@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from improc.errors import BadDataError
 from improc.psf import PixelPSF, _fourier_shift, cut_stamps, n_terms, nearest_pixel
 from improc.psf_modes import (denoised, embed_coefficients, fit_coefficients, fit_modes, normalized,
                               principal_modes, recentred, to_basis)
@@ -29,7 +30,7 @@ from improc.psf_modes import (denoised, embed_coefficients, fit_coefficients, fi
 __all__ = ["fit_psf", "min_psf_stars", "TooFewPSFStarsError"]
 
 
-class TooFewPSFStarsError(ValueError):
+class TooFewPSFStarsError(BadDataError):
     """Fewer usable stars than the model's degree needs, before or after rejecting outliers."""
 
 

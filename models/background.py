@@ -45,12 +45,14 @@ class Background(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
             kwargs.setdefault("image_id", image.id)
         super().__init__(**kwargs)
         self._mesh = mesh
-        self._image = image
 
     @sa.orm.reconstructor
     def _init_on_load(self) -> None:
         self._mesh = None
-        self._image = None
+
+    def __repr__(self) -> str:
+        return (f"<Background of image {str(self.image_id)[:8]}: level {self.level_median:.2f} ADU, "
+                f"rms {self.rms_median:.2f} ADU, box {self.box_size} px, prov {self.provenance_id}>")
 
     @property
     def mesh(self) -> BackgroundMesh:
@@ -69,20 +71,12 @@ class Background(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
         """Full-size background variance map, ADU^2, (ny, nx)."""
         return self.mesh.variance()
 
-    def file_stem(self) -> str:
-        image = self._image
-        if image is None:
-            from models.image import Image
-            from models.base import session_scope
-            with session_scope() as session:
-                image = session.get(Image, self.image_id)
-        return image.product_stem(name="bg", process="backgrounding", provenance_id=self.provenance_id)
-
     def _write(self, path: Path) -> None:
         mesh = self.mesh
         with h5py.File(path, "w") as f:
-            f.create_dataset("level", data=mesh.level)
-            f.create_dataset("rms", data=mesh.rms)
+            # no creation times in the file: one provenance, one content, byte for byte
+            f.create_dataset("level", data=mesh.level, track_times=False)
+            f.create_dataset("rms", data=mesh.rms, track_times=False)
             f.attrs["box_size"] = mesh.box_size
             f.attrs["filter_size"] = mesh.filter_size
             f.attrs["shape"] = np.asarray(mesh.shape)

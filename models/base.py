@@ -9,8 +9,7 @@ Use `session_scope` for every unit of work::
         images = session.scalars(select(Image).where(Image.filter == "r")).all()
 
 It commits when the block ends and rolls back if it raises, so no session is left idle in a
-transaction.  `use_database` points the library at a database (the default comes from the
-configuration).
+transaction.  Which database: the current context's (`models.context`).
 """
 
 from __future__ import annotations
@@ -26,12 +25,13 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from util.config import Config
+from util.config import ConfigError
 
-__all__ = ["Base", "UUIDMixin", "TimestampMixin", "use_database", "current_engine",
-           "session_scope", "make_engine", "utcnow"]
+
+__all__ = ["Base", "UUIDMixin", "TimestampMixin", "session_scope", "make_engine", "engine_for",
+           "forget_engine", "utcnow"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _url_with_password(url: str, password_file: str | None) -> sa.URL:
         try:
             password = Path(password_file).expanduser().read_text().splitlines()[0].strip()
         except (OSError, IndexError) as exc:
-            raise ValueError(f"cannot read a password from db.password_file {password_file}") from exc
+            raise ConfigError(f"cannot read a password from db.password_file {password_file}") from exc
         parsed = parsed.set(password=password)
     return parsed
 
@@ -124,6 +124,9 @@ def make_engine(url: str, *, password_file: str | None = None, echo: bool = Fals
     sqlalchemy.engine.Engine
     """
     parsed = _url_with_password(url, password_file)
+    if parsed.drivername == "postgresql":
+        # A plain postgresql:// URL means psycopg2 (our driver); SQLAlchemy 2.1 would pick psycopg 3.
+        parsed = parsed.set(drivername="postgresql+psycopg2")
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -133,63 +136,40 @@ def make_engine(url: str, *, password_file: str | None = None, echo: bool = Fals
         _register_numpy_adapters()
         engine = sa.create_engine(parsed, echo=echo, pool_pre_ping=True)
     else:
-        raise ValueError(f"db.url must be a sqlite or postgresql URL, got {parsed.render_as_string()}")
+        raise ConfigError(f"db.url must be a sqlite or postgresql URL, got "
+                          f"{parsed.render_as_string(hide_password=True)}")
     log.debug("database engine for %s", parsed.render_as_string(hide_password=True))
     return engine
 
 
-class _Database:
-    """The engine and session factory the library currently uses."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.engine: Engine | None = None
-        self.factory: sessionmaker[Session] | None = None
-
-    def set(self, engine: Engine) -> None:
-        with self._lock:
-            if self.engine is not None and self.engine is not engine:
-                self.engine.dispose()
-            self.engine = engine
-            self.factory = sessionmaker(bind=engine, expire_on_commit=False)
-
-    def get(self) -> tuple[Engine, sessionmaker[Session]]:
-        if self.engine is None:
-            use_database(Config.load())
-        assert self.engine is not None and self.factory is not None  # set by use_database
-        return self.engine, self.factory
+_engines: dict[tuple[str, str | None, bool], Engine] = {}
+_engines_lock = threading.Lock()
 
 
-_database = _Database()
+def engine_for(url: str, *, password_file: str | None = None, echo: bool = False) -> Engine:
+    """The engine of a database URL, made once per process and shared (see `make_engine`)."""
+    key = (str(url), password_file, bool(echo))
+    with _engines_lock:
+        if key not in _engines:
+            _engines[key] = make_engine(url, password_file=password_file, echo=echo)
+        return _engines[key]
 
 
-def use_database(target: Config | str | Engine) -> Engine:
-    """Make the library use a database from now on.
-
-    Parameters
-    ----------
-    target : Config, str or Engine
-        A configuration (its ``db`` section is used), a URL, or an engine.
-
-    Returns
-    -------
-    sqlalchemy.engine.Engine
-        The engine now in use.
-    """
-    if isinstance(target, Engine):
-        engine = target
-    elif isinstance(target, Config):
-        engine = make_engine(target.get("db.url"), password_file=target.get("db.password_file"),
-                             echo=target.get("db.echo"))
-    else:
-        engine = make_engine(str(target))
-    _database.set(engine)
-    return engine
+def forget_engine(engine: Engine) -> None:
+    """Dispose of a shared engine and drop it from the cache (tests, after dropping a database)."""
+    with _engines_lock:
+        for key in [k for k, e in _engines.items() if e is engine]:
+            del _engines[key]
+    engine.dispose()
 
 
-def current_engine() -> Engine:
-    """The engine in use (from the default configuration if none was chosen)."""
-    return _database.get()[0]
+@event.listens_for(Base, "load", propagate=True)
+def _remember_context(target, query_context) -> None:
+    # A row remembers the context whose session loaded it, so that its files are read from
+    # that context's file store (see models.context.context_of).
+    session = getattr(query_context, "session", None)
+    if session is not None and "context" in session.info:
+        target._context = session.info["context"]
 
 
 @contextlib.contextmanager
@@ -200,18 +180,13 @@ def session_scope(session: Session | None = None) -> Iterator[Session]:
     ----------
     session : Session, optional
         An existing session: it is yielded as is and neither committed nor closed, so functions
-        can take an optional session and join the caller's transaction.
+        can take an optional session and join the caller's transaction.  Without one, a new
+        session of the current context (`models.context.current_context`).
     """
     if session is not None:
         yield session
         return
-    _, factory = _database.get()
-    new = factory()
-    try:
+    from models.context import current_context
+
+    with current_context().session() as new:
         yield new
-        new.commit()
-    except BaseException:
-        new.rollback()
-        raise
-    finally:
-        new.close()

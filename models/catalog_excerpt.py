@@ -43,6 +43,10 @@ class CatalogExcerpt(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     def _init_on_load(self) -> None:
         self._data = None
 
+    def __repr__(self) -> str:
+        return (f"<CatalogExcerpt {self.catalog}: {self.num_items} stars in RA {self.minra:.4f}..{self.maxra:.4f}, "
+                f"Dec {self.mindec:+.4f}..{self.maxdec:+.4f}>")
+
     @property
     def data(self) -> Table:
         if self._data is None:
@@ -71,7 +75,7 @@ class CatalogExcerpt(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
                 return candidate
         return None
 
-    def file_stem(self) -> str:
+    def file_stem(self, store=None) -> str:
         return "/".join(["catalogs", safe_component(self.catalog),
                          safe_component(f"{self.catalog}_{self.minra:.4f}_{self.maxra:.4f}_"
                                         f"{self.mindec:+.4f}_{self.maxdec:+.4f}_{str(self.id)[:8]}")])

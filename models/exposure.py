@@ -25,8 +25,7 @@ from sqlalchemy import ForeignKey, Index, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.base import Base, TimestampMixin, UUIDMixin, session_scope
-from models.file_store import (FileBackedMixin, FileIntegrityError, FileStore, current_file_store,
-                               md5_of, product_file_stem, safe_component)
+from models.file_store import FileBackedMixin, FileIntegrityError, FileStore, md5_of
 from models.instrument import (BadInputError, Instrument, SectionInfo, get_instrument,
                                guess_instrument, header_to_dict, merged_header, open_fits)
 from models.provenance import Provenance
@@ -67,9 +66,6 @@ class Exposure(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
         Index("ix_exposures_mjd", "mjd"),
         Index("ix_exposures_instrument_filter", "instrument", "filter"),
     )
-
-    #: Overrides ``storage.file_name_convention`` for every product when set (tests, tools).
-    file_name_convention: ClassVar[str | None] = None
 
     provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"),
                                                index=True)
@@ -157,7 +153,7 @@ class Exposure(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
 
     # -- files -------------------------------------------------------------------------------------
 
-    def file_stem(self) -> str:
+    def file_stem(self, store: FileStore) -> str:
         """``storage.file_name_convention`` with section ``all``, type ``raw`` / ``reduced`` and
         name ``<original name>-<start of the id>`` (unique: a failed save never touches another
         exposure's file)."""
@@ -166,10 +162,10 @@ class Exposure(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
         name = f"{name[:60]}-{self.id.hex[:8]}"
-        return product_file_stem(
+        return store.stem(
             instrument=self.instrument, mjd=self.mjd, section="all", filter=self.filter,
             type="raw" if self.is_raw else "reduced", process="exposure", prov=self.provenance_id,
-            name=name, convention=self.file_name_convention)
+            name=name)
 
     def _write(self, path: Path) -> None:
         source = getattr(self, "_source_path", None)
@@ -191,7 +187,7 @@ class Exposure(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
             The stored copy is missing or its md5 differs from the database's.
         """
         if self.filepath is not None:
-            self.load_file(store or current_file_store())
+            self.load_file(store)
             return self._local_path
         source = getattr(self, "_source_path", None)
         if source is None:
@@ -209,7 +205,9 @@ class Exposure(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     @property
     def instrument_object(self) -> Instrument:
         """The `Instrument` named by ``instrument``."""
-        return get_instrument(self.instrument)
+        from models.context import context_of
+
+        return get_instrument(self.instrument, context=context_of(self))
 
     def read_section(self, section_id: str, store: FileStore | None = None) -> tuple[np.ndarray, fits.Header]:
         """Pixels and merged (primary + extension) header of one section.

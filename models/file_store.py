@@ -19,11 +19,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from util.config import Config
+from util.config import ConfigError
+
 
 __all__ = ["FileStore", "FileIntegrityError", "FileBackedMixin", "md5_of", "safe_component", "product_file_stem",
-           "FILE_STEM_FIELDS",
-           "current_file_store", "use_file_store"]
+           "FILE_STEM_FIELDS", "DEFAULT_CONVENTION"]
+
+#: The default ``storage.file_name_convention`` (default_config.yaml documents it).
+DEFAULT_CONVENTION = ("{instrument}/{date}/{instrument}_{date}_{name}_{section}_{filter}_{type}_"
+                      "{process}_{prov}")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -52,20 +56,27 @@ def safe_component(value: Any) -> str:
 
 
 class FileStore:
-    """Product files below one data root.
+    """Product files below one data root, named by one convention.
 
     Parameters
     ----------
     root : str or path-like
         The data root; created if missing.
+    convention : str
+        ``storage.file_name_convention``: how product files are named (see `product_file_stem`).
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, convention: str = DEFAULT_CONVENTION):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.convention = convention
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.root)!r})"
+
+    def stem(self, **fields: Any) -> str:
+        """`product_file_stem` with this store's naming convention."""
+        return product_file_stem(**fields, convention=self.convention)
 
     def absolute(self, relpath: str) -> Path:
         """The absolute path of ``relpath``; ValueError if it would leave the data root."""
@@ -138,34 +149,16 @@ class FileStore:
         self.absolute(relpath).unlink(missing_ok=True)
 
 
-_current: list[FileStore] = []
-
-
-def use_file_store(target: Config | FileStore | str | os.PathLike) -> FileStore:
-    """Make the library write product files below a data root from now on."""
-    if isinstance(target, Config):
-        store = FileStore(target.get("storage.data_root"))
-    elif isinstance(target, FileStore):
-        store = target
-    else:
-        store = FileStore(target)
-    _current[:] = [store]
-    return store
-
-
-def current_file_store() -> FileStore:
-    """The file store in use (from the default configuration if none was chosen)."""
-    if not _current:
-        use_file_store(Config.load())
-    return _current[0]
-
-
 class FileBackedMixin:
     """Columns and file handling of a product whose arrays live in one file.
 
-    A subclass implements ``_write(path)`` (write the whole file at ``path``), ``_read(path)``
-    (fill in-memory attributes from ``path``) and ``file_stem()`` (the relative path without the
-    extension); ``file_extension`` names the format.
+    A subclass implements ``_write(path)`` (write the whole file at ``path``) and ``_read(path)``
+    (fill in-memory attributes from ``path``); ``file_extension`` names the format.  The file's
+    name (relative path without the extension) comes from ``file_stem(store)``: rows that name
+    themselves (exposures, images, catalog excerpts) override it; products made by pipeline steps
+    are named by the DataStore, which knows their image and process (`set_file_stem`).  Every
+    name contains the start of the row's own id, so a file left behind by an interrupted save
+    never blocks a later one.
     """
 
     file_extension: str = ".fits"
@@ -179,28 +172,41 @@ class FileBackedMixin:
     def _read(self, path: Path) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not define _read")
 
-    def file_stem(self) -> str:
-        raise NotImplementedError(f"{type(self).__name__} does not define file_stem")
+    def set_file_stem(self, stem: str) -> None:
+        """Name the file this product will be saved to (relative path, no extension)."""
+        self._file_stem = stem
 
-    def save_file(self, store: FileStore | None = None) -> Path:
+    def file_stem(self, store: FileStore) -> str:
+        stem = getattr(self, "_file_stem", None)
+        if stem is None:
+            raise NotImplementedError(f"{type(self).__name__} {getattr(self, 'id', '')} has no file "
+                                      "name: save it through a DataStore, which names it")
+        return stem
+
+    def save_file(self, store: FileStore) -> Path:
         """Write the product's file atomically; set ``filepath`` and ``md5sum``; return the path."""
-        store = store or current_file_store()
-        relpath = self.file_stem() + self.file_extension
+        relpath = self.file_stem(store) + self.file_extension
         self.md5sum = store.write(relpath, self._write)
         self.filepath = relpath
         return store.absolute(relpath)
+
+    def file_store(self) -> FileStore:
+        """The store this row's file lives in: that of the context it came from."""
+        from models.context import context_of
+
+        return context_of(self).store
 
     def load_file(self, store: FileStore | None = None) -> None:
         """Read the product's file after verifying its md5."""
         if self.filepath is None:
             raise FileIntegrityError(f"{type(self).__name__} {getattr(self, 'id', '')} has no file")
-        store = store or current_file_store()
+        store = store or self.file_store()
         self._read(store.verified_path(self.filepath, self.md5sum))
 
     def delete_file(self, store: FileStore | None = None) -> None:
         """Delete the product's file, if it has one."""
         if self.filepath is not None:
-            (store or current_file_store()).delete(self.filepath)
+            (store or self.file_store()).delete(self.filepath)
 
 
 
@@ -210,7 +216,7 @@ FILE_STEM_FIELDS = ("instrument", "date", "section", "filter", "type", "process"
 
 def product_file_stem(*, instrument: str, mjd: float | None, section: str | None, filter: str | None,
                       type: str, process: str, prov: str | None, name: str,
-                      convention: str | None = None) -> str:
+                      convention: str = DEFAULT_CONVENTION) -> str:
     """The relative path (without extension) of a product file under the data root.
 
     Parameters
@@ -222,19 +228,17 @@ def product_file_stem(*, instrument: str, mjd: float | None, section: str | None
         Observation time; the ``date`` field is its UTC ``YYYYMMDD`` (``"nodate"`` if None).
     prov : str
         Provenance id; its first 10 characters fill the ``prov`` field.
-    convention : str, optional
-        A ``str.format`` pattern using `FILE_STEM_FIELDS`; slashes make folders.  Default: the
-        configuration's ``storage.file_name_convention``.
+    convention : str
+        A ``str.format`` pattern using `FILE_STEM_FIELDS`; slashes make folders (the
+        ``storage.file_name_convention`` of a configuration; `FileStore.stem` passes its own).
 
     Raises
     ------
-    ValueError
+    ConfigError
         If the convention uses an unknown field or gives an empty name.
     """
     from astropy.time import Time
 
-    if convention is None:
-        convention = Config.load().get("storage.file_name_convention")
     date = "nodate" if mjd is None else Time(mjd, format="mjd").strftime("%Y%m%d")
     fields = {"instrument": instrument, "date": date, "section": section or "all",
               "filter": filter or "nofilter", "type": type, "process": process,
@@ -243,9 +247,9 @@ def product_file_stem(*, instrument: str, mjd: float | None, section: str | None
     try:
         stem = convention.format(**safe)
     except (KeyError, IndexError) as exc:
-        raise ValueError(f"storage.file_name_convention {convention!r} uses unknown field {exc}; "
+        raise ConfigError(f"storage.file_name_convention {convention!r} uses unknown field {exc}; "
                          f"known fields: {', '.join(FILE_STEM_FIELDS)}") from None
     parts = [part for part in stem.split("/") if part not in ("", ".", "..")]
     if not parts:
-        raise ValueError(f"storage.file_name_convention {convention!r} gives an empty file name")
+        raise ConfigError(f"storage.file_name_convention {convention!r} gives an empty file name")
     return "/".join(parts)

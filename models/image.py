@@ -1,8 +1,11 @@
 """Images: one section (CCD) of an exposure, a coadd or a difference, with its pixels on disk.
 
 An `Image` row holds the observation metadata, the footprint on the sky (centre, four corners,
-bounding box, radius; see `improc.footprint` for the RA-wrap and pole rules), quality
-estimates, a badness bit field (`ImageBadness`), the FITS header and the WCS.  Its pixels live
+bounding box, radius; see `improc.footprint` for the RA-wrap and pole rules) from the WCS it
+came with, a badness bit field (`ImageBadness`), the FITS header and that WCS.  An image is
+never changed by the steps that use it: its fitted WCS, seeing, sky and zero point are products
+of their own (`models.world_coordinates`, `models.psf`, `models.background`,
+`models.zero_point`); only the badness bits are updated, by `pipeline.step.Step` alone.  Its pixels live
 in one FITS file in the file store: a primary HDU with the header, then three image HDUs
 ``DATA`` (float32, ADU), ``WEIGHT`` (float32 inverse variance, 1/ADU^2) and ``FLAGS`` (uint16
 `improc.flags.PixelFlag` bits).  ``image.data``, ``.weight`` and ``.flags`` are read lazily, after
@@ -42,7 +45,6 @@ from improc import footprint
 from improc.flags import FLAGS_DTYPE, bits_by_name
 from models.base import Base, TimestampMixin, UUIDMixin
 from models.exposure import Exposure
-from models.file_store import product_file_stem
 from models.file_store import FileBackedMixin, FileStore
 from models.instrument import Instrument, dict_to_header
 from models.provenance import Provenance
@@ -74,15 +76,18 @@ class ImageBadness(enum.IntFlag):
 
 
 def ingest_provenance() -> Provenance:
-    """Provenance of images read from reduced products: process "ingest", upstream "exposure".
+    """Provenance of images that arrived reduced (e.g. DECam community-pipeline ``ooi`` files).
 
-    Like `exposure_provenance` it has no parameters: the instrument is data, not a parameter,
-    so one tag covers images of every instrument.
+    Their process is ``"preprocessing"`` like that of the images preprocessing makes from raw
+    frames, done elsewhere: the parameter ``{"reduced_by": "external"}`` tells the two apart, and
+    the upstream is the exposure's provenance.  So ``Provenance.get_for_tag(tag=...,
+    process="preprocessing")`` finds the provenance of a tag's images however they were reduced.
+    The instrument is data, not a parameter, so one tag covers images of every instrument.
     """
     from models.exposure import exposure_provenance
 
-    return Provenance(process="ingest", code_version=INGEST_CODE_VERSION, parameters={},
-                      upstreams=[exposure_provenance()])
+    return Provenance(process="preprocessing", code_version=INGEST_CODE_VERSION,
+                      parameters={"reduced_by": "external"}, upstreams=[exposure_provenance()])
 
 
 def _badness_value(names: tuple[str, ...]) -> int:
@@ -146,11 +151,6 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     maxdec: Mapped[float] = mapped_column(_FLOAT)
     radius: Mapped[float] = mapped_column(_FLOAT, doc="Centre to farthest corner, degrees.")
 
-    fwhm_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None, doc="Seeing, arcsec.")
-    zero_point_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None)
-    lim_mag_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None)
-    bkg_mean_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None, doc="ADU.")
-    bkg_rms_estimate: Mapped[float | None] = mapped_column(_FLOAT, default=None, doc="ADU.")
     bad_flags: Mapped[int] = mapped_column(default=0, doc="ImageBadness bits; 0 = good.")
 
     header: Mapped[dict] = mapped_column(default=dict, doc="FITS header cards.")
@@ -180,8 +180,11 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
             self.set_wcs(wcs)
 
     def __repr__(self) -> str:
-        return (f"<Image {self.instrument} {self.section_id} {self.filter} mjd={self.mjd:.5f} "
-                f"{getattr(self.type, 'value', self.type)} {self.id}>")
+        kind = getattr(self.type, "value", self.type)
+        bad = f" bad={','.join(self.badness)}" if self.bad_flags else ""
+        where = f"ra={self.ra:.5f} dec={self.dec:+.5f} " if self.ra is not None else ""
+        return (f"<Image {kind} {self.instrument} {self.section_id} {self.filter} "
+                f"mjd={self.mjd:.5f} {self.nx}x{self.ny} {where}id={str(self.id)[:8]}{bad}>")
 
     # -- pixels ------------------------------------------------------------------------------------
 
@@ -272,6 +275,21 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
         mask = _badness_value(names) if names else int(sum(ImageBadness))
         self.bad_flags = int(self.bad_flags or 0) & ~mask
 
+    @classmethod
+    def update_badness(cls, image_id: uuid.UUID, *, set_bits: int = 0, clear_bits: int = 0,
+                       session: Session | None = None) -> int | None:
+        """Set and clear badness bits of a stored image in one UPDATE; return the new value.
+
+        Only the bits named change, whatever else another process changed meanwhile (the
+        columns are not read back and written whole).  None if no such image is stored.
+        """
+        from models.base import session_scope
+
+        with session_scope(session) as sess:
+            sess.execute(sa.update(cls).where(cls.id == image_id).values(
+                bad_flags=cls.bad_flags.op("&")(~int(clear_bits)).op("|")(int(set_bits))))
+            return sess.scalar(sa.select(cls.bad_flags).where(cls.id == image_id))
+
     @property
     def badness(self) -> list[str]:
         """Names of the badness bits that are set."""
@@ -291,27 +309,20 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
             self._provenance = prov
         return prov.process if prov is not None else "unknown"
 
-    def product_stem(self, *, name: str, process: str, provenance_id: str) -> str:
-        """File stem of a product of this image (background, sources, ...): the image's fields,
-        the product's process and provenance, and ``name`` plus the start of the image id."""
-        return product_file_stem(
-            instrument=self.instrument, mjd=self.mjd, section=self.section_id or "none",
-            filter=self.filter, type=getattr(self.type, "value", self.type) or "science",
-            process=process, prov=provenance_id, name=f"{name}-{self.id.hex[:12]}",
-            convention=Exposure.file_name_convention)
+    def naming_fields(self) -> dict[str, Any]:
+        """The fields of ``storage.file_name_convention`` this image gives its products' files."""
+        return dict(instrument=self.instrument, mjd=self.mjd, section=self.section_id or "none",
+                    filter=self.filter, type=getattr(self.type, "value", self.type) or "science")
 
     def describe(self) -> str:
         """Short human-readable name: instrument, section, filter, date and id."""
         return (f"{self.instrument} {self.section_id} {self.filter} mjd {self.mjd:.5f} "
                 f"(id {str(self.id)[:8]})")
 
-    def file_stem(self) -> str:
+    def file_stem(self, store: FileStore) -> str:
         """``storage.file_name_convention`` filled from this image (name: start of its id)."""
-        return product_file_stem(
-            instrument=self.instrument, mjd=self.mjd, section=self.section_id or "none",
-            filter=self.filter, type=getattr(self.type, "value", self.type) or "science",
-            process=self._process(), prov=self.provenance_id, name=self.id.hex[:12],
-            convention=Exposure.file_name_convention)
+        return store.stem(**self.naming_fields(), process=self._process(), prov=self.provenance_id,
+                          name=self.id.hex[:12])
 
     def _write(self, path: Path) -> None:
         data, weight, flags = self._data, self._weight, self._flags
@@ -360,12 +371,13 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
 
 
 def ingest_file(path: str | os.PathLike, *, instrument: str | Instrument | None = None,
-                store: FileStore | None = None,
-                session: Session | None = None) -> tuple[Exposure, list[Image]]:
+                weight: str | os.PathLike | np.ndarray | None = None,
+                flags: str | os.PathLike | np.ndarray | None = None,
+                context: Any = None) -> tuple[Exposure, list[Image]]:
     """Store an original file as an Exposure and, for reduced products, one Image per section.
 
     See `models.image_io.ingest_file`.
     """
     from models.image_io import ingest_file as _ingest
 
-    return _ingest(path, instrument=instrument, store=store, session=session)
+    return _ingest(path, instrument=instrument, weight=weight, flags=flags, context=context)

@@ -23,12 +23,10 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from improc.flags import FLAGS_DTYPE, PixelFlag
-from models.base import session_scope
+from models.context import Context, current_context
 from models.exposure import Exposure, exposure_provenance
-from models.file_store import FileStore
 from models.image import Image, ImageType, ingest_provenance
 from models.instrument import (BadInputError, Instrument, SectionInfo, get_instrument,
                                guess_instrument, header_to_dict, merged_header, open_fits)
@@ -247,8 +245,8 @@ def image_from_file(path: str | os.PathLike, *, instrument: str | Instrument | N
 
 
 def _stored(origin_md5: str, exp_prov: Provenance, img_prov: Provenance,
-            session: Session | None) -> tuple[Exposure, list[Image]] | None:
-    with session_scope(session) as sess:
+            context: Context) -> tuple[Exposure, list[Image]] | None:
+    with context.session() as sess:
         exposure = Exposure.find_existing(origin_md5, exp_prov.id, session=sess)
         if exposure is None:
             return None
@@ -259,8 +257,8 @@ def _stored(origin_md5: str, exp_prov: Provenance, img_prov: Provenance,
 
 
 def ingest_file(path: str | os.PathLike, *, instrument: str | Instrument | None = None,
-                store: FileStore | None = None,
-                session: Session | None = None) -> tuple[Exposure, list[Image]]:
+                weight: PlaneSource = None, flags: PlaneSource = None,
+                context: Context | None = None) -> tuple[Exposure, list[Image]]:
     """Store an original file as an Exposure and, for reduced products, one Image per section.
 
     Parameters
@@ -270,10 +268,11 @@ def ingest_file(path: str | os.PathLike, *, instrument: str | Instrument | None 
         next to it; a single-HDU generic image; simulator output).
     instrument : str or Instrument, optional
         Default: guessed from the primary header.
-    store : FileStore, optional
-        Where files go; default: the current file store.
-    session : Session, optional
-        Join the caller's transaction (the caller commits).
+    weight, flags : path or numpy.ndarray, optional
+        Weight and mask of a reduced product with one section, when they are separate files that
+        the instrument does not find by itself (see `image_from_file`).
+    context : Context, optional
+        Database and file store; default: the current context.
 
     Returns
     -------
@@ -294,30 +293,36 @@ def ingest_file(path: str | os.PathLike, *, instrument: str | Instrument | None 
     was already ingested with the same provenance, the stored rows are returned and nothing is
     written.  Files and rows are saved atomically with `models.saving.save_products`.
     """
+    context = context or current_context()
     path = Path(path)
-    exposure = Exposure.from_file(path, instrument)
-    inst = exposure.instrument_object
+    with context.activate():      # instruments of the context's configuration
+        exposure = Exposure.from_file(path, instrument)
+        inst = exposure.instrument_object
     exp_prov, img_prov = exposure_provenance(), ingest_provenance()
-    found = _stored(exposure.origin_md5, exp_prov, img_prov, session)
+    found = _stored(exposure.origin_md5, exp_prov, img_prov, context)
+    images: list[Image] = []
+    if (weight is not None or flags is not None) and exposure.is_raw:
+        raise BadInputError(f"{path.name} is a raw frame: preprocessing makes its weight and flags, "
+                            "so it takes no --weight / --flags")
     if found is not None:
         return found
-    images: list[Image] = []
     if not exposure.is_raw:
         hdul = exposure.open()
         sections = inst.section_hdus(hdul, filename=path.name)
+        if (weight is not None or flags is not None) and len(sections) != 1:
+            raise BadInputError(f"{path.name} has {len(sections)} sections; a weight or flags file "
+                                "belongs to a single image")
         cache: dict[Path, Any] = {}
         images = [_build_image(path, hdul, inst, section_id=sid, index=index,
-                               weight=None, flags=None, exposure=exposure, provenance=img_prov,
+                               weight=weight, flags=flags, exposure=exposure, provenance=img_prov,
                                cache=cache)
                   for sid, index in sorted(sections.items())]
     try:
-        with session_scope(session) as sess:
+        with context.session() as sess:
             img_prov.save(sess)
-            save_products([exposure, *images], store=store, session=sess)
+            save_products([exposure, *images], context=context, session=sess)
     except IntegrityError:
-        if session is not None:
-            raise
-        found = _stored(exposure.origin_md5, exp_prov, img_prov, None)
+        found = _stored(exposure.origin_md5, exp_prov, img_prov, context)
         if found is None:
             raise
         log.info("%s was ingested concurrently by another process; using the stored rows", path.name)

@@ -13,8 +13,14 @@ candidate's four-corner polygon on the sphere, so the answer does not depend on 
 Orderings (`ORDERINGS`):
 
 - ``"earliest"``: ``mjd`` ascending; ``"latest"``: ``mjd`` descending;
-- ``"quality"``: deepest first (``lim_mag_estimate`` descending), then sharpest (``fwhm_estimate``
-  ascending), then earliest; images without estimates come last.
+- ``"quality"``: deepest first (limiting magnitude descending), then sharpest (seeing
+  ascending), then earliest; images without those figures come last.
+
+Seeing and depth are not columns of the image: they are measured by calibration products --
+the seeing is `models.psf.PSF.fwhm_arcsec`, the depth `models.zero_point.ZeroPoint.lim_mag` --
+and an image may have been calibrated several ways.  The ``tag`` argument says whose: the
+products whose provenance is in the tag.  Seeing and depth criteria (and ``order_by="quality"``)
+therefore need ``tag``.
 
 Ties are broken by image id, so the order is the same on every back end.
 """
@@ -86,14 +92,36 @@ def _types(value: Any) -> list[ImageType] | None:
         raise ValueError(f"type must be among {[t.value for t in ImageType]}, got {value!r}") from None
 
 
-_RANGE_COLUMNS = {"mjd": Image.mjd, "exp_time": Image.exp_time, "seeing": Image.fwhm_estimate,
-                  "lim_mag": Image.lim_mag_estimate, "airmass": Image.airmass}
+_RANGE_COLUMNS = {"mjd": Image.mjd, "exp_time": Image.exp_time, "airmass": Image.airmass}
 _EXACT_COLUMNS = {"provenance_ids": Image.provenance_id, "filter": Image.filter,
                   "instrument": Image.instrument, "section_id": Image.section_id,
                   "target": Image.target}
 
 
-def _metadata_conditions(exact: dict[str, Any], ranges: dict[str, tuple[Any, Any]]) -> list:
+def _quality_columns(tag_ids: list[str]) -> dict[str, Any]:
+    """Seeing (arcsec) and depth (mag) of the image as correlated subqueries on its products."""
+    from models.psf import PSF
+    from models.source_list import SourceList
+    from models.zero_point import ZeroPoint
+
+    seeing = (select(func.min(PSF.fwhm_arcsec)).join(SourceList, SourceList.id == PSF.sources_id)
+              .where(SourceList.image_id == Image.id, PSF.provenance_id.in_(tag_ids))
+              .correlate(Image).scalar_subquery())
+    depth = (select(func.max(ZeroPoint.lim_mag))
+             .where(ZeroPoint.image_id == Image.id, ZeroPoint.provenance_id.in_(tag_ids))
+             .correlate(Image).scalar_subquery())
+    return {"seeing": seeing, "lim_mag": depth}
+
+
+def _check_range(name: str, low: Any, high: Any) -> None:
+    for bound, label in ((low, "min"), (high, "max")):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                  or not math.isfinite(bound)):
+            raise ValueError(f"{label}_{name} must be a finite number, got {bound!r}")
+
+
+def _metadata_conditions(exact: dict[str, Any], ranges: dict[str, tuple[Any, Any]],
+                         columns: dict[str, Any]) -> list:
     """Conditions for the exact-value arguments, ``type``, and every (min_, max_) pair."""
     conditions = []
     for name, value in exact.items():
@@ -106,24 +134,22 @@ def _metadata_conditions(exact: dict[str, Any], ranges: dict[str, tuple[Any, Any
         if values is not None:
             conditions.append(_EXACT_COLUMNS[name].in_([str(v) for v in values]))
     for name, (low, high) in ranges.items():
-        for bound, label in ((low, "min"), (high, "max")):
-            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
-                                      or not math.isfinite(bound)):
-                raise ValueError(f"{label}_{name} must be a finite number, got {bound!r}")
+        _check_range(name, low, high)
         if low is not None:
-            conditions.append(_RANGE_COLUMNS[name] >= low)
+            conditions.append(columns[name] >= low)
         if high is not None:
-            conditions.append(_RANGE_COLUMNS[name] <= high)
+            conditions.append(columns[name] <= high)
     return conditions
 
 
-def _ordering(order_by: str) -> list:
+def _ordering(order_by: str, quality: dict[str, Any] | None) -> list:
     if order_by == "earliest":
         return [Image.mjd.asc(), Image.id.asc()]
     if order_by == "latest":
         return [Image.mjd.desc(), Image.id.asc()]
     if order_by == "quality":
-        return [Image.lim_mag_estimate.desc().nulls_last(), Image.fwhm_estimate.asc().nulls_last(),
+        assert quality is not None  # checked by find_images
+        return [quality["lim_mag"].desc().nulls_last(), quality["seeing"].asc().nulls_last(),
                 Image.mjd.asc(), Image.id.asc()]
     raise ValueError(f"order_by must be one of {ORDERINGS}, got {order_by!r}")
 
@@ -189,7 +215,7 @@ def _check_options(overlapfrac: float | None, max_number: int | None, spatial_bo
         raise ValueError(f"max_number must be a positive integer, got {max_number!r}")
 
 
-def find_images(*, provenance_ids: str | Sequence[str] | None = None,
+def find_images(*, provenance_ids: str | Sequence[str] | None = None, tag: str | None = None,
                 ra: float | None = None, dec: float | None = None,
                 minra: float | None = None, maxra: float | None = None,
                 mindec: float | None = None, maxdec: float | None = None,
@@ -212,6 +238,9 @@ def find_images(*, provenance_ids: str | Sequence[str] | None = None,
     ----------
     provenance_ids, filter, instrument, section_id, target, type : str or list of str, optional
         Exact values (any of a list).  ``type`` is ``"science"``, ``"coadd"`` or ``"difference"``.
+    tag : str, optional
+        A provenance tag: only images whose provenance is in it, and the tag's calibration
+        products give seeing and depth (see the module docstring).
     ra, dec : float, optional
         Degrees: images whose footprint contains this point.
     minra, maxra, mindec, maxdec : float, optional
@@ -225,11 +254,11 @@ def find_images(*, provenance_ids: str | Sequence[str] | None = None,
     min_mjd, max_mjd, min_exp_time, max_exp_time, min_airmass, max_airmass : float, optional
         Inclusive bounds.
     min_seeing, max_seeing : float, optional
-        Inclusive bounds on ``fwhm_estimate`` (arcsec).
+        Inclusive bounds on the seeing, arcsec: the FWHM of the image's PSF in ``tag``.
     min_lim_mag, max_lim_mag : float, optional
-        Inclusive bounds on ``lim_mag_estimate``.
+        Inclusive bounds on the depth: the limiting magnitude of its zero point in ``tag``.
     order_by : {"earliest", "latest", "quality"}
-        See the module docstring.
+        See the module docstring; ``"quality"`` needs ``tag``.
     max_number : int, optional
         Return at most this many (the first ones in the chosen order).
     session : Session, optional
@@ -243,19 +272,41 @@ def find_images(*, provenance_ids: str | Sequence[str] | None = None,
     ------
     ValueError
         Inconsistent or out-of-range arguments; the message names the argument.
+    UnknownTagError
+        No provenance carries ``tag``.
     """
+    quality_args = {"min_seeing": min_seeing, "max_seeing": max_seeing, "min_lim_mag": min_lim_mag,
+                    "max_lim_mag": max_lim_mag}
+    wanted = [name for name, value in quality_args.items() if value is not None]
+    if order_by == "quality":
+        wanted.append("order_by='quality'")
+    if wanted and tag is None:
+        raise ValueError(f"{', '.join(wanted)} need tag=...: seeing and depth are measured by "
+                         "calibration products (PSF, ZeroPoint), and the tag says which calibration")
     region = None
     if any(v is not None for v in (ra, dec, minra, maxra, mindec, maxdec)):
         region = _Region(ra=ra, dec=dec, minra=minra, maxra=maxra, mindec=mindec, maxdec=maxdec)
     _check_options(overlapfrac, max_number, region is not None and region.polygon is not None)
-    conditions = _metadata_conditions(
-        {"provenance_ids": provenance_ids, "filter": filter, "instrument": instrument,
-         "section_id": section_id, "target": target, "type": type},
-        {"mjd": (min_mjd, max_mjd), "exp_time": (min_exp_time, max_exp_time),
-         "seeing": (min_seeing, max_seeing), "lim_mag": (min_lim_mag, max_lim_mag),
-         "airmass": (min_airmass, max_airmass)})
-    ordering = _ordering(order_by)
     with session_scope(session) as sess:
+        columns: dict[str, Any] = dict(_RANGE_COLUMNS)
+        quality = None
+        tag_condition = []
+        if tag is not None:
+            from models.provenance import ProvenanceTag, UnknownTagError
+
+            tag_ids = [p.id for p in ProvenanceTag.provenances(tag, session=sess)]
+            if not tag_ids:
+                raise UnknownTagError(f"no provenance carries the tag '{tag}'")
+            quality = _quality_columns(tag_ids)
+            columns.update(quality)
+            tag_condition = [Image.provenance_id.in_(tag_ids)]
+        conditions = tag_condition + _metadata_conditions(
+            {"provenance_ids": provenance_ids, "filter": filter, "instrument": instrument,
+             "section_id": section_id, "target": target, "type": type},
+            {"mjd": (min_mjd, max_mjd), "exp_time": (min_exp_time, max_exp_time),
+             "seeing": (min_seeing, max_seeing), "lim_mag": (min_lim_mag, max_lim_mag),
+             "airmass": (min_airmass, max_airmass)}, columns)
+        ordering = _ordering(order_by, quality)
         if region is None:
             statement = select(Image).where(*conditions).order_by(*ordering)
             if max_number is not None:

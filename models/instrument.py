@@ -15,7 +15,7 @@ Built-in instruments (see ``docs/instruments.md``):
   (`models.instruments.generic`), e.g. ``DECamResampled`` (the SFFT cutouts) and ``SAAO-STE3``.
 
 More YAML definitions are loaded from the files listed in the config key
-``instruments.extra_files``.  Look instruments up with `get_instrument` (by name) or
+``instruments.extra_files`` of the current context (`models.context`).  Look instruments up with `get_instrument` (by name) or
 `guess_instrument` (from a primary header).
 """
 
@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from improc.errors import BadDataError
 from improc.flags import FLAGS_DTYPE, PixelFlag
+from util.config import ConfigError
 
 __all__ = [
     "BadInputError", "MissingHeaderError", "UnknownInstrumentError",
@@ -47,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class BadInputError(ValueError):
+class BadInputError(BadDataError):
     """An input file cannot be used; the message names the file and the problem."""
 
 
@@ -55,7 +57,7 @@ class MissingHeaderError(BadInputError):
     """A header keyword the instrument needs is missing or unreadable."""
 
 
-class UnknownInstrumentError(ValueError):
+class UnknownInstrumentError(ConfigError, LookupError):
     """No known instrument matches a file, or no instrument has the requested name."""
 
 
@@ -281,30 +283,40 @@ def _ensure_loaded() -> None:
             return
         from models.instruments import builtin_instruments, builtin_yaml_files
         from models.instruments.generic import GenericInstrument
-        from util.config import Config
 
         for instrument in builtin_instruments():
             _add(instrument, replace=True)
-        extra = [Path(p).expanduser() for p in Config.load().get("instruments.extra_files") or []]
-        for path in [*builtin_yaml_files(), *extra]:
+        for path in builtin_yaml_files():
             _add(GenericInstrument.from_yaml(path), replace=True)
         _state["loaded"] = True
 
 
+def _known(context=None) -> dict[str, Instrument]:
+    """Registered instruments, then those of a context's ``instruments.extra_files`` (default:
+    the current context's)."""
+    from models.context import current_context
+
+    _ensure_loaded()
+    known = dict(_registry)
+    context = context or current_context()
+    for name in context.instrument_names():
+        known[name.lower()] = context.instrument(name)
+    return known
+
+
 def reset_instruments() -> None:
-    """Forget every registered instrument; the next lookup reloads built-ins and the config's."""
+    """Forget every registered instrument; the next lookup reloads the built-in ones."""
     with _lock:
         _registry.clear()
         _state["loaded"] = False
 
 
 def instrument_names() -> list[str]:
-    """Names of every known instrument, sorted."""
-    _ensure_loaded()
-    return sorted(inst.name for inst in _registry.values())
+    """Names of every known instrument (built in, registered, or of the current context), sorted."""
+    return sorted(inst.name for inst in _known().values())
 
 
-def get_instrument(name: str | Instrument) -> Instrument:
+def get_instrument(name: str | Instrument, *, context=None) -> Instrument:
     """The instrument of this name (case-insensitive); an `Instrument` is returned as is.
 
     Raises
@@ -314,9 +326,8 @@ def get_instrument(name: str | Instrument) -> Instrument:
     """
     if isinstance(name, Instrument):
         return name
-    _ensure_loaded()
     try:
-        return _registry[str(name).lower()]
+        return _known(context)[str(name).lower()]
     except KeyError:
         raise UnknownInstrumentError(f"unknown instrument {name!r}; known instruments: "
                                      f"{', '.join(instrument_names())}") from None
@@ -330,8 +341,7 @@ def guess_instrument(header: fits.Header, *, filename: str | Path | None = None)
     UnknownInstrumentError
         If none or several match; the message names the file and its INSTRUME value.
     """
-    _ensure_loaded()
-    found = [inst for inst in _registry.values() if inst.matches(header)]
+    found = [inst for inst in _known().values() if inst.matches(header)]
     where = f"{Path(filename).name}" if filename is not None else "the header"
     if len(found) == 1:
         return found[0]

@@ -11,8 +11,12 @@ Computing the id needs no database, so two machines that run the same code with 
 parameters on the same inputs agree on it.  Parameters that do not change the result (timeouts,
 paths, verbosity) are left out by the caller (see ``pipeline.parameters``).
 
-A `ProvenanceTag` names a consistent set of provenances, one per process, e.g. ``"dr1"``:
-``Provenance.get_for_tag(tag="dr1", process="extraction")``.
+A `ProvenanceTag` names a consistent set of provenances, e.g. ``"dr1"``:
+``Provenance.get_for_tag(tag="dr1", process="preprocessing")``.  A tag may hold several
+provenances of one process when their upstreams differ -- the extraction of a coadd (upstream:
+coaddition) beside that of a single exposure (upstream: preprocessing) -- and a product's own
+upstream tells which applies (`pipeline.data_store.DataStore.load_prov_tree`).  Two provenances
+of one process with the same upstreams in one tag would be ambiguous, and are refused.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from models.base import Base, TimestampMixin, session_scope, utcnow
 
-__all__ = ["CodeVersion", "Provenance", "ProvenanceTag", "ProvenanceConflictError",
-           "canonical_json", "provenance_hash"]
+__all__ = ["CodeVersion", "Provenance", "ProvenanceTag", "ProvenanceError", "ProvenanceConflictError",
+           "UnknownTagError", "AmbiguousProvenanceError", "canonical_json", "provenance_hash",
+           "upstreams_key"]
 
 PROVENANCE_ID_LENGTH = 24
 
@@ -43,6 +48,10 @@ provenance_upstreams = Table(
     Column("upstream_id", sa.String(PROVENANCE_ID_LENGTH),
            ForeignKey("provenances.id", ondelete="RESTRICT"), primary_key=True, index=True),
 )
+
+
+class ProvenanceError(Exception):
+    """A provenance or tag was asked for something it cannot give (a usage error, not bad data)."""
 
 
 def _canonical(value: Any) -> Any:
@@ -58,7 +67,7 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         number = float(value)
         if not math.isfinite(number):
-            raise ValueError(f"provenance parameters must be finite numbers, got {number}")
+            raise ProvenanceError(f"provenance parameters must be finite numbers, got {number}")
         # A float equal to an int hashes like the int, so 5 and 5.0 in a config agree.
         return int(number) if number.is_integer() else float(repr(number))
     if value is None or isinstance(value, str):
@@ -74,7 +83,7 @@ def canonical_json(parameters: Mapping[str, Any]) -> str:
 def _major_minor(version: str) -> str:
     parts = version.split(".")
     if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
-        raise ValueError(f"code version must look like MAJOR.MINOR[.PATCH], got {version!r}")
+        raise ProvenanceError(f"code version must look like MAJOR.MINOR[.PATCH], got {version!r}")
     return f"{int(parts[0])}.{int(parts[1])}"
 
 
@@ -108,8 +117,21 @@ def provenance_hash(process: str, code_version: str, parameters: Mapping[str, An
     return hashlib.sha256(payload.encode()).hexdigest()[:PROVENANCE_ID_LENGTH]
 
 
-class ProvenanceConflictError(ValueError):
-    """A tag already holds another provenance for the same process."""
+class ProvenanceConflictError(ProvenanceError):
+    """A tag already holds another provenance of the same process with the same upstreams."""
+
+
+class UnknownTagError(ProvenanceError, LookupError):
+    """No provenance carries this tag."""
+
+
+class AmbiguousProvenanceError(ProvenanceError):
+    """A tag holds several provenances of one process where one was asked for."""
+
+
+def upstreams_key(upstream_ids: Iterable[str]) -> str:
+    """A short key of a set of upstream ids (what makes two provenances of one process distinct in a tag)."""
+    return hashlib.sha256(",".join(sorted(set(upstream_ids))).encode()).hexdigest()[:PROVENANCE_ID_LENGTH]
 
 
 class CodeVersion(Base):
@@ -139,7 +161,9 @@ class Provenance(TimestampMixin, Base):
         secondary=provenance_upstreams,
         primaryjoin=lambda: Provenance.id == provenance_upstreams.c.downstream_id,
         secondaryjoin=lambda: Provenance.id == provenance_upstreams.c.upstream_id,
-        lazy="selectin",
+        # the whole chain comes with a provenance (a self-referential eager load stops after
+        # join_depth levels): trees are walked after their session has closed
+        lazy="selectin", join_depth=16,
     )
 
     def __init__(self, *, process: str, code_version: str, parameters: Mapping[str, Any] | None = None,
@@ -153,7 +177,8 @@ class Provenance(TimestampMixin, Base):
         )
 
     def __repr__(self) -> str:
-        return f"<Provenance {self.process} {self.id} v{self.code_version}>"
+        ups = ", ".join(f"{u.process} {u.id[:8]}" for u in self.upstreams)
+        return f"<Provenance {self.process} {self.id} v{self.code_version} upstreams [{ups}]>"
 
     @property
     def upstream_ids(self) -> list[str]:
@@ -193,12 +218,37 @@ class Provenance(TimestampMixin, Base):
 
     @classmethod
     def get_for_tag(cls, *, tag: str, process: str, session: Session | None = None) -> Provenance | None:
-        """The provenance of ``process`` in ``tag``, or None if the tag has none for it."""
+        """The provenance of ``process`` in ``tag``, or None if the tag has none for it.
+
+        Raises
+        ------
+        UnknownTagError
+            No provenance carries ``tag`` (the message lists the tags there are).
+        AmbiguousProvenanceError
+            The tag holds several provenances of ``process`` (e.g. extraction of coadds and of
+            single images); use `all_for_tag`, or a DataStore, which picks by upstream.
+        """
+        found = cls.all_for_tag(tag=tag, process=process, session=session)
+        if len(found) > 1:
+            described = "; ".join(repr(p) for p in found)
+            raise AmbiguousProvenanceError(
+                f"tag '{tag}' holds {len(found)} provenances of process '{process}', with different "
+                f"upstreams: {described}.  Use Provenance.all_for_tag, or DataStore.load_prov_tree, "
+                "which picks the one made from the image's own products")
+        return found[0] if found else None
+
+    @classmethod
+    def all_for_tag(cls, *, tag: str, process: str, session: Session | None = None) -> list[Provenance]:
+        """Every provenance of ``process`` in ``tag`` (UnknownTagError if no provenance carries it)."""
         with session_scope(session) as sess:
-            return sess.scalars(
+            if sess.scalar(select(ProvenanceTag.id).where(ProvenanceTag.tag == tag).limit(1)) is None:
+                known = ProvenanceTag.tags(session=sess)
+                raise UnknownTagError(f"no provenance carries the tag '{tag}'; tags: "
+                                      f"{', '.join(known) if known else 'none yet'}")
+            return list(sess.scalars(
                 select(Provenance).join(ProvenanceTag, ProvenanceTag.provenance_id == Provenance.id)
                 .where(ProvenanceTag.tag == tag, ProvenanceTag.process == process)
-            ).one_or_none()
+                .order_by(Provenance.id)))
 
 
 def _insert_ignore(session: Session, table: sa.Table, values: dict[str, Any]) -> None:
@@ -212,50 +262,59 @@ def _insert_ignore(session: Session, table: sa.Table, values: dict[str, Any]) ->
 
 
 class ProvenanceTag(TimestampMixin, Base):
-    """One provenance of one process in a named, consistent set (a tag)."""
+    """One provenance in a named, consistent set (a tag).
+
+    Unique per (tag, process, upstreams): a tag holds at most one provenance of a process for
+    each set of upstream provenances, so a product's upstream always decides which one applies.
+    """
 
     __tablename__ = "provenance_tags"
-    __table_args__ = (UniqueConstraint("tag", "process", name="uq_provenance_tags_tag_process"),)
+    __table_args__ = (UniqueConstraint("tag", "process", "upstreams_key",
+                                       name="uq_provenance_tags_tag_process_upstreams"),)
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     tag: Mapped[str] = mapped_column(sa.String(128), index=True)
     process: Mapped[str] = mapped_column(sa.String(64))
+    upstreams_key: Mapped[str] = mapped_column(sa.String(PROVENANCE_ID_LENGTH))
     provenance_id: Mapped[str] = mapped_column(
         ForeignKey("provenances.id", ondelete="CASCADE"), index=True)
 
     @classmethod
     def add(cls, tag: str, provenances: Iterable[Provenance], session: Session | None = None) -> None:
-        """Put provenances into a tag.
+        """Put provenances into a tag (safe when several processes tag at once).
 
         Re-tagging the same provenance is a no-op.
 
         Raises
         ------
         ProvenanceConflictError
-            The tag holds a different provenance for the same process; names tag, process and ids.
+            The tag holds a different provenance of the same process with the same upstreams
+            (e.g. the same step with other parameters); names tag, process and both ids.
         """
         provenances = list(provenances)
         with session_scope(session) as sess:
             for prov in provenances:
                 prov.save(sess)
-                _insert_ignore(sess, cls.__table__, {"tag": tag, "process": prov.process,
-                                                     "provenance_id": prov.id, "created_at": utcnow()})
+                _insert_ignore(sess, cls.__table__, {
+                    "tag": tag, "process": prov.process, "upstreams_key": upstreams_key(prov.upstream_ids),
+                    "provenance_id": prov.id, "created_at": utcnow()})
             sess.flush()
             for prov in provenances:
                 held = sess.scalars(select(cls.provenance_id).where(
-                    cls.tag == tag, cls.process == prov.process)).one()
+                    cls.tag == tag, cls.process == prov.process,
+                    cls.upstreams_key == upstreams_key(prov.upstream_ids))).one()
                 if held != prov.id:
                     raise ProvenanceConflictError(
-                        f"tag '{tag}' already has provenance {held} for process '{prov.process}'; "
-                        f"cannot also tag {prov.id}")
+                        f"tag '{tag}' already has provenance {held} for process '{prov.process}' "
+                        f"with the same upstreams; cannot also tag {prov.id} (other parameters or "
+                        "code version: use another tag)")
 
     @classmethod
-    def provenances(cls, tag: str, session: Session | None = None) -> dict[str, Provenance]:
-        """Every provenance in a tag, by process."""
+    def provenances(cls, tag: str, session: Session | None = None) -> list[Provenance]:
+        """Every provenance in a tag, sorted by process and id."""
         with session_scope(session) as sess:
-            rows = sess.execute(select(cls.process, Provenance).join(
-                Provenance, Provenance.id == cls.provenance_id).where(cls.tag == tag)).all()
-            return {process: prov for process, prov in rows}
+            return list(sess.scalars(select(Provenance).join(cls, Provenance.id == cls.provenance_id)
+                                     .where(cls.tag == tag).order_by(Provenance.process, Provenance.id)))
 
     @classmethod
     def tags(cls, session: Session | None = None) -> list[str]:

@@ -12,7 +12,7 @@ from sqlalchemy import ForeignKey, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from improc.psf import PixelPSF
-from models.base import Base, TimestampMixin, UUIDMixin, session_scope
+from models.base import Base, TimestampMixin, UUIDMixin
 from models.file_store import FileBackedMixin
 
 __all__ = ["PSF"]
@@ -28,21 +28,27 @@ class PSF(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     sources_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("source_lists.id", ondelete="CASCADE"), index=True)
     provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
     fwhm_pixels: Mapped[float]
+    fwhm_arcsec: Mapped[float | None] = mapped_column(
+        doc="FWHM times the pixel scale of the image's own WCS (the seeing; scale errors of a "
+            "header WCS are far below a percent).")
     num_stars: Mapped[int]
 
-    def __init__(self, *, model: PixelPSF | None = None, sources=None, image=None, **kwargs):
+    def __init__(self, *, model: PixelPSF | None = None, sources=None, **kwargs):
         if model is not None:
             kwargs.setdefault("fwhm_pixels", float(model.fwhm_pixels))
         if sources is not None:
             kwargs.setdefault("sources_id", sources.id)
         super().__init__(**kwargs)
         self._model = model
-        self._image = image
 
     @sa.orm.reconstructor
     def _init_on_load(self) -> None:
         self._model = None
-        self._image = None
+
+    def __repr__(self) -> str:
+        seeing = f' ({self.fwhm_arcsec:.2f}")' if self.fwhm_arcsec is not None else ""
+        return (f"<PSF of sources {str(self.sources_id)[:8]}: FWHM {self.fwhm_pixels:.2f} px{seeing}, "
+                f"{self.num_stars} stars, prov {self.provenance_id}>")
 
     @property
     def model(self) -> PixelPSF:
@@ -55,20 +61,11 @@ class PSF(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
         """PSF stamp of a star at image position (x, y), normalized to ``flux``."""
         return self.model.get_clip(x, y, flux)
 
-    def file_stem(self) -> str:
-        image = self._image
-        if image is None:
-            from models.image import Image
-            from models.source_list import SourceList
-            with session_scope() as session:
-                image = session.get(Image, session.get(SourceList, self.sources_id).image_id)
-        return image.product_stem(name="psf", process="extraction", provenance_id=self.provenance_id)
-
     def _write(self, path: Path) -> None:
         with h5py.File(path, "w") as f:
             for key, value in self.model.to_arrays().items():
                 if isinstance(value, np.ndarray):
-                    f.create_dataset(key, data=value)
+                    f.create_dataset(key, data=value, track_times=False)
                 else:
                     f.attrs[key] = value
 

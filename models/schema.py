@@ -8,6 +8,7 @@ test suite, so the migrations are always tested).
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -15,31 +16,20 @@ from sqlalchemy.engine import Engine
 
 from models.base import Base
 
-__all__ = ["TABLE_MODULES", "load_all_tables", "metadata", "upgrade", "current_revision",
-           "alembic_dir"]
-
-#: Every module that defines tables, in dependency order.
-TABLE_MODULES: tuple[str, ...] = (
-    "models.provenance",
-    "models.exposure",
-    "models.image",
-    "models.background",
-    "models.source_list",
-    "models.psf",
-    "models.catalog_excerpt",
-    "models.world_coordinates",
-    "models.zero_point",
-)
+__all__ = ["load_all_tables", "metadata", "upgrade", "current_revision", "alembic_dir"]
 
 
 def load_all_tables() -> sa.MetaData:
-    """Import every table module (those that exist yet) and return the complete metadata."""
-    for name in TABLE_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+    """Import every module of the ``models`` package and return the complete metadata.
+
+    A table is part of the schema by being defined in a module of ``models/``: there is no list
+    to keep in step.
+    """
+    import models
+
+    for info in pkgutil.iter_modules(models.__path__, prefix="models."):
+        if not info.ispkg:
+            importlib.import_module(info.name)
     return Base.metadata
 
 

@@ -16,13 +16,20 @@ __all__ = ["WorldCoordinates"]
 
 
 class WorldCoordinates(UUIDMixin, TimestampMixin, Base):
-    """A TAN-SIP solution fitted against a reference catalog; ``wcs`` gives the astropy WCS."""
+    """The astrometric solution of a source list against a reference catalog.
+
+    ``wcs`` gives the astropy WCS (TAN-SIP, or the header WCS corrected by a shift when few stars
+    match).  The image keeps the WCS it came with; use this one for sky positions
+    (``sources.radec(wcs)``).  ``catalog_excerpt_id`` names the reference stars it was fitted to.
+    """
 
     __tablename__ = "world_coordinates"
     __table_args__ = (UniqueConstraint("sources_id", "provenance_id", name="uq_world_coordinates_sources_prov"),)
 
     sources_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("source_lists.id", ondelete="CASCADE"), index=True)
     provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
+    catalog_excerpt_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("catalog_excerpts.id", ondelete="RESTRICT"), index=True, default=None)
     header_text: Mapped[str] = mapped_column(sa.Text)
     rms_arcsec: Mapped[float]
     num_stars: Mapped[int]
@@ -34,6 +41,10 @@ class WorldCoordinates(UUIDMixin, TimestampMixin, Base):
         if sources is not None:
             kwargs.setdefault("sources_id", sources.id)
         super().__init__(**kwargs)
+
+    def __repr__(self) -> str:
+        return (f"<WorldCoordinates of sources {str(self.sources_id)[:8]}: rms {self.rms_arcsec:.3f}\" "
+                f"from {self.num_stars} {self.catalog} stars, prov {self.provenance_id}>")
 
     @property
     def wcs(self) -> WCS:

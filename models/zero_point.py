@@ -18,13 +18,20 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
     """Zero point defined by ``mag = -2.5 log10(adu) + zp`` for PSF fluxes, and aperture corrections.
 
     ``aper_cors[i]`` is added to the magnitude from aperture ``i`` (radius ``aper_radii[i]``
-    pixels) to bring it onto the PSF-flux (total) scale.
+    pixels) to bring it onto the PSF-flux (total) scale.  ``lim_mag`` is the point-source
+    magnitude at the photocal ``limit_snr`` (the image's depth).  Made from the image's sources
+    (through their WCS), PSF and background, whose ids it records.
     """
 
     __tablename__ = "zero_points"
-    __table_args__ = (UniqueConstraint("wcs_id", "provenance_id", name="uq_zero_points_wcs_prov"),)
+    __table_args__ = (UniqueConstraint("image_id", "wcs_id", "psf_id", "background_id", "provenance_id",
+                                       name="uq_zero_points_inputs_prov"),)
 
+    image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     wcs_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("world_coordinates.id", ondelete="CASCADE"), index=True)
+    psf_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("psfs.id", ondelete="CASCADE"), index=True)
+    background_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("backgrounds.id", ondelete="CASCADE"),
+                                                     index=True)
     provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
     zp: Mapped[float]
     dzp: Mapped[float]
@@ -35,10 +42,16 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
     aper_cors: Mapped[list] = mapped_column(sa.JSON, default=list)
     lim_mag: Mapped[float | None]
 
-    def __init__(self, *, wcs=None, **kwargs):
-        if wcs is not None:
-            kwargs.setdefault("wcs_id", wcs.id)
+    def __init__(self, *, image=None, wcs=None, psf=None, background=None, **kwargs):
+        for name, parent in (("image", image), ("wcs", wcs), ("psf", psf), ("background", background)):
+            if parent is not None:
+                kwargs.setdefault(f"{name}_id", parent.id)
         super().__init__(**kwargs)
+
+    def __repr__(self) -> str:
+        lim = f", limit {self.lim_mag:.2f}" if self.lim_mag is not None else ""
+        return (f"<ZeroPoint of image {str(self.image_id)[:8]}: zp {self.zp:.4f} +- {self.dzp:.4f} "
+                f"from {self.num_stars} stars{lim}, prov {self.provenance_id}>")
 
     def mag(self, flux_adu: np.ndarray, aperture: int | None = None) -> np.ndarray:
         """Calibrated magnitudes of fluxes in ADU (PSF fluxes, or aperture ``aperture``)."""

@@ -13,7 +13,7 @@ from models.world_coordinates import WorldCoordinates
 from pipeline.catalogs import CatalogSource, isolated_stars, reference_catalog, stars_at_epoch
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
-from pipeline.step import Step
+from pipeline.step import Input, Output, Step
 
 __all__ = ["AstroCalParams", "AstroCalibrator"]
 
@@ -47,13 +47,13 @@ class AstroCalParams(StepParams):
 
 
 class AstroCalibrator(Step):
-    """Make the image's `WorldCoordinates`; update the image's WCS and corners from it."""
+    """Make the `WorldCoordinates` of the image's sources (the image keeps the WCS it came with)."""
 
     process = "astrocal"
     version = "1.0.0"
     Params = AstroCalParams
-    products = ("wcs",)
-    upstream_processes = ("extraction",)
+    inputs = (Input("image"), Input("sources"))
+    outputs = (Output("wcs", WorldCoordinates, parents={"sources_id": "sources"}),)
     badness = "BAD_ASTROMETRY"
 
     def catalog_source(self) -> CatalogSource:
@@ -73,27 +73,20 @@ class AstroCalibrator(Step):
 
     def run(self, ds: DataStore) -> None:
         image, sources = ds.get_image(), ds.get_sources()
-
-        def make(prov):
-            table = sources.data
-            # flags that leave a centroid sound do not exclude a source (as SCAMP's default
-            # FLAGS_MASK): deblended from a neighbour, or an aperture crossing an edge or a mask
-            harmless = (SourceFlag.MERGED | SourceFlag.APER_TRUNCATED | SourceFlag.APER_HAS_MASKED
-                        | SourceFlag.APER_ALL_MASKED | SourceFlag.APER_NONPOSITIVE)
-            good = (((np.asarray(table["flags"]) & ~int(harmless)) == 0)
-                    & (np.asarray(table["snr"]) >= self.params.min_snr))
-            flux = np.asarray(table["psfflux"] if "psfflux" in table.colnames else table["apflux_1"])
-            if image.wcs is None:
-                raise AstrometryError(f"image {image.describe()} has no header WCS to start from")
-            excerpt = reference_catalog(image, self.catalog_source())
-            # stars with a comparably bright neighbour are blends at ground-based seeing
-            solution = self.compute(sources.x[good], sources.y[good], flux[good],
-                                    isolated_stars(excerpt.data),
-                                    mjd=image.mjd, wcs_guess=image.wcs,
-                                    image_shape=(image.ny, image.nx))
-            image.set_wcs(solution.wcs)
-            return WorldCoordinates(wcs=solution.wcs, sources=sources, provenance_id=prov.id,
-                                    rms_arcsec=float(solution.rms_arcsec),
-                                    num_stars=int(solution.n_matches), catalog=excerpt.catalog)
-
-        ds.get_or_make("wcs", make)
+        table = sources.data
+        # flags that leave a centroid sound do not exclude a source (as SCAMP's default
+        # FLAGS_MASK): deblended from a neighbour, or an aperture crossing an edge or a mask
+        harmless = (SourceFlag.MERGED | SourceFlag.APER_TRUNCATED | SourceFlag.APER_HAS_MASKED
+                    | SourceFlag.APER_ALL_MASKED | SourceFlag.APER_NONPOSITIVE)
+        good = (((np.asarray(table["flags"]) & ~int(harmless)) == 0)
+                & (np.asarray(table["snr"]) >= self.params.min_snr))
+        flux = np.asarray(table["psfflux"] if "psfflux" in table.colnames else table["apflux_1"])
+        if image.wcs is None:
+            raise AstrometryError(f"image {image.describe()} has no header WCS to start from")
+        excerpt = reference_catalog(image, self.catalog_source(), context=ds.context)
+        # stars with a comparably bright neighbour are blends at ground-based seeing
+        solution = self.compute(sources.x[good], sources.y[good], flux[good], isolated_stars(excerpt.data),
+                                mjd=image.mjd, wcs_guess=image.wcs, image_shape=(image.ny, image.nx))
+        ds.new_product(self, "wcs", wcs=solution.wcs, rms_arcsec=float(solution.rms_arcsec),
+                       num_stars=int(solution.n_matches), catalog=excerpt.catalog,
+                       catalog_excerpt_id=excerpt.id)

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from improc.background import BackgroundMesh, estimate_background
+from improc.errors import BadDataError
 from improc.flags import PixelFlag
 from models.background import Background
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
-from pipeline.step import Step
+from pipeline.step import Input, Output, Step
 
 __all__ = ["BackgroundingParams", "Backgrounder"]
 
@@ -34,13 +35,13 @@ class BackgroundingParams(StepParams):
 
 
 class Backgrounder(Step):
-    """Make the image's `Background`; write its median level and rms into the image."""
+    """Make the image's `Background` (its median level and rms are columns of the product)."""
 
     process = "backgrounding"
     version = "1.0.0"
     Params = BackgroundingParams
-    products = ("background",)
-    upstream_processes = ("image",)
+    inputs = (Input("image"),)
+    outputs = (Output("background", Background, parents={"image_id": "image"}),)
     badness = "BAD_BACKGROUND"
 
     def compute(self, data: np.ndarray, *, mask: np.ndarray | None) -> BackgroundMesh:
@@ -51,20 +52,13 @@ class Backgrounder(Step):
 
     def run(self, ds: DataStore) -> None:
         image = ds.get_image()
-
-        def make(prov):
-            mask = image.flags != 0
-            usable, need = int(np.count_nonzero(~mask)), min(self.params.box_size, *mask.shape) ** 2 // 2
-            if usable < need:
-                raise ValueError(f"only {usable} of {mask.size} pixels are usable (flagged: "
-                                 f"{_flag_shares(image.flags)}); the background needs at least "
-                                 f"half a mesh box, {need} pixels")
-            mesh = self.compute(image.data, mask=mask)
-            image.bkg_mean_estimate = mesh.median_level
-            image.bkg_rms_estimate = mesh.median_rms
-            return Background(mesh=mesh, image=image, provenance_id=prov.id)
-
-        ds.get_or_make("background", make)
+        mask = image.flags != 0
+        usable, need = int(np.count_nonzero(~mask)), min(self.params.box_size, *mask.shape) ** 2 // 2
+        if usable < need:
+            raise BadDataError(f"only {usable} of {mask.size} pixels are usable (flagged: "
+                               f"{_flag_shares(image.flags)}); the background needs at least "
+                               f"half a mesh box, {need} pixels", figures={"usable": usable, "needed": need})
+        ds.new_product(self, "background", mesh=self.compute(image.data, mask=mask))
 
 
 def _flag_shares(flags: np.ndarray) -> str:

@@ -30,9 +30,11 @@ from scipy.spatial import cKDTree
 from improc.astrometry import propagate_proper_motion
 from improc.footprint import polygon_bounds
 from models.catalog_excerpt import CatalogExcerpt
+from models.context import Context, current_context
 from models.provenance import Provenance
 from models.saving import save_products
 from util import gaia
+from util.config import ConfigError
 
 __all__ = ["CatalogSource", "reference_catalog", "stars_at_epoch", "isolated_stars",
            "neighbor_free", "NEIGHBOR_RADIUS_ARCSEC", "NEIGHBOR_DMAG"]
@@ -95,7 +97,7 @@ def _fetch(source: CatalogSource, box: tuple[float, float, float, float]) -> tup
     minra, maxra, mindec, maxdec = box
     if source.kind == "gaia_folder":
         if not source.folder:
-            raise ValueError("catalog kind 'gaia_folder' needs a catalog folder (catalog_folder)")
+            raise ConfigError("catalog kind 'gaia_folder' needs a catalog folder (catalog_folder)")
         try:
             table = gaia.read_gaia_folder(source.folder, ra_min=minra, ra_max=maxra,
                                           dec_min=mindec, dec_max=maxdec)
@@ -119,7 +121,7 @@ def _fetch(source: CatalogSource, box: tuple[float, float, float, float]) -> tup
     return table[np.isfinite(g) & (g <= source.mag_limit)], origin
 
 
-def reference_catalog(image, source: CatalogSource) -> CatalogExcerpt:
+def reference_catalog(image, source: CatalogSource, *, context: Context | None = None) -> CatalogExcerpt:
     """The catalog excerpt covering ``image`` (its corners padded by ``source.pad_arcsec``).
 
     Raises
@@ -132,16 +134,19 @@ def reference_catalog(image, source: CatalogSource) -> CatalogExcerpt:
     util.gaia.GaiaQueryError
         The Gaia archive could not be queried (``gaia_dr3``).
     """
+    context = context or current_context()
     box = _padded_box(image, source.pad_arcsec)
-    found = CatalogExcerpt.find_covering(source.name, *box)
+    with context.session() as session:
+        found = CatalogExcerpt.find_covering(source.name, *box, session=session)
     if found is not None:
         return found
     table, origin = _fetch(source, box)
     prov = source.provenance()
-    prov.save()
+    with context.session() as session:
+        prov.save(session)
     excerpt = CatalogExcerpt(data=table, catalog=source.name, origin=origin, provenance_id=prov.id,
                              minra=box[0], maxra=box[1], mindec=box[2], maxdec=box[3])
-    save_products([excerpt])
+    save_products([excerpt], context=context)
     log.info("cached %d %s stars for %s", len(table), source.name, image)
     return excerpt
 

@@ -3,13 +3,17 @@
 ::
 
     seechange db upgrade                      # create or migrate the schema
-    seechange ingest FILE... [--instrument N] # exposures and images into the database
+    seechange ingest FILE... [--instrument N] [--weight W --flags F]
     seechange images [--ra --dec --filter]    # find images
     seechange run [IMAGE_OR_EXPOSURE_ID...]   # the pipeline, then tag the provenances
     seechange provenance list | tag TAG       # provenances and tags
     seechange demo                            # synthetic images through the pipeline
 
-Every command takes ``--config FILE`` (else ``$SEECHANGE_CONFIG``) and ``--help``.
+Every command takes ``--config FILE`` (else ``$SEECHANGE_CONFIG``), ``-v`` and ``--help``, before
+or after the command's name.  The command line is an entry point: it reads the configuration,
+makes the `models.context.Context` every command works in, and sets sep's pixel buffer from
+``pipeline.sep_pixel_stack`` (a process-wide setting of sep, so only a program's entry point
+may choose it).
 """
 
 from __future__ import annotations
@@ -24,66 +28,71 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger("seechange")
 
 
-def _setup(args: argparse.Namespace):
-    from models.base import use_database
-    from models.file_store import use_file_store
+def _setup(args: argparse.Namespace, *, migrate: bool = True):
+    import sep
+
+    from models.context import Context, use_context
     from models.schema import upgrade
     from util.config import Config
 
-    config = Config.load(args.config)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = use_database(config)
-    use_file_store(config)
-    if getattr(args, "command", None) != "db":
-        upgrade(engine)
-    return config
+    context = use_context(Context.from_config(Config.load(args.config)))
+    sep.set_extract_pixstack(int(context.config.get("pipeline.sep_pixel_stack")))
+    if migrate:
+        upgrade(context.engine)
+    return context
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
-    from models.base import current_engine
     from models.schema import current_revision, upgrade
 
-    _setup(args)
-    engine = current_engine()
-    upgrade(engine)
-    print(f"database {engine.url.render_as_string(hide_password=True)} at revision "
-          f"{current_revision(engine)}")
+    context = _setup(args, migrate=False)
+    upgrade(context.engine)
+    print(f"database {context.engine.url.render_as_string(hide_password=True)} at revision "
+          f"{current_revision(context.engine)}")
     return 0
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from models.image import ingest_file
 
-    _setup(args)
+    context = _setup(args)
+    if (args.weight or args.flags) and len(args.files) != 1:
+        raise ValueError("--weight and --flags belong to one image: give a single FILE with them")
+    failed = 0
     for path in args.files:
-        exposure, images = ingest_file(path, instrument=args.instrument)
+        try:
+            exposure, images = ingest_file(path, instrument=args.instrument, weight=args.weight,
+                                           flags=args.flags, context=context)
+        except Exception as exc:  # a batch goes on past a bad file
+            if len(args.files) == 1:
+                raise
+            print(f"{path}: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"{path}: exposure {exposure.id} ({exposure.instrument}, {exposure.filter}, "
               f"{exposure.exp_time:g} s), {len(images)} image(s)")
         for image in images:
             print(f"  image {image.id} section {image.section_id}")
+    if failed:
+        print(f"{failed} of {len(args.files)} file(s) could not be ingested", file=sys.stderr)
+        return 1
     return 0
-
-
-def _print_images(images) -> None:
-    print(f"{'id':36}  {'instrument':10} {'section':7} {'filter':8} {'mjd':>11} {'ra':>9} {'dec':>9}")
-    for im in images:
-        print(f"{str(im.id):36}  {im.instrument:10} {str(im.section_id):7} {str(im.filter):8} "
-              f"{im.mjd:11.5f} {im.ra:9.4f} {im.dec:9.4f}")
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
     from models.image import Image
-    from models.provenance import ProvenanceTag
 
-    _setup(args)
-    prov_ids = None
-    if args.tag:
-        prov_ids = [p.id for p in ProvenanceTag.provenances(args.tag).values()]
-    images = Image.find_images(provenance_ids=prov_ids, ra=args.ra, dec=args.dec, filter=args.filter,
-                               instrument=args.instrument, order_by=args.order_by,
-                               max_number=args.max_number)
-    _print_images(images)
+    context = _setup(args)
+    with context.session() as session:
+        images = Image.find_images(tag=args.tag, ra=args.ra, dec=args.dec, filter=args.filter,
+                                   instrument=args.instrument, order_by=args.order_by,
+                                   max_number=args.max_number, session=session)
+    print(f"{'id':36}  {'instrument':10} {'section':7} {'filter':8} {'mjd':>11} {'ra':>9} {'dec':>9}")
+    for im in images:
+        print(f"{str(im.id):36}  {im.instrument:10} {str(im.section_id):7} {str(im.filter):8} "
+              f"{im.mjd:11.5f} {im.ra:9.4f} {im.dec:9.4f}")
     print(f"{len(images)} image(s)")
     return 0
 
@@ -91,39 +100,39 @@ def _cmd_images(args: argparse.Namespace) -> int:
 def _cmd_provenance(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from models.base import session_scope
+    from models.image import Image
     from models.provenance import Provenance, ProvenanceTag
     from pipeline.data_store import DataStore
-    config = _setup(args)
-    if args.action == "list":
-        with session_scope() as session:
+
+    context = _setup(args)
+    with context.session() as session:
+        if args.action == "list":
             provs = session.scalars(select(Provenance).order_by(Provenance.process)).all()
-        tags = {}
-        for tag in ProvenanceTag.tags():
-            for process, prov in ProvenanceTag.provenances(tag).items():
-                tags.setdefault(prov.id, []).append(tag)
-        for prov in provs:
-            print(f"{prov.id}  {prov.process:14} v{prov.code_version:8} tags: "
-                  f"{','.join(tags.get(prov.id, [])) or '-'}  {prov.parameters}")
-        return 0
-    # tag: the provenances the configuration gives for every image's tree
-    from models.image import Image
-    with session_scope() as session:
+            tags: dict[str, list[str]] = {}
+            for tag in ProvenanceTag.tags(session=session):
+                for prov in ProvenanceTag.provenances(tag, session=session):
+                    tags.setdefault(prov.id, []).append(tag)
+            for prov in provs:
+                print(f"{prov.id}  {prov.process:14} v{prov.code_version:8} tags: "
+                      f"{','.join(tags.get(prov.id, [])) or '-'}  {prov.parameters}")
+            return 0
+        # tag: the provenances the configuration gives for every image's tree
         roots = {im.provenance_id: im for im in session.scalars(select(Image)).all()}
-    provs: dict[str, Provenance] = {}
+    trees: dict[str, Provenance] = {}
     for image in roots.values():
-        tree = DataStore(image).make_prov_tree(config)
-        provs.update({p.id: p for p in tree.values()})
-    ProvenanceTag.add(args.tag, provs.values())
-    print(f"tagged {len(provs)} provenance(s) as '{args.tag}'")
+        tree = DataStore(image, context=context).make_prov_tree(context.config)
+        trees.update({p.id: p for p in tree.values()})
+    with context.session() as session:
+        ProvenanceTag.add(args.tag, trees.values(), session=session)
+    print(f"tagged {len(trees)} provenance(s) as '{args.tag}'")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_all
 
-    config = _setup(args)
-    run_all(config, ids=args.ids, tag=args.tag)
+    context = _setup(args)
+    run_all(context, ids=args.ids, tag=args.tag)
     return 0
 
 
@@ -134,13 +143,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _common(*, suppress: bool) -> argparse.ArgumentParser:
+    """``--config`` and ``-v``.  The subcommands' copies leave the values alone when not given
+    (argparse.SUPPRESS), so ``seechange --config F run`` keeps F."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = {"default": argparse.SUPPRESS} if suppress else {}
+    common.add_argument("--config", metavar="FILE", help="user config file (else $SEECHANGE_CONFIG)",
+                        **({"default": None} | default))
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks",
+                        **({"default": False} | default))
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``seechange`` command."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="user config file (else $SEECHANGE_CONFIG)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log progress")
-
-    parser = argparse.ArgumentParser(prog="seechange", parents=[common],
+    common = _common(suppress=True)
+    parser = argparse.ArgumentParser(prog="seechange", parents=[_common(suppress=False)],
                                      description="SeeChange: find what changed on the sky.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -151,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", parents=[common], help="ingest FITS files")
     ingest.add_argument("files", nargs="+", metavar="FILE")
     ingest.add_argument("--instrument", metavar="NAME", help="instrument (default: from the header)")
+    ingest.add_argument("--weight", metavar="FILE", help="inverse-variance weight of the (one) image")
+    ingest.add_argument("--flags", metavar="FILE", help="mask of the (one) image (non-zero = bad)")
     ingest.set_defaults(func=_cmd_ingest)
 
     images = sub.add_parser("images", parents=[common], help="list or find images")
@@ -159,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--filter")
     images.add_argument("--instrument")
     images.add_argument("--tag", help="only images whose provenance is in this tag")
-    images.add_argument("--order-by", default="earliest", choices=["earliest", "latest", "quality"])
+    images.add_argument("--order-by", default="earliest", choices=["earliest", "latest", "quality"],
+                        help="'quality' (deepest, then sharpest) needs --tag")
     images.add_argument("--max-number", type=int)
     images.set_defaults(func=_cmd_images)
 

@@ -6,73 +6,50 @@
     ds.load_prov_tree("dr1")         # or ds.make_prov_tree(config)
     sources = ds.get_sources()       # in memory, else from the database, else None
 
-Each product has a ``get_<product>()`` that returns the in-memory product if its provenance is
-the one in the tree, else loads it from the database by (upstream product id, provenance id),
-else returns None.  `save_and_commit` writes every new file, then every new row in one
-transaction: if anything fails, nothing new stays.
+``get_<product>()`` returns the in-memory product if its provenance is the tree's, else the one
+stored for the ids of its parents and the tree's provenance, else None (not made yet).  Which
+products exist, their parents and the process that makes them are read from the steps'
+declarations (`pipeline.step`); a product of a new step is ``ds.get_<its name>()`` at once.
+
+A DataStore works in a `models.context.Context` (database and file store): the one given, else
+the one its image was loaded through, else the current one.  `save_and_commit` writes every new
+file, then every new row in one transaction: if anything fails, nothing new stays.  A DataStore
+made with ``persist=False`` never writes anything (for fake injection and trials): it still
+reads what exists.
 """
 
 from __future__ import annotations
 
-import importlib
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import select
 
-from models.base import session_scope
-from models.provenance import Provenance, ProvenanceTag
+from models.context import Context, context_of, current_context
+from models.file_store import FileBackedMixin
+from models.provenance import Provenance, ProvenanceTag, UnknownTagError
 from models.saving import save_products
+from pipeline.step import ROOT_PRODUCTS, Step, product_spec, products
 from util.config import Config
 
-__all__ = ["DataStore", "ProductSpec", "PRODUCTS", "DataStoreError"]
+__all__ = ["DataStore", "DataStoreError"]
 
 
-class DataStoreError(ValueError):
-    """A DataStore was asked for something it cannot give (no provenance tree, unknown product)."""
+class DataStoreError(Exception):
+    """A DataStore was asked for something it cannot give (a usage error: no provenance tree, an
+    unknown product, saving a DataStore that never saves)."""
 
 
-@dataclass(frozen=True)
-class ProductSpec:
-    """How one kind of product hangs in the tree.
+def _image_makers() -> set[str]:
+    from pipeline.step import step_classes
 
-    model : dotted path of the ORM class (imported lazily).
-    process : the process whose provenance the product carries.
-    parent : the product it is made from; ``parent_key`` is its foreign-key column.
-    """
-
-    model: str
-    process: str
-    parent: str
-    parent_key: str
-
-    def model_class(self) -> type:
-        module, name = self.model.rsplit(".", 1)
-        return getattr(importlib.import_module(module), name)
+    return {process for process, cls in step_classes().items() if "image" in cls.output_names()}
 
 
-#: Products in the order they are made.  The image's own process is whatever made it.
-PRODUCTS: dict[str, ProductSpec] = {
-    "background": ProductSpec("models.background.Background", "backgrounding", "image", "image_id"),
-    "sources": ProductSpec("models.source_list.SourceList", "extraction", "image", "image_id"),
-    "psf": ProductSpec("models.psf.PSF", "extraction", "sources", "sources_id"),
-    "wcs": ProductSpec("models.world_coordinates.WorldCoordinates", "astrocal", "sources", "sources_id"),
-    "zp": ProductSpec("models.zero_point.ZeroPoint", "photocal", "wcs", "wcs_id"),
-}
-
-
-#: Non-column attributes in which products keep their arrays (see `DataStore._replace`).
-_IN_MEMORY = ("_data", "_weight", "_flags", "_mesh", "_model", "_image", "_provenance")
-
-
-def _is_new(obj: Any) -> bool:
-    return obj is not None and not sa.inspect(obj).has_identity
-
-
-def _is_new_or_changed(obj: Any) -> bool:
-    return obj is not None and (_is_new(obj) or sa.inspect(obj).modified)
+def _stored(obj: Any) -> bool:
+    return obj is not None and sa.inspect(obj).has_identity
 
 
 class DataStore:
@@ -84,18 +61,28 @@ class DataStore:
         An image, an image id, or an exposure (then ``section_id`` is required).
     section_id : str, optional
         The section of the exposure to work on.
+    context : Context, optional
+        Database and file store; default: the image's own, else the current one.
+    persist : bool
+        False makes a DataStore that never saves (it still reads stored products).
     """
 
-    def __init__(self, target: Any, section_id: str | None = None):
+    def __init__(self, target: Any, section_id: str | None = None, *, context: Context | None = None,
+                 persist: bool = True):
         from models.exposure import Exposure
         from models.image import Image
 
         self.exposure: Exposure | None = None
         self.image: Image | None = None
         self.section_id = section_id
+        self.context = context or (context_of(target) if isinstance(target, (Image, Exposure))
+                                   else current_context())
+        self.persist = persist
         self.prov_tree: dict[str, Provenance] = {}
+        self.tag: str | None = None
         self.products: dict[str, Any] = {}
         self.stats: dict[str, dict] = {}
+        self._image_process: str | None = None
         if isinstance(target, Image):
             self.image = target
             self.section_id = target.section_id
@@ -105,153 +92,229 @@ class DataStore:
                                      f"{target.origin} has sections {target.section_ids}")
             self.exposure = target
         elif isinstance(target, (uuid.UUID, str)):
-            image_id = uuid.UUID(str(target))
-            with session_scope() as session:
+            try:
+                image_id = uuid.UUID(str(target))
+            except ValueError:
+                raise DataStoreError(f"DataStore needs an Image, an Exposure or an image id, "
+                                     f"got {target!r}") from None
+            with self.context.session() as session:
                 self.image = session.get(Image, image_id)
             if self.image is None:
                 raise DataStoreError(f"no image with id {image_id}")
             self.section_id = self.image.section_id
         else:
-            raise DataStoreError(f"DataStore needs an Image, an image id or an Exposure, "
-                                 f"got {type(target).__name__}")
+            raise DataStoreError(f"DataStore needs an Image, an Exposure or an image id, got "
+                                 f"{type(target).__name__}")
+
+    # --- description ---------------------------------------------------------------------------
 
     def describe(self) -> str:
-        """A short name for logs and errors: the image or exposure file and section."""
+        """What this DataStore holds, for messages."""
         if self.image is not None:
             return f"image {self.image.describe()}"
         if self.exposure is not None:
             return f"exposure {self.exposure.origin} section {self.section_id}"
-        return "empty DataStore"
+        return "an empty DataStore"
 
-    # --- provenance tree -------------------------------------------------------------------
+    def __repr__(self) -> str:
+        tree = f"tag '{self.tag}'" if self.tag else (f"{len(self.prov_tree)} provenances"
+                                                    if self.prov_tree else "no provenance tree")
+        held = ", ".join(f"{name}{'' if _stored(p) else '*'}" for name, p in self.products.items()
+                         if p is not None)
+        flags = "" if self.persist else ", never saves"
+        return f"<DataStore {self.describe()}; {tree}; products: {held or 'none loaded'}{flags}>"
 
-    def make_prov_tree(self, steps: Config | list[Any] | None = None) -> dict[str, Provenance]:
-        """Build the provenances of the pipeline's steps from their parameters.
-
-        Parameters
-        ----------
-        steps : Config or list of Step, optional
-            A configuration (its ``pipeline.steps`` and step sections), explicit steps, or None
-            for the default configuration.  Preprocessing is left out when the DataStore starts
-            from an image.
-
-        The image's own provenance is the root.  For an exposure, the first step must be
-        preprocessing, whose upstream is the exposure's provenance.
-        """
-        if steps is None or isinstance(steps, Config):
-            from pipeline.top import default_steps
-            steps = default_steps(config=steps, include_preprocessing=self.image is None)
-        tree: dict[str, Provenance] = {}
-        root = self._root_provenance()
-        if root is not None:
-            tree["image"] = root
-            tree[root.process] = root
-        for step in steps:
-            upstreams = [self._upstream(tree, name, step) for name in step.upstream_processes]
-            tree[step.process] = step.make_provenance(upstreams)
-            if step.process == "preprocessing":
-                tree["image"] = tree["preprocessing"]
-        self.prov_tree = tree
-        return tree
+    # --- provenance tree -----------------------------------------------------------------------
 
     def _root_provenance(self) -> Provenance | None:
         source = self.image if self.image is not None else self.exposure
-        if source is None or source.provenance_id is None:
+        if source is None:
             return None
-        prov = Provenance.get(source.provenance_id)
-        if prov is None and getattr(source, "provenance", None) is not None:
-            prov = source.provenance
+        prov = getattr(source, "_provenance", None)
+        if prov is None and source.provenance_id is not None:
+            with self.context.session() as session:
+                prov = Provenance.get(source.provenance_id, session=session)
         return prov
 
-    def _upstream(self, tree: dict[str, Provenance], name: str, step: Any) -> Provenance:
-        if name == "exposure" and self.exposure is not None and "exposure" not in tree:
-            tree["exposure"] = self._root_provenance()
-        if name not in tree or tree[name] is None:
-            raise DataStoreError(f"{step.process} needs the '{name}' provenance, which the tree "
-                                 f"does not have (tree: {', '.join(sorted(tree))})")
-        return tree[name]
+    def make_prov_tree(self, steps: Iterable[Step] | Config | None = None) -> dict[str, Provenance]:
+        """Compute the provenances the steps would give this DataStore's products.
+
+        Parameters
+        ----------
+        steps : list of Step, Config or None
+            The steps (in order), or a configuration whose ``pipeline.steps`` and step sections
+            give them, or None for this DataStore's context's configuration.  A step that makes
+            the image (preprocessing) is left out when the DataStore starts from an image.
+
+        Returns
+        -------
+        dict
+            Provenance by process, with the image's own provenance as the root.
+        """
+        if steps is None or isinstance(steps, Config):
+            from pipeline.top import default_steps
+            steps = default_steps(steps if isinstance(steps, Config) else self.context.config)
+        steps = [s for s in steps if not (self.image is not None and "image" in s.output_names())]
+        root = self._root_provenance()
+        tree: dict[str, Provenance] = {}
+        self._image_process = None
+        if root is not None:
+            tree[root.process] = root
+            if self.image is not None:
+                self._image_process = root.process
+        for step in steps:
+            upstreams = [self._input_provenance(tree, inp.name, step) for inp in step.inputs]
+            tree[step.process] = step.make_provenance(upstreams)
+            if "image" in step.output_names():
+                self._image_process = step.process
+        self.prov_tree, self.tag = tree, None
+        return tree
+
+    def _input_provenance(self, tree: dict[str, Provenance], name: str, step: Step) -> Provenance:
+        if name == "image":
+            process = self._image_process
+        elif name == "exposure":
+            process = "exposure"
+        else:
+            process = product_spec(name).process
+        if process is None or process not in tree:
+            raise DataStoreError(f"{step.process} reads '{name}', whose provenance is not in the tree "
+                                 f"(tree: {', '.join(sorted(tree)) or 'empty'}); put the step that "
+                                 "makes it before this one")
+        return tree[process]
 
     def load_prov_tree(self, tag: str) -> dict[str, Provenance]:
-        """Use the provenances of a tag; the image's own provenance stays the root."""
-        tree = ProvenanceTag.provenances(tag)
-        if not tree:
-            raise DataStoreError(f"no provenance tag '{tag}'")
-        root = self._root_provenance()
-        if self.image is not None and root is not None:
-            tree["image"] = root
-        elif "preprocessing" in tree:
-            tree["image"] = tree["preprocessing"]
-        self.prov_tree = tree
+        """Use the provenances of a tag that apply to this DataStore's image.
+
+        The image's own provenance (and its ancestors) is the root.  A tagged provenance applies
+        when all its upstreams are in the tree, so of two provenances of one process in the tag
+        (the extraction of coadds and that of single exposures) the one made from this image's
+        own products is taken.
+
+        Raises
+        ------
+        UnknownTagError
+            No provenance carries ``tag``.
+        DataStoreError
+            Two provenances of one process in the tag both apply to this image.
+        """
+        with self.context.session() as session:
+            tagged = ProvenanceTag.provenances(tag, session=session)
+            if not tagged:
+                known = ProvenanceTag.tags(session=session)
+                raise UnknownTagError(f"no provenance carries the tag '{tag}'; tags: "
+                                      f"{', '.join(known) if known else 'none yet'}")
+            root = self._root_provenance()
+            tree: dict[str, Provenance] = {}
+            fixed: set[str] = set()
+            pending = [root] if root is not None else []
+            while pending:          # the root and its ancestors
+                prov = pending.pop()
+                if prov.id not in {p.id for p in tree.values()}:
+                    tree.setdefault(prov.process, prov)
+                    fixed.add(prov.process)
+                    pending.extend(prov.upstreams)
+            self._image_process = root.process if (root is not None and self.image is not None) else None
+            ids = {p.id for p in tree.values()}
+            added = True
+            while added:
+                added = False
+                for prov in tagged:
+                    if prov.id in ids or prov.process in fixed or not prov.upstream_ids:
+                        continue
+                    if set(prov.upstream_ids) <= ids:
+                        held = tree.get(prov.process)
+                        if held is not None and held.id != prov.id:
+                            raise DataStoreError(
+                                f"tag '{tag}' has two {prov.process} provenances that apply to "
+                                f"{self.describe()}: {held.id} and {prov.id}")
+                        tree[prov.process] = prov
+                        ids.add(prov.id)
+                        added = True
+        if self.image is None:      # an exposure section: the tag's step that makes images
+            makers = [p for p in tree if p in _image_makers()]
+            self._image_process = makers[0] if makers else None
+        self.prov_tree, self.tag = tree, tag
         return tree
 
     def provenance(self, process: str) -> Provenance:
         """The tree's provenance for ``process``; DataStoreError if there is none."""
+        if not self.prov_tree:
+            raise DataStoreError(f"{self.describe()}: no provenance tree yet; call "
+                                 "load_prov_tree(tag) or make_prov_tree(config) first")
         if process not in self.prov_tree:
-            raise DataStoreError(f"the provenance tree has no '{process}' provenance; call "
-                                 f"make_prov_tree or load_prov_tree first")
+            where = f"tag '{self.tag}'" if self.tag else "the provenance tree"
+            raise DataStoreError(f"{where} has no '{process}' provenance for {self.describe()} "
+                                 f"(it has: {', '.join(sorted(self.prov_tree))})")
         return self.prov_tree[process]
 
-    # --- products ----------------------------------------------------------------------------
+    # --- products ------------------------------------------------------------------------------
 
     def get_image(self):
         """The image: the one given, or the one preprocessing made from the exposure section."""
-        from models.image import Image
-
         if self.image is not None:
-            if self.exposure is None or "image" not in self.prov_tree:
-                return self.image
-            if self.image.provenance_id == self.prov_tree["image"].id:
-                return self.image
-        if self.exposure is None or "image" not in self.prov_tree:
             return self.image
-        with session_scope() as session:
-            self.image = session.scalars(select(Image).where(
-                Image.exposure_id == self.exposure.id, Image.section_id == self.section_id,
-                Image.provenance_id == self.prov_tree["image"].id)).one_or_none()
+        if self.exposure is None or self._image_process is None:
+            if self.exposure is not None and not self.prov_tree:
+                self.provenance("preprocessing")    # raises: no tree yet
+            return None
+        found = self._lookup("image")
+        if found is not None:
+            self.image = found
         return self.image
 
     def get_product(self, name: str):
-        """Any product by name (see `PRODUCTS`); the ``get_<name>()`` methods call this."""
+        """Any product by name (see `pipeline.step.products`); the ``get_<name>()`` methods call this.
+
+        Returns None when the product has not been made for this provenance tree.
+
+        Raises
+        ------
+        DataStoreError
+            Unknown product, or no provenance tree (or none for the product's process).
+        """
         if name == "image":
             return self.get_image()
-        if name not in PRODUCTS:
-            raise DataStoreError(f"unknown product '{name}'; known: image, {', '.join(PRODUCTS)}")
-        spec = PRODUCTS[name]
+        if name == "exposure":
+            return self.exposure
+        try:
+            spec = product_spec(name)
+        except KeyError as exc:
+            raise DataStoreError(str(exc).strip("'\"")) from None
+        prov = self.provenance(spec.process)
         current = self.products.get(name)
-        prov = self.prov_tree.get(spec.process)
-        if current is not None and (prov is None or current.provenance_id == prov.id):
+        if current is not None and current.provenance_id == prov.id:
             return current
-        parent = self.get_product(spec.parent)
-        if prov is None or parent is None:
-            return None
-        model = spec.model_class()
-        with session_scope() as session:
-            found = session.scalars(select(model).where(
-                getattr(model, spec.parent_key) == parent.id,
-                model.provenance_id == prov.id)).one_or_none()
-        self.products[name] = found
+        found = self._lookup(name)
+        if found is not None:
+            self.products[name] = found
         return found
 
-    def set_product(self, name: str, product: Any) -> None:
-        """Attach a product made in memory (a step does this)."""
-        if name == "image":
-            self.image = product
-            return
-        if name not in PRODUCTS:
-            raise DataStoreError(f"unknown product '{name}'")
-        self.products[name] = product
+    def _parent_value(self, parent: str):
+        if parent == "section_id":
+            return self.section_id
+        found = self.get_product(parent)
+        return None if found is None else found.id
 
-    def get_or_make(self, name: str, make) -> Any:
-        """The product ``name`` if it exists for the tree, else ``make(provenance)``, attached.
+    def _lookup(self, name: str):
+        """The stored product ``name`` for the ids of its parents and the tree's provenance."""
+        spec = product_spec(name)
+        prov = self.provenance(spec.process)
+        conditions = [spec.model.provenance_id == prov.id]
+        for column, parent in spec.output.parents.items():
+            value = self._parent_value(parent)
+            if value is None:
+                return None
+            conditions.append(getattr(spec.model, column) == value)
+        with self.context.session() as session:
+            return session.scalars(select(spec.model).where(*conditions)).one_or_none()
 
-        This is what a step's ``run`` calls: it skips the work when the product exists.
-        """
-        found = self.get_product(name)
-        if found is not None:
-            return found
-        product = make(self.provenance(PRODUCTS[name].process))
-        self.set_product(name, product)
-        return product
+    def __getattr__(self, attribute: str):
+        # get_<name>() for the product of any registered step (the seed's names are methods below)
+        if attribute.startswith("get_") and attribute[4:] in products():
+            name = attribute[4:]
+            return lambda: self.get_product(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {attribute!r}")
 
     def get_background(self):
         """The Background of the image for the tree's backgrounding provenance, or None."""
@@ -266,21 +329,97 @@ class DataStore:
         return self.get_product("psf")
 
     def get_wcs(self):
-        """The astrometric solution (WorldCoordinates), or None."""
+        """The astrometric solution (WorldCoordinates), or None.  Use it, not the image header."""
         return self.get_product("wcs")
 
     def get_zp(self):
         """The photometric zero point (ZeroPoint), or None."""
         return self.get_product("zp")
 
-    # --- saving ------------------------------------------------------------------------------
+    def new_product(self, step: Step, name: str, **columns: Any):
+        """Build the product ``name`` of ``step`` with its provenance and parents, and attach it.
+
+        The parents' foreign keys (the `Output` declaration's ``parents``) and ``provenance_id``
+        are filled in; ``columns`` go to the model's constructor.
+        """
+        output = next((o for o in step.outputs if o.name == name), None)
+        if output is None:
+            raise DataStoreError(f"{step.process} does not declare an output '{name}'")
+        values = dict(columns)
+        for column, parent in output.parents.items():
+            value = self._parent_value(parent)
+            if value is None:
+                raise DataStoreError(f"{step.process}: cannot make {name} of {self.describe()}, its "
+                                     f"parent '{parent}' is missing")
+            values.setdefault(column, value)
+        prov = self.provenance(step.process)
+        product = output.model(provenance_id=prov.id, **values)
+        if name == "image":
+            product._provenance = prov
+        self.set_product(name, product)
+        return product
+
+    def set_product(self, name: str, product: Any) -> None:
+        """Attach a product made in memory (its provenance must be the tree's)."""
+        if name == "image":
+            self.image = product
+            return
+        spec = product_spec(name)
+        prov = self.provenance(spec.process)
+        if product is not None and product.provenance_id != prov.id:
+            raise DataStoreError(f"{name} has provenance {product.provenance_id}, the tree has {prov.id} "
+                                 f"for {spec.process}")
+        self.products[name] = product
+
+    # --- badness -------------------------------------------------------------------------------
+
+    def mark_badness(self, *names: str) -> None:
+        """Set badness bits on the image (and in the database, unless this DataStore never saves)."""
+        self._update_badness(set_names=names)
+
+    def clear_badness(self, *names: str) -> None:
+        """Clear badness bits on the image (and in the database, unless this DataStore never saves)."""
+        self._update_badness(clear_names=names)
+
+    def _update_badness(self, set_names: Iterable[str] = (), clear_names: Iterable[str] = ()) -> None:
+        from models.image import Image, ImageBadness
+        from improc.flags import bits_by_name
+
+        image = self.image
+        set_names, clear_names = tuple(set_names), tuple(clear_names)
+        if image is None or not (set_names or clear_names):
+            return
+        set_bits = bits_by_name(ImageBadness, set_names, "image badness") if set_names else 0
+        clear_bits = bits_by_name(ImageBadness, clear_names, "image badness") if clear_names else 0
+        before = int(image.bad_flags or 0)
+        image.bad_flags = (before & ~clear_bits) | set_bits
+        if self.persist and _stored(image) and image.bad_flags != before:
+            with self.context.session() as session:
+                image.bad_flags = Image.update_badness(image.id, set_bits=set_bits, clear_bits=clear_bits,
+                                                       session=session)
+
+    # --- saving --------------------------------------------------------------------------------
 
     def new_products(self) -> list[Any]:
-        """Products made in memory and not yet saved (or changed, like an image's estimates), parents first."""
-        ordered = [self.exposure, self.image] + [self.products.get(n) for n in PRODUCTS]
-        return [p for p in ordered if _is_new_or_changed(p)]
+        """Products made in memory and not yet saved, parents first."""
+        ordered = [self.exposure, self.image, *self.products.values()]
+        return [p for p in ordered if p is not None and not _stored(p)]
 
-    def save_and_commit(self, *, before_commit=None) -> list[Any]:
+    def _name_files(self, new: list[Any]) -> None:
+        """Give new step products their file names: the image's fields, process, provenance, own id."""
+        from models.exposure import Exposure
+        from models.image import Image
+
+        for name, product in self.products.items():
+            if (product in new and isinstance(product, FileBackedMixin)
+                    and not isinstance(product, (Image, Exposure))
+                    and getattr(product, "_file_stem", None) is None):
+                spec = product_spec(name)
+                product.set_file_stem(self.context.store.stem(
+                    **self.image.naming_fields(), process=spec.process, prov=product.provenance_id,
+                    name=f"{name}-{product.id.hex[:12]}"))
+
+    def save_and_commit(self, *, before_commit: Callable | None = None) -> list[Any]:
         """Save every new product: files first, then all rows in one transaction.
 
         Provenances of the tree are saved first (saving one twice is a no-op).  If anything
@@ -290,31 +429,19 @@ class DataStore:
         -------
         list
             The products that were saved.
+
+        Raises
+        ------
+        DataStoreError
+            The DataStore was made with ``persist=False``.
         """
+        if not self.persist:
+            raise DataStoreError(f"{self.describe()}: this DataStore never saves (persist=False)")
         new = self.new_products()
         if not new:
             return []
-        with session_scope() as session:
+        self._name_files(new)
+        with self.context.session() as session:
             for prov in self.prov_tree.values():
                 prov.save(session)
-        saved = save_products(new, before_commit=before_commit)
-        for old, current in zip(new, saved):
-            self._replace(old, current)
-        return saved
-
-    def _replace(self, old: Any, current: Any) -> None:
-        """Point the DataStore at the stored copy of a product that was merged when saved."""
-        if old is current:
-            return
-        # The merged copy has the row's columns; keep the arrays already in memory so that the
-        # next step does not read the file back.
-        for name in _IN_MEMORY:
-            if getattr(old, name, None) is not None and getattr(current, name, None) is None:
-                setattr(current, name, getattr(old, name))
-        if old is self.image:
-            self.image = current
-        elif old is self.exposure:
-            self.exposure = current
-        for name, product in self.products.items():
-            if product is old:
-                self.products[name] = current
+        return save_products(new, context=self.context, before_commit=before_commit)

@@ -41,6 +41,19 @@ def _simulate(folder: Path, n_images: int, size: int):
     return paths, sims
 
 
+def _write_demo_config(path: Path, config, catalog: dict) -> None:
+    """A configuration a user can reuse after the demo: its database, data root and catalog folder."""
+    import yaml
+
+    values = {"db": {"url": config.get("db.url")},
+              "storage": {"data_root": config.get("storage.data_root")},
+              "astrocal": dict(catalog), "photocal": dict(catalog)}
+    text = ("# Written by `seechange demo`: the demo's database and data root, with the demo's Gaia\n"
+            "# catalog folder for astrometry and photometry (no network needed).  Reuse it with\n"
+            "#   seechange --config THIS_FILE run | images | provenance list\n")
+    path.write_text(text + yaml.safe_dump(values, sort_keys=False))
+
+
 def run_demo(*, config_path: str | None = None, n_images: int = 3, size: int = 1024,
              verbose: bool = False) -> list:
     """Run the demo and print what it finds; return the images found.
@@ -56,11 +69,10 @@ def run_demo(*, config_path: str | None = None, n_images: int = 3, size: int = 1
     verbose : bool
         Log each step.
     """
-    from models.base import use_database
-    from models.file_store import use_file_store
+    from models.context import Context, use_context
     from models.image import Image, ingest_file
-    from models.provenance import Provenance
     from models.schema import upgrade
+    from pipeline.data_store import DataStore
     from pipeline.runner import run_all
     from util.config import Config
 
@@ -70,32 +82,37 @@ def run_demo(*, config_path: str | None = None, n_images: int = 3, size: int = 1
     folder = Path(base.get("storage.data_root")) / "demo_inputs"
     catalog = {"catalog": "gaia_folder", "catalog_folder": str(folder / "gaia")}
     config = Config.load(config_path, astrocal=catalog, photocal=catalog)
+    context = use_context(Context.from_config(config))
     print(f"SeeChange demo: data root {config.get('storage.data_root')}")
-    print(f"database {config.get('db.url')}")
-    upgrade(use_database(config))
-    use_file_store(config)
+    print(f"database {context.engine.url.render_as_string(hide_password=True)}")
+    upgrade(context.engine)
 
     paths, sims = _simulate(folder, n_images, size)
+    demo_config = folder / "demo_config.yaml"
+    _write_demo_config(demo_config, config, catalog)
     print(f"\nsimulated {len(paths)} raw exposures of one field ({size} x {size} pixels)")
-    exposures = [ingest_file(path)[0] for path in paths]
+    exposures = [ingest_file(path, context=context)[0] for path in paths]
     print(f"ingested {len(exposures)} exposures\n\nrunning the pipeline:")
-    stores = run_all(config, ids=[str(e.id) for e in exposures], tag=TAG)
+    stores = run_all(context, ids=[str(e.id) for e in exposures], tag=TAG)
 
-    prov = Provenance.get_for_tag(tag=TAG, process="preprocessing")
     ra, dec = stores[0].image.ra, stores[0].image.dec
-    images = Image.find_images(provenance_ids=[prov.id], ra=ra, dec=dec, filter="r", order_by="quality")
-    print(f"\nImage.find_images(ra={ra:.4f}, dec={dec:.4f}, filter='r', tag '{TAG}'): "
+    with context.session() as session:
+        images = Image.find_images(tag=TAG, ra=ra, dec=dec, filter="r", order_by="quality", session=session)
+    print(f"\nImage.find_images(tag='{TAG}', ra={ra:.4f}, dec={dec:.4f}, filter='r', order_by='quality'): "
           f"{len(images)} image(s), best first")
-    print("       mjd  fwhm(\")       zp  true zp  lim mag  wcs rms(\")  id")
+    print("       mjd  seeing(\")       zp  true zp  lim mag  wcs rms(\")  id")
     truth = {round(s.params.mjd, 4): s for s in sims}
-    stores_by_image = {ds.image.id: ds for ds in stores}
     for image in images:
-        ds = stores_by_image[image.id]
+        ds = DataStore(image, context=context)
+        ds.load_prov_tree(TAG)
+        zp, psf, wcs = ds.get_zp(), ds.get_psf(), ds.get_wcs()
         sim = truth.get(round(image.mjd, 4))
         true_zp = f"{sim.params.zero_point:8.3f}" if sim is not None else f"{'?':>8}"
-        print(f"{image.mjd:10.3f} {image.fwhm_estimate:8.2f} {image.zero_point_estimate:8.3f} {true_zp} "
-              f"{image.lim_mag_estimate:8.2f} {ds.get_wcs().rms_arcsec:11.3f}  {image.id}")
-    n_sources = [len(ds.get_sources().data) for ds in stores]
+        print(f"{image.mjd:10.3f} {psf.fwhm_arcsec:9.2f} {zp.zp:8.3f} {true_zp} {zp.lim_mag:8.2f} "
+              f"{wcs.rms_arcsec:11.3f}  {image.id}")
+    n_sources = [ds.get_sources().num_sources for ds in stores]
     print(f"\nsources per image: {n_sources}; provenance tag '{TAG}' covers "
-          f"{len(stores[0].prov_tree) - 1} processes.  Run again: every step is skipped.")
+          f"{len(stores[0].prov_tree)} processes.  Run again: every step is skipped.")
+    print(f"To go on from here (same database, the demo's catalog folder, no network):\n"
+          f"  seechange --config {demo_config} provenance list")
     return images

@@ -12,6 +12,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from improc.background import residual_background
 from improc.crowded_photometry import deblended_psf_fluxes
+from improc.errors import BadDataError
 from improc.extraction import TooFewSourcesError, aperture_photometry, extract_sources
 from improc.hidden_sources import find_hidden_sources
 from improc.psf import PixelPSF
@@ -21,12 +22,12 @@ from models.psf import PSF
 from models.source_list import SourceList
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
-from pipeline.step import Step
+from pipeline.step import Input, Output, Step
 
 __all__ = ["ExtractionParams", "Extractor", "ExtractionResult", "PSFError"]
 
 
-class PSFError(ValueError):
+class PSFError(BadDataError):
     """The PSF could not be fitted (the image is marked BAD_PSF)."""
 
 
@@ -78,13 +79,18 @@ def _gain(header: dict) -> float | None:
 
 
 class Extractor(Step):
-    """Make the image's `SourceList` and `PSF`; write the FWHM into the image."""
+    """Make the image's `SourceList` and `PSF` (its FWHM, and the seeing, are the PSF's columns)."""
 
     process = "extraction"
-    version = "1.1.0"  # 1.1: neighbours' wings beyond the model radius subtracted in the joint PSF fit
+    # 1.1: neighbours' wings beyond the model radius subtracted in the joint PSF fit
+    # 1.2: no sky positions in the source list (they depend on the astrometric solution)
+    version = "1.2.0"
     Params = ExtractionParams
-    products = ("sources", "psf")
-    upstream_processes = ("backgrounding",)
+    inputs = (Input("image"), Input("background"))
+    outputs = (Output("sources", SourceList, parents={"image_id": "image", "background_id": "background"}),
+               Output("psf", PSF, parents={"sources_id": "sources"}))
+    badness = "BAD_PSF"
+    badness_for = {TooFewSourcesError: "NO_STARS", TooFewPSFStarsError: "NO_STARS"}
 
     def compute(self, data: np.ndarray, *, background: np.ndarray, variance: np.ndarray,
                 mask: np.ndarray, gain: float | None, saturation: float | None = None) -> ExtractionResult:
@@ -154,38 +160,18 @@ class Extractor(Step):
 
     def run(self, ds: DataStore) -> None:
         image, bg = ds.get_image(), ds.get_background()
-        if ds.get_sources() is not None and ds.get_psf() is not None:
-            return
         header = image.header or {}
         saturation = header.get("SATURATE")
-        try:
-            result = self.compute(image.data, background=bg.counts, variance=bg.variance,
-                                  mask=image.flags != 0, gain=_gain(header),
-                                  saturation=float(saturation) if saturation is not None else None)
-        except ValueError as exc:
-            # PSFError, or improc's ValueError when too few good stars remain: the parameters
-            # were checked when built, so the data are at fault.
-            few_stars = isinstance(exc, (TooFewSourcesError, TooFewPSFStarsError))
-            image.set_badness("NO_STARS" if few_stars else "BAD_PSF")
-            ds.save_and_commit()
-            raise
-        image.clear_badness("BAD_PSF")
-        image.clear_badness("NO_STARS")
+        result = self.compute(image.data, background=bg.counts, variance=bg.variance,
+                              mask=image.flags != 0, gain=_gain(header),
+                              saturation=float(saturation) if saturation is not None else None)
         table = result.sources
+        sources = ds.new_product(self, "sources", data=table, aper_radii=list(result.aper_radii),
+                                 fwhm_pixels=result.fwhm_pixels)
         wcs = image.wcs
-        if wcs is not None:
-            table["ra"], table["dec"] = wcs.pixel_to_world_values(table["x"], table["y"])
-            scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
-            image.fwhm_estimate = result.fwhm_pixels * scale
-        else:
-            table["ra"] = table["dec"] = np.full(len(table), np.nan)
-        prov = ds.provenance(self.process)
-        sources = SourceList(data=table, image=image, provenance_id=prov.id,
-                             aper_radii=list(result.aper_radii), fwhm_pixels=result.fwhm_pixels)
-        psf = PSF(model=result.psf, sources=sources, image=image, provenance_id=prov.id,
-                  num_stars=int(table["is_psf_star"].sum()))
-        ds.set_product("sources", sources)
-        ds.set_product("psf", psf)
+        scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0 if wcs is not None else None
+        ds.new_product(self, "psf", model=result.psf, num_stars=int(table["is_psf_star"].sum()),
+                       fwhm_arcsec=result.fwhm_pixels * scale if scale else None)
 
 
 def _first_psf(data: np.ndarray, table: Table, p: ExtractionParams, *, background: np.ndarray, noise: np.ndarray,
@@ -240,8 +226,8 @@ def _first_psf(data: np.ndarray, table: Table, p: ExtractionParams, *, backgroun
             f"unsaturated); need at least {min_psf_stars(0)}")
         try:
             psf = None if failure else psf_on(background)
-        except ValueError as exc:      # too few stars left after rejecting outliers
-            failure = exc
+        except ValueError as exc:      # too few stars left after rejecting outliers, or a failed fit
+            failure = exc if isinstance(exc, BadDataError) else PSFError(str(exc))
         if failure is None and not 0.5 * guess < psf.fwhm_pixels < 1.5 * guess:
             failure = PSFError(f"the PSF fitted to {len(idx)} stars has a FWHM of "
                                f"{psf.fwhm_pixels:.2f} px, the sources a size of {guess:.2f} px")

@@ -20,11 +20,16 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+from util.config import ConfigError
+
 __all__ = ["StepParams", "param", "ParameterError"]
 
 
-class ParameterError(ValueError):
-    """A parameter name or value is wrong; the message names the step and the parameter."""
+class ParameterError(ConfigError):
+    """A parameter name or value is wrong; the message names the step and the parameter.
+
+    A configuration error (not a ValueError): it never marks an image bad.
+    """
 
 
 def param(default: Any, doc: str, *, affects_result: bool = True) -> Any:

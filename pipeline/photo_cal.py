@@ -18,7 +18,7 @@ from models.zero_point import ZeroPoint
 from pipeline.catalogs import CatalogSource, isolated_stars, reference_catalog, stars_at_epoch
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
-from pipeline.step import Step
+from pipeline.step import Input, Output, Step
 
 __all__ = ["PhotoCalParams", "PhotoCalibrator"]
 
@@ -64,13 +64,14 @@ class PhotoCalResult:
 
 
 class PhotoCalibrator(Step):
-    """Make the image's `ZeroPoint`; write zero point and limiting magnitude into the image."""
+    """Make the image's `ZeroPoint` (zero point, aperture corrections, limiting magnitude)."""
 
     process = "photocal"
     version = "1.1.0"  # 1.1: aperture corrections from the PSF model with fewer than 3 calibrators
     Params = PhotoCalParams
-    products = ("zp",)
-    upstream_processes = ("astrocal",)
+    inputs = (Input("image"), Input("background"), Input("sources"), Input("psf"), Input("wcs"))
+    outputs = (Output("zp", ZeroPoint, parents={"image_id": "image", "wcs_id": "wcs", "psf_id": "psf",
+                                                "background_id": "background"}),)
     badness = "BAD_PHOTOMETRY"
 
     def match(self, ra: np.ndarray, dec: np.ndarray, cat_ra: np.ndarray, cat_dec: np.ndarray):
@@ -134,43 +135,36 @@ class PhotoCalibrator(Step):
     def run(self, ds: DataStore) -> None:
         image, sources, psf, wcs, bg = (ds.get_image(), ds.get_sources(), ds.get_psf(), ds.get_wcs(),
                                         ds.get_background())
+        p = self.params
+        table = sources.data
+        flux, err = sources.psffluxadu()
+        # point sources only: Gaia lists compact galaxy nuclei, whose PSF flux is no star's
+        # (sep's size, twice the half-light radius, is ~1.2x the FWHM for a star)
+        point_like = np.asarray(table["fwhm"], dtype=float) <= 2.0 * sources.fwhm_pixels
+        good = ((np.asarray(table["flags"]) == 0) & np.isfinite(flux) & (flux > 0)
+                & (flux / err >= p.min_snr) & point_like)
+        ra, dec = sources.radec(wcs)
+        source = CatalogSource(kind=p.catalog, folder=p.catalog_folder, mag_limit=p.mag_limit)
+        catalog = isolated_stars(reference_catalog(image, source, context=ds.context).data)
+        cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
+        g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
+        isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)
+        isrc = np.flatnonzero(good)[isrc]
+        keep = g[icat] >= p.bright_limit_g
+        isrc, icat = isrc[keep], icat[keep]
+        bp = np.asarray(catalog["phot_bp_mean_mag"], dtype=float)[icat]
+        rp = np.asarray(catalog["phot_rp_mean_mag"], dtype=float)[icat]
+        cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
+        apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc] for i in range(len(sources.aper_radii))])
+        x, y = np.asarray(sources.x)[isrc], np.asarray(sources.y)[isrc]
 
-        def make(prov):
-            p = self.params
-            table = sources.data
-            flux, err = sources.psffluxadu()
-            # point sources only: Gaia lists compact galaxy nuclei, whose PSF flux is no star's
-            # (sep's size, twice the half-light radius, is ~1.2x the FWHM for a star)
-            point_like = np.asarray(table["fwhm"], dtype=float) <= 2.0 * sources.fwhm_pixels
-            good = ((np.asarray(table["flags"]) == 0) & np.isfinite(flux) & (flux > 0)
-                    & (flux / err >= p.min_snr) & point_like)
-            ra, dec = wcs.wcs.pixel_to_world_values(sources.x, sources.y)
-            source = CatalogSource(kind=p.catalog, folder=p.catalog_folder, mag_limit=p.mag_limit)
-            catalog = isolated_stars(reference_catalog(image, source).data)
-            cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
-            g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
-            isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)
-            isrc = np.flatnonzero(good)[isrc]
-            keep = g[icat] >= p.bright_limit_g
-            isrc, icat = isrc[keep], icat[keep]
-            bp = np.asarray(catalog["phot_bp_mean_mag"], dtype=float)[icat]
-            rp = np.asarray(catalog["phot_rp_mean_mag"], dtype=float)[icat]
-            cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
-            apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc]
-                                        for i in range(len(sources.aper_radii))])
-            x, y = np.asarray(sources.x)[isrc], np.asarray(sources.y)[isrc]
+        def fractions(idx: np.ndarray) -> np.ndarray:
+            return model_aperture_sums(psf.model, x[idx], y[idx], 1.0, sources.aper_radii)
 
-            def fractions(idx: np.ndarray) -> np.ndarray:
-                return model_aperture_sums(psf.model, x[idx], y[idx], 1.0, sources.aper_radii)
-
-            result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
-                                  sky_rms=bg.rms_median, model_fractions=fractions,
-                                  psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
-            image.zero_point_estimate = result.fit.zp
-            image.lim_mag_estimate = result.lim_mag
-            return ZeroPoint(wcs=wcs, provenance_id=prov.id, zp=result.fit.zp, dzp=result.fit.dzp,
-                             color_term=result.fit.color_term, num_stars=result.fit.n_stars,
-                             scatter=result.fit.scatter, aper_radii=list(sources.aper_radii),
-                             aper_cors=[float(c) for c in result.aper_cors], lim_mag=result.lim_mag)
-
-        ds.get_or_make("zp", make)
+        result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
+                              sky_rms=bg.rms_median, model_fractions=fractions,
+                              psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
+        ds.new_product(self, "zp", zp=result.fit.zp, dzp=result.fit.dzp, color_term=result.fit.color_term,
+                       num_stars=result.fit.n_stars, scatter=result.fit.scatter,
+                       aper_radii=list(sources.aper_radii), aper_cors=[float(c) for c in result.aper_cors],
+                       lim_mag=result.lim_mag)

@@ -29,7 +29,8 @@ from models.image import Image, ImageType
 from models.instrument import BadInputError, Instrument, SectionInfo, header_to_dict
 from pipeline.data_store import DataStore
 from pipeline.parameters import StepParams, param
-from pipeline.step import Step
+from pipeline.step import Input, Output, Step
+from util.config import ConfigError
 
 __all__ = ["PreprocessingParams", "Preprocessor", "nominal_wcs"]
 
@@ -74,9 +75,9 @@ def _calibration_frame(template: str | None, fields: dict[str, str], shape: tupl
     try:
         frame = np.asarray(fits.getdata(path), dtype=np.float32)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {what} file {path}: {exc}") from exc
+        raise ConfigError(f"cannot read {what} file {path}: {exc}") from exc
     if frame.shape != shape:
-        raise ValueError(f"{what} file {path} has shape {frame.shape}, the trimmed section has {shape}")
+        raise ConfigError(f"{what} file {path} has shape {frame.shape}, the trimmed section has {shape}")
     return frame
 
 
@@ -115,8 +116,8 @@ class Preprocessor(Step):
     process = "preprocessing"
     version = "1.1.0"  # 1.1: known defects from the raw frame's bad-pixel mask are flagged BAD
     Params = PreprocessingParams
-    products = ("image",)
-    upstream_processes = ("exposure",)
+    inputs = (Input("exposure"),)
+    outputs = (Output("image", Image, parents={"exposure_id": "exposure", "section_id": "section_id"}),)
 
     def compute(self, raw: np.ndarray, info: SectionInfo, *, bias: np.ndarray | None = None,
                 flat: np.ndarray | None = None,
@@ -181,8 +182,6 @@ class Preprocessor(Step):
             A calibration file cannot be used, or the exposure's bad-pixel mask has a shape
             other than the raw section's (`BadInputError`, naming the file).
         """
-        if ds.get_image() is not None:
-            return
         exposure, section = ds.exposure, ds.section_id
         raw, header = exposure.read_section(section)
         instrument = exposure.instrument_object
@@ -201,13 +200,11 @@ class Preprocessor(Step):
         header["GAIN"], header["RDNOISE"] = info.gain, info.read_noise
         header["SATURATE"] = info.saturation - result.overscan_level
         obs = instrument.observation(header, filename=exposure.origin)
-        image = Image(provenance=ds.provenance(self.process), exposure=exposure, data=result.image,
-                      weight=result.weight, flags=result.flags, wcs=wcs, section_id=section,
-                      instrument=exposure.instrument, type=ImageType.SCIENCE, filter=obs.filter,
-                      mjd=obs.mjd, end_mjd=obs.mjd + obs.exp_time / 86400.0, exp_time=obs.exp_time,
-                      airmass=obs.airmass, target=obs.target, project=obs.project,
-                      header=header_to_dict(header))
-        ds.set_product("image", image)
+        ds.new_product(self, "image", data=result.image, weight=result.weight, flags=result.flags, wcs=wcs,
+                       instrument=exposure.instrument, type=ImageType.SCIENCE, filter=obs.filter,
+                       mjd=obs.mjd, end_mjd=obs.mjd + obs.exp_time / 86400.0, exp_time=obs.exp_time,
+                       airmass=obs.airmass, target=obs.target, project=obs.project,
+                       header=header_to_dict(header))
 
     @staticmethod
     def _wcs(header: fits.Header, exposure, info: SectionInfo, origin: tuple[int, int],
@@ -219,6 +216,6 @@ class Preprocessor(Step):
             wcs.wcs.crpix = [wcs.wcs.crpix[0] - origin[1], wcs.wcs.crpix[1] - origin[0]]
             return wcs
         if exposure.ra is None or exposure.dec is None:
-            raise ValueError(f"exposure {exposure.origin} has neither a WCS nor RA/DEC pointing keywords")
+            raise BadInputError(f"exposure {exposure.origin} has neither a WCS nor RA/DEC pointing keywords")
         log.warning("%s has no WCS; using a nominal one from the pointing and pixel scale", exposure.origin)
         return nominal_wcs(exposure.ra, exposure.dec, info.pixel_scale, shape)

@@ -2,82 +2,99 @@
 
 ::
 
-    pipe = Pipeline(config)                    # steps and parameters from the configuration
+    pipe = Pipeline(context)                   # steps and parameters from its configuration
     ds = pipe.run(exposure, section_id="N6")   # or pipe.run(image)
 
 Every step whose products already exist for the current provenance tree is skipped, so running
 the pipeline twice creates nothing new.  Products are saved after each step that made any, so
-a failure later keeps what was finished and the next run resumes from there.
+a failure later keeps what was finished and the next run resumes from there.  A step that has
+nothing to do (`pipeline.step.NothingToDo`) ends the run of that DataStore without an error.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Any
 
+from models.context import Context, current_context
 from pipeline.data_store import DataStore
-from pipeline.step import Step
-from util.config import Config
+from pipeline.step import ROOT_PRODUCTS, NothingToDo, Step, product_spec, step_class
+from util.config import Config, ConfigError
 
-__all__ = ["Pipeline", "STEP_CLASSES", "step_class", "default_steps"]
+__all__ = ["Pipeline", "default_steps", "check_step_order"]
 
 log = logging.getLogger(__name__)
 
-#: Every step the pipeline knows, by process name, in pipeline order.
-STEP_CLASSES: dict[str, str] = {
-    "preprocessing": "pipeline.preprocessing.Preprocessor",
-    "backgrounding": "pipeline.backgrounding.Backgrounder",
-    "extraction": "pipeline.extraction.Extractor",
-    "astrocal": "pipeline.astro_cal.AstroCalibrator",
-    "photocal": "pipeline.photo_cal.PhotoCalibrator",
-}
 
-
-def step_class(process: str) -> type[Step]:
-    """The step class of a process name; ValueError names unknown processes."""
-    if process not in STEP_CLASSES:
-        raise ValueError(f"unknown pipeline step '{process}'; known: {', '.join(STEP_CLASSES)}")
-    module, name = STEP_CLASSES[process].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
-
-
-def default_steps(*, config: Config | None = None, include_preprocessing: bool = True) -> list[Step]:
+def default_steps(config: Config, *, include_preprocessing: bool = True) -> list[Step]:
     """The steps listed in ``pipeline.steps`` of the configuration, built from its sections."""
-    config = config or Config.load()
     names = config.get("pipeline.steps")
     if not include_preprocessing:
         names = [n for n in names if n != "preprocessing"]
     return [step_class(name)(config=config) for name in names]
 
 
+def check_step_order(steps: list[Step]) -> None:
+    """Every step's inputs are made by an earlier step or are where a DataStore starts.
+
+    Raises
+    ------
+    ConfigError
+        A step reads a product that no earlier step makes (names both).
+    """
+    made = set(ROOT_PRODUCTS)
+    for step in steps:
+        for inp in step.inputs:
+            if inp.name not in made:
+                try:
+                    maker = product_spec(inp.name).process
+                except KeyError:
+                    maker = "no known step"
+                raise ConfigError(f"pipeline step '{step.process}' reads '{inp.name}', made by {maker}, "
+                                  "which does not come before it in pipeline.steps")
+        made.update(step.output_names())
+
+
 class Pipeline:
-    """An ordered list of steps.
+    """An ordered list of steps working in one context.
 
     Parameters
     ----------
-    config : Config, optional
-        Where step lists and parameters come from; `Config.load()` by default.
+    context : Context or Config, optional
+        Database, file store and configuration (a Config is turned into its context); default:
+        the current context.
     steps : list of Step, optional
-        Explicit steps (overrides ``pipeline.steps``).
+        Explicit steps (instead of the configuration's ``pipeline.steps``).
     """
 
-    def __init__(self, config: Config | None = None, *, steps: list[Step] | None = None):
-        self.config = config or Config.load()
-        self.steps = steps if steps is not None else default_steps(config=self.config)
+    def __init__(self, context: Context | Config | None = None, *, steps: list[Step] | None = None):
+        if context is None:
+            context = current_context()
+        elif isinstance(context, Config):
+            context = Context.from_config(context)
+        self.context = context
+        self.steps = steps if steps is not None else default_steps(context.config)
+        check_step_order(self.steps)
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {' -> '.join(s.process for s in self.steps)} in {self.context!r}>"
 
     def run(self, target: Any, section_id: str | None = None) -> DataStore:
-        """Run every step on one image, or one section of an exposure; return the DataStore."""
-        ds = DataStore(target, section_id)
-        steps = [s for s in self.steps if not (ds.image is not None and s.process == "preprocessing")]
+        """Run every step on one image, or one section of an exposure; return the DataStore.
+
+        ``target`` may also be a DataStore (e.g. one that never saves).
+        """
+        ds = target if isinstance(target, DataStore) else DataStore(target, section_id, context=self.context)
+        steps = [s for s in self.steps if not (ds.image is not None and "image" in s.output_names())]
         ds.make_prov_tree(steps)
         for step in steps:
-            if all(ds.get_product(name) is not None for name in step.products):
-                log.info("%s: products exist for %s, skipping", step.process, ds.describe())
-                ds.stats[step.process] = {"seconds": 0.0, "skipped": True}
-                continue
-            step(ds)
-            ds.save_and_commit()
+            try:
+                step(ds)
+            except NothingToDo as exc:
+                ds.stats[step.process] = {"seconds": 0.0, "nothing_to_do": str(exc)}
+                break
+            if ds.persist:
+                ds.save_and_commit()
         return ds
 
     def run_exposure(self, exposure: Any) -> list[DataStore]:

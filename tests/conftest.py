@@ -2,28 +2,37 @@
 
 Every test that takes the ``database`` fixture runs twice, once on SQLite and once on a
 throwaway PostgreSQL cluster; both schemas are built by the Alembic migrations.  PostgreSQL
-databases are cloned from a migrated template, so a fresh one costs ~0.1 s.
+databases are cloned from a migrated template, so a fresh one costs ~0.1 s.  The fixture makes
+a `models.context.Context` of that database and a file store below the test's folder, active
+for the test; ``database.config(**overrides)`` gives a configuration that names the same ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from models.base import make_engine, use_database
-from models.file_store import FileStore, use_file_store
+import models.context
+from models.base import engine_for, forget_engine, make_engine
+from models.context import Context, use_context
+from models.file_store import FileStore
 from models.schema import upgrade
 from tests.postgres_cluster import PostgresCluster
+from util.config import Config
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# Keep tests away from a user's real ~/.seechange and from any user config.
+# Keep tests away from a user's real ~/.seechange and from any user config: a default context,
+# should a test make one by mistake, lands in a throwaway folder.
 os.environ.pop("SEECHANGE_CONFIG", None)
+os.environ["SEECHANGE_DATA"] = tempfile.mkdtemp(prefix="seechange-tests-default-")
 
 
 @dataclass
@@ -36,6 +45,15 @@ class TestDatabase:
     url: str
     engine: sa.Engine
     store: FileStore
+    context: Context
+
+    def config(self, **overrides) -> Config:
+        """A configuration naming this database and data root, with ``overrides`` (dotted keys)."""
+        return Config.load(**{"db.url": self.url, "storage.data_root": str(self.store.root), **overrides})
+
+    def context_with(self, config: Config) -> Context:
+        """A context of this database and file store under another configuration."""
+        return Context(config=config, engine=self.engine, store=self.store)
 
     @property
     def has_q3c(self) -> bool:
@@ -74,17 +92,36 @@ def pg_cluster():
 _counter = itertools.count()
 
 
+def _activate(kind: str, url: str, engine: sa.Engine, root: Path):
+    store = FileStore(root)
+    config = Config.load(**{"db.url": url, "storage.data_root": str(root)})
+    context = Context(config=config, engine=engine, store=store)
+    return TestDatabase(kind, url, engine, store, context)
+
+
+@contextlib.contextmanager
+def _current(context: Context):
+    """``context`` current for the test and its threads (process-wide), then the previous one back."""
+    previous = list(models.context._process)
+    use_context(context)
+    try:
+        with context.activate():
+            yield
+    finally:
+        models.context._process[:] = previous
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request, tmp_path):
-    """A fresh, migrated database on each back end, in use by the library, with a file store."""
-    store = use_file_store(FileStore(tmp_path / "data"))
+    """A fresh, migrated database on each back end, active as the current context's, with a file store."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'test.sqlite'}"
-        engine = make_engine(url)
+        engine = engine_for(url)    # the engine a Context.from_config(database.config()) shares
         upgrade(engine)
-        use_database(engine)
-        yield TestDatabase("sqlite", url, engine, store)
-        engine.dispose()
+        db = _activate("sqlite", url, engine, tmp_path / "data")
+        with _current(db.context):
+            yield db
+        forget_engine(engine)
         return
     cluster = request.getfixturevalue("pg_cluster")
     name = f"test_{os.getpid()}_{next(_counter)}"
@@ -92,10 +129,11 @@ def database(request, tmp_path):
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE seechange_template'))
     url = cluster.url(name)
-    engine = make_engine(url)
-    use_database(engine)
-    yield TestDatabase("postgresql", url, engine, store)
-    engine.dispose()
+    engine = engine_for(url)
+    db = _activate("postgresql", url, engine, tmp_path / "data")
+    with _current(db.context):
+        yield db
+    forget_engine(engine)
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()

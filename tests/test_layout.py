@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.top import STEP_CLASSES, step_class
+from pipeline.step import step_classes
 from util.config import Config, default_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +32,15 @@ def _imports(package: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("package, forbidden", [("improc", {"models", "pipeline", "sqlalchemy"}),
                                                 ("models", {"pipeline"}),
-                                                ("util", {"pipeline"})])
+                                                ("util", {"pipeline", "models"})])
 def test_layers(package, forbidden):
     offenders = {path: names & forbidden for path, names in _imports(package).items() if names & forbidden}
     assert offenders == {}
 
 
-@pytest.mark.parametrize("process", list(STEP_CLASSES))
+@pytest.mark.parametrize("process", sorted(step_classes()))
 def test_default_config_lists_every_step_parameter(process):
-    params = step_class(process).Params
+    params = step_classes()[process].Params
     section = Config.load().section(process)
     fields = {f.name: f for f in dataclasses.fields(params)}
     assert set(section) == set(fields), f"{default_config_path()} [{process}] differs from {params.__name__}"

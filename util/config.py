@@ -22,8 +22,12 @@ import yaml
 __all__ = ["Config", "ConfigError", "default_config_path"]
 
 
-class ConfigError(ValueError):
-    """A configuration file or value is wrong; the message names the key and the file."""
+class ConfigError(Exception):
+    """A configuration file or value is wrong; the message names the key and the file.
+
+    Not a ValueError: a wrong configuration is the operator's to fix, never a property of the
+    data, so a step that meets one does not mark its image bad (see ``pipeline.step``).
+    """
 
 
 def default_config_path() -> Path:

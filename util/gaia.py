@@ -22,6 +22,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table, vstack
 
+from util.config import ConfigError
+
 __all__ = [
     "GAIA_COLUMNS",
     "CatalogError",
@@ -55,8 +57,11 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("ra", "dec", "phot_g_mean_mag")
 _CHUNK_NAME = re.compile(r"^chunk-(\d+)\.fits(\.gz)?$")
 
 
-class CatalogError(ValueError):
-    """A reference-catalog file that cannot be read as one (not FITS, missing columns)."""
+class CatalogError(ConfigError):
+    """A reference-catalog file that cannot be read as one (not FITS, missing columns).
+
+    A fault of the set-up (the configured catalog), not of an image: no image is marked bad.
+    """
 
 
 class GaiaQueryError(RuntimeError):

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 13:08:26.937723
+Create Date: 2026-12-04 19:19:24.627903
 """
 from alembic import op
 import sqlalchemy as sa
@@ -85,11 +85,12 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('tag', sa.String(length=128), nullable=False),
     sa.Column('process', sa.String(length=64), nullable=False),
+    sa.Column('upstreams_key', sa.String(length=24), nullable=False),
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_provenance_tags_provenance_id_provenances'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_provenance_tags')),
-    sa.UniqueConstraint('tag', 'process', name='uq_provenance_tags_tag_process')
+    sa.UniqueConstraint('tag', 'process', 'upstreams_key', name='uq_provenance_tags_tag_process_upstreams')
     )
     with op.batch_alter_table('provenance_tags', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_provenance_tags_provenance_id'), ['provenance_id'], unique=False)
@@ -135,11 +136,6 @@ def upgrade() -> None:
     sa.Column('mindec', sa.Double(), nullable=False),
     sa.Column('maxdec', sa.Double(), nullable=False),
     sa.Column('radius', sa.Double(), nullable=False),
-    sa.Column('fwhm_estimate', sa.Double(), nullable=True),
-    sa.Column('zero_point_estimate', sa.Double(), nullable=True),
-    sa.Column('lim_mag_estimate', sa.Double(), nullable=True),
-    sa.Column('bkg_mean_estimate', sa.Double(), nullable=True),
-    sa.Column('bkg_rms_estimate', sa.Double(), nullable=True),
     sa.Column('bad_flags', sa.Integer(), nullable=False),
     sa.Column('header', sa.JSON(), nullable=False),
     sa.Column('wcs_header', sa.Text(), nullable=True),
@@ -187,6 +183,7 @@ def upgrade() -> None:
 
     op.create_table('source_lists',
     sa.Column('image_id', sa.Uuid(), nullable=False),
+    sa.Column('background_id', sa.Uuid(), nullable=False),
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
     sa.Column('num_sources', sa.Integer(), nullable=False),
     sa.Column('aper_radii', sa.JSON(), nullable=False),
@@ -195,12 +192,14 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('filepath', sa.String(length=512), nullable=True),
     sa.Column('md5sum', sa.String(length=32), nullable=True),
+    sa.ForeignKeyConstraint(['background_id'], ['backgrounds.id'], name=op.f('fk_source_lists_background_id_backgrounds'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_source_lists_image_id_images'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_source_lists_provenance_id_provenances'), ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_source_lists')),
-    sa.UniqueConstraint('image_id', 'provenance_id', name='uq_source_lists_image_prov')
+    sa.UniqueConstraint('image_id', 'background_id', 'provenance_id', name='uq_source_lists_image_background_prov')
     )
     with op.batch_alter_table('source_lists', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_source_lists_background_id'), ['background_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_source_lists_image_id'), ['image_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_source_lists_provenance_id'), ['provenance_id'], unique=False)
 
@@ -208,6 +207,7 @@ def upgrade() -> None:
     sa.Column('sources_id', sa.Uuid(), nullable=False),
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
     sa.Column('fwhm_pixels', sa.Double(), nullable=False),
+    sa.Column('fwhm_arcsec', sa.Double(), nullable=True),
     sa.Column('num_stars', sa.Integer(), nullable=False),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
@@ -225,23 +225,29 @@ def upgrade() -> None:
     op.create_table('world_coordinates',
     sa.Column('sources_id', sa.Uuid(), nullable=False),
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('catalog_excerpt_id', sa.Uuid(), nullable=True),
     sa.Column('header_text', sa.Text(), nullable=False),
     sa.Column('rms_arcsec', sa.Double(), nullable=False),
     sa.Column('num_stars', sa.Integer(), nullable=False),
     sa.Column('catalog', sa.String(length=64), nullable=False),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['catalog_excerpt_id'], ['catalog_excerpts.id'], name=op.f('fk_world_coordinates_catalog_excerpt_id_catalog_excerpts'), ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_world_coordinates_provenance_id_provenances'), ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['sources_id'], ['source_lists.id'], name=op.f('fk_world_coordinates_sources_id_source_lists'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_world_coordinates')),
     sa.UniqueConstraint('sources_id', 'provenance_id', name='uq_world_coordinates_sources_prov')
     )
     with op.batch_alter_table('world_coordinates', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_world_coordinates_catalog_excerpt_id'), ['catalog_excerpt_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_world_coordinates_provenance_id'), ['provenance_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_world_coordinates_sources_id'), ['sources_id'], unique=False)
 
     op.create_table('zero_points',
+    sa.Column('image_id', sa.Uuid(), nullable=False),
     sa.Column('wcs_id', sa.Uuid(), nullable=False),
+    sa.Column('psf_id', sa.Uuid(), nullable=False),
+    sa.Column('background_id', sa.Uuid(), nullable=False),
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
     sa.Column('zp', sa.Double(), nullable=False),
     sa.Column('dzp', sa.Double(), nullable=False),
@@ -253,13 +259,19 @@ def upgrade() -> None:
     sa.Column('lim_mag', sa.Double(), nullable=True),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['background_id'], ['backgrounds.id'], name=op.f('fk_zero_points_background_id_backgrounds'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_zero_points_image_id_images'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_zero_points_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['psf_id'], ['psfs.id'], name=op.f('fk_zero_points_psf_id_psfs'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['wcs_id'], ['world_coordinates.id'], name=op.f('fk_zero_points_wcs_id_world_coordinates'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_zero_points')),
-    sa.UniqueConstraint('wcs_id', 'provenance_id', name='uq_zero_points_wcs_prov')
+    sa.UniqueConstraint('image_id', 'wcs_id', 'psf_id', 'background_id', 'provenance_id', name='uq_zero_points_inputs_prov')
     )
     with op.batch_alter_table('zero_points', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_zero_points_background_id'), ['background_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_zero_points_image_id'), ['image_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_zero_points_provenance_id'), ['provenance_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_zero_points_psf_id'), ['psf_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_zero_points_wcs_id'), ['wcs_id'], unique=False)
 
     # ### end Alembic commands ###
@@ -269,12 +281,16 @@ def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
     with op.batch_alter_table('zero_points', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_zero_points_wcs_id'))
+        batch_op.drop_index(batch_op.f('ix_zero_points_psf_id'))
         batch_op.drop_index(batch_op.f('ix_zero_points_provenance_id'))
+        batch_op.drop_index(batch_op.f('ix_zero_points_image_id'))
+        batch_op.drop_index(batch_op.f('ix_zero_points_background_id'))
 
     op.drop_table('zero_points')
     with op.batch_alter_table('world_coordinates', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_world_coordinates_sources_id'))
         batch_op.drop_index(batch_op.f('ix_world_coordinates_provenance_id'))
+        batch_op.drop_index(batch_op.f('ix_world_coordinates_catalog_excerpt_id'))
 
     op.drop_table('world_coordinates')
     with op.batch_alter_table('psfs', schema=None) as batch_op:
@@ -285,6 +301,7 @@ def downgrade() -> None:
     with op.batch_alter_table('source_lists', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_source_lists_provenance_id'))
         batch_op.drop_index(batch_op.f('ix_source_lists_image_id'))
+        batch_op.drop_index(batch_op.f('ix_source_lists_background_id'))
 
     op.drop_table('source_lists')
     with op.batch_alter_table('backgrounds', schema=None) as batch_op:

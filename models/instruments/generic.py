@@ -41,6 +41,7 @@ from astropy.io import fits
 from improc.flags import FLAGS_DTYPE, PixelFlag, flag_value
 from models.instrument import (BadInputError, Instrument, MissingHeaderError, Observation,
                                SectionInfo)
+from util.config import ConfigError
 
 __all__ = ["GenericInstrument", "GENERIC_DEFINITION", "BASENAME_TOLERANCE_DAYS",
            "mjd_from_datetime", "datetime_from_mjd", "basename_datetime"]
@@ -114,14 +115,14 @@ def _merge_definition(base: dict[str, Any], update: Mapping[str, Any], source: s
     merged = copy.deepcopy(base)
     for key, value in update.items():
         if key not in base:
-            raise ValueError(f"{source}: unknown instrument definition key {key!r}; known keys: "
+            raise ConfigError(f"{source}: unknown instrument definition key {key!r}; known keys: "
                              f"{', '.join(sorted(base))}")
         if key in ("keywords", "defaults"):
             if not isinstance(value, Mapping):
-                raise ValueError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+                raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
             for sub in value:
                 if sub not in base[key]:
-                    raise ValueError(f"{source}: unknown {key} entry {sub!r}; known: "
+                    raise ConfigError(f"{source}: unknown {key} entry {sub!r}; known: "
                                      f"{', '.join(sorted(base[key]))}")
             merged[key].update(copy.deepcopy(dict(value)))
         else:
@@ -141,27 +142,27 @@ class GenericInstrument(Instrument):
 
     Raises
     ------
-    ValueError
+    ConfigError
         Unknown keys, or values of the wrong kind; the message names ``source`` and the key.
     """
 
     def __init__(self, definition: Mapping[str, Any], *, source: str = "instrument definition"):
         if not isinstance(definition, Mapping) or not definition.get("name"):
-            raise ValueError(f"{source}: an instrument definition must be a mapping with a 'name'")
+            raise ConfigError(f"{source}: an instrument definition must be a mapping with a 'name'")
         self.definition = _merge_definition(GENERIC_DEFINITION, definition, source)
         self.source = source
         d = self.definition
         self.name = str(d["name"])
         self.description = str(d.get("description") or "")
         if d["product"] not in _PRODUCTS:
-            raise ValueError(f"{source}: product must be one of {_PRODUCTS}, got {d['product']!r}")
+            raise ConfigError(f"{source}: product must be one of {_PRODUCTS}, got {d['product']!r}")
         if d["ra_unit"] not in _RA_UNITS:
-            raise ValueError(f"{source}: ra_unit must be one of {_RA_UNITS}, got {d['ra_unit']!r}")
+            raise ConfigError(f"{source}: ra_unit must be one of {_RA_UNITS}, got {d['ra_unit']!r}")
         for key, names in d["keywords"].items():
             if isinstance(names, str):
                 d["keywords"][key] = [names]
             elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise ValueError(f"{source}: keywords.{key} must be a list of keyword names, got {names!r}")
+                raise ConfigError(f"{source}: keywords.{key} must be a list of keyword names, got {names!r}")
         self.match_rules = {str(k).upper(): (None if v is None else re.compile(str(v), re.IGNORECASE))
                             for k, v in (d["match"] or {}).items()}
         self.filter_pattern = re.compile(d["filter_pattern"]) if d["filter_pattern"] else None
@@ -177,16 +178,16 @@ class GenericInstrument(Instrument):
 
         Raises
         ------
-        ValueError
+        ConfigError
             Unreadable file, invalid YAML or invalid definition; the message names the file.
         """
         path = Path(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except OSError as exc:
-            raise ValueError(f"cannot read instrument definition {path}: {exc.strerror}") from exc
+            raise ConfigError(f"cannot read instrument definition {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise ValueError(f"instrument definition {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"instrument definition {path} is not valid YAML: {exc}") from exc
         return cls(loaded, source=str(path))
 
     # -- lookups ---------------------------------------------------------------------------------

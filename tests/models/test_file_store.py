@@ -7,6 +7,7 @@ import pytest
 
 from models.file_store import product_file_stem
 from models.file_store import FileIntegrityError, FileStore, md5_of, safe_component
+from util.config import ConfigError
 
 
 def _files(root):
@@ -71,6 +72,6 @@ def test_file_stem_fields_cannot_escape(tmp_path):
     path = store.absolute(stem + ".fits")
     assert store.root in path.parents
     assert stem.split("/")[1] == "20230225"
-    with pytest.raises(ValueError, match="unknown field 'colour'"):
+    with pytest.raises(ConfigError, match="unknown field 'colour'"):
         product_file_stem(instrument="i", mjd=None, section="s", filter="f", type="t", process="p",
                           prov="x", name="n", convention="{colour}/{name}")

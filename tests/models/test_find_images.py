@@ -10,12 +10,21 @@ from sqlalchemy import event
 import models.image_queries as image_queries
 from improc import footprint
 from models.base import session_scope
+from models.background import Background
 from models.image import Image, ImageType
-from models.provenance import Provenance
+from models.provenance import Provenance, ProvenanceTag, UnknownTagError
+from models.psf import PSF
+from models.source_list import SourceList
+from models.world_coordinates import WorldCoordinates
+from models.zero_point import ZeroPoint
 from tests.models.synthetic_files import footprint_rows, tan_wcs
 
 #: Answers of the scenario per back end, to check that SQLite and PostgreSQL agree.
 _ANSWERS: dict[str, dict] = {}
+
+#: Seeing (arcsec) and depth (mag) of the scenario's images, by id: measured by the tag's
+#: calibration products; images without an entry have none.
+QUALITY: dict[uuid.UUID, tuple[float, float]] = {}
 
 REGIONS = [  # (ra range, dec range) of the random images: around RA=0, both poles, mid-sky
     ((358.0, 362.0), (-3.0, 3.0)), ((0.0, 360.0), (87.5, 90.0)), ((0.0, 360.0), (-90.0, -87.5)),
@@ -24,7 +33,12 @@ REGIONS = [  # (ra range, dec range) of the random images: around RA=0, both pol
 
 
 def _provenances():
-    return [Provenance(process="ingest", code_version="1.0.0", parameters={"n": k}) for k in range(2)]
+    return [Provenance(process=process, code_version="1.0.0", parameters={"n": k})
+            for k, process in enumerate(("preprocessing", "coaddition"))]
+
+
+def _calibration(name: str):
+    return Provenance(process="calibration", code_version="1.0.0", parameters={"name": name})
 
 
 def _build(rng, k, ra, dec, provs, wcs, shape, image_type, no_estimates):
@@ -35,11 +49,28 @@ def _build(rng, k, ra, dec, provs, wcs, shape, image_type, no_estimates):
         filter=["g", "r", "i"][(k // 2) % 3], type=image_type, target=f"field{k % 5}",
         mjd=mjd, end_mjd=mjd + 0.001, exp_time=float(rng.choice([30.0, 60.0, 90.0])),
         airmass=float(rng.uniform(1.0, 2.0)),
-        fwhm_estimate=None if no_estimates else float(rng.uniform(0.7, 2.5)),
-        lim_mag_estimate=None if no_estimates else float(rng.uniform(21.0, 24.0)),
     )
+    seeing, depth = float(rng.uniform(0.7, 2.5)), float(rng.uniform(21.0, 24.0))
+    if not no_estimates:
+        QUALITY[image.id] = (seeing, depth)
     image.set_wcs(wcs, shape)
     return image
+
+
+def _calibrate(session, image: Image, seeing: float, depth: float, prov: Provenance) -> None:
+    """Rows (no files) of a calibration of ``image`` that measured this seeing and depth."""
+    bg = Background(image=image, provenance_id=prov.id, box_size=64, filter_size=3, level_median=0.0,
+                    rms_median=1.0)
+    sources = SourceList(image=image, background=bg, provenance_id=prov.id, num_sources=0)
+    psf = PSF(sources=sources, provenance_id=prov.id, fwhm_pixels=seeing / 0.26, fwhm_arcsec=seeing,
+              num_stars=5)
+    wcs = WorldCoordinates(sources=sources, provenance_id=prov.id, header_text="", rms_arcsec=0.03,
+                           num_stars=20, catalog="test")
+    zp = ZeroPoint(image=image, wcs=wcs, psf=psf, background=bg, provenance_id=prov.id, zp=30.0, dzp=0.01,
+                   num_stars=20, lim_mag=depth)
+    for row in (bg, sources, psf, wcs, zp):
+        session.add(row)
+        session.flush()
 
 
 def _scenario():
@@ -73,8 +104,8 @@ def _sort_key(order_by):
             return (image.mjd, image.id.hex)
         if order_by == "latest":
             return (-image.mjd, image.id.hex)
-        return (image.lim_mag_estimate is None, -(image.lim_mag_estimate or 0.0),
-                image.fwhm_estimate is None, image.fwhm_estimate or 0.0, image.mjd, image.id.hex)
+        seeing, depth = QUALITY.get(image.id, (None, None))
+        return (depth is None, -(depth or 0.0), seeing is None, seeing or 0.0, image.mjd, image.id.hex)
     return key
 
 
@@ -118,10 +149,19 @@ def _run_scenario(images):
 
 
 def _store(database, images, provs):
+    """The images, a tag 'q' of their provenances and a calibration measuring QUALITY, and another
+    calibration (not tagged) with other figures, which the tag must leave out."""
+    tagged, other = _calibration("tagged"), _calibration("other")
     with session_scope() as session:
-        for prov in provs:
+        for prov in [*provs, tagged, other]:
             prov.save(session)
         session.add_all(images)
+        session.flush()
+        for image in images:
+            if image.id in QUALITY:
+                _calibrate(session, image, *QUALITY[image.id], tagged)
+            _calibrate(session, image, 0.5, 30.0, other)
+        ProvenanceTag.add("q", [*provs, tagged], session=session)
 
 
 def test_spatial_queries_match_brute_force(database, monkeypatch):
@@ -161,10 +201,11 @@ def test_metadata_filters_ordering_and_limits(database):
         (dict(min_mjd=58500.0, max_mjd=59500.0), lambda im: 58500 <= im.mjd <= 59500),
         (dict(min_exp_time=60.0), lambda im: im.exp_time >= 60),
         (dict(max_exp_time=30.0), lambda im: im.exp_time <= 30),
-        (dict(min_seeing=1.0, max_seeing=2.0),
-         lambda im: im.fwhm_estimate is not None and 1.0 <= im.fwhm_estimate <= 2.0),
-        (dict(min_lim_mag=22.5), lambda im: im.lim_mag_estimate is not None and im.lim_mag_estimate >= 22.5),
-        (dict(max_lim_mag=22.5), lambda im: im.lim_mag_estimate is not None and im.lim_mag_estimate <= 22.5),
+        (dict(tag="q"), lambda im: True),
+        (dict(tag="q", min_seeing=1.0, max_seeing=2.0),
+         lambda im: im.id in QUALITY and 1.0 <= QUALITY[im.id][0] <= 2.0),
+        (dict(tag="q", min_lim_mag=22.5), lambda im: im.id in QUALITY and QUALITY[im.id][1] >= 22.5),
+        (dict(tag="q", max_lim_mag=22.5), lambda im: im.id in QUALITY and QUALITY[im.id][1] <= 22.5),
         (dict(min_airmass=1.2, max_airmass=1.8), lambda im: 1.2 <= im.airmass <= 1.8),
     ]
     for criteria, keep in cases:
@@ -175,14 +216,21 @@ def test_metadata_filters_ordering_and_limits(database):
         assert got_box == _brute(images, box=box, keep=keep), criteria
     for order_by in ("earliest", "latest", "quality"):
         for max_number in (None, 1, 3):
-            assert _ids(order_by=order_by, max_number=max_number) == _brute(
+            assert _ids(tag="q", order_by=order_by, max_number=max_number) == _brute(
                 images, order_by=order_by, max_number=max_number)
-            assert _ids(minra=box[0], maxra=box[1], mindec=box[2], maxdec=box[3], order_by=order_by,
+            assert _ids(tag="q", minra=box[0], maxra=box[1], mindec=box[2], maxdec=box[3], order_by=order_by,
                         max_number=max_number) == _brute(images, box=box, order_by=order_by,
                                                          max_number=max_number)
-    quality = Image.find_images(order_by="quality")
-    mags = [im.lim_mag_estimate for im in quality if im.lim_mag_estimate is not None]
-    assert mags == sorted(mags, reverse=True) and quality[-1].lim_mag_estimate is None
+    quality = Image.find_images(tag="q", order_by="quality")
+    mags = [QUALITY[im.id][1] for im in quality if im.id in QUALITY]
+    assert mags == sorted(mags, reverse=True) and quality[-1].id not in QUALITY
+    # seeing and depth need a tag that says whose; an unknown tag is named
+    with pytest.raises(ValueError, match="min_seeing.*need tag"):
+        Image.find_images(min_seeing=1.0)
+    with pytest.raises(ValueError, match="order_by='quality' need tag"):
+        Image.find_images(order_by="quality")
+    with pytest.raises(UnknownTagError, match="'nope'"):
+        Image.find_images(tag="nope")
 
 
 def test_empty_database_and_bad_arguments(database):

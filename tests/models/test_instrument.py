@@ -14,7 +14,9 @@ from models.instrument import (MissingHeaderError, UnknownInstrumentError, get_i
                                guess_instrument, instrument_names, load_instrument_file,
                                merged_header, open_fits, reset_instruments)
 from models.instruments.decam import CP_MASK_CODES, DECAM_CCDNUM, DECAM_DEFAULTS
+from models.context import Context
 from models.instruments.generic import GenericInstrument, basename_datetime, mjd_from_datetime
+from util.config import Config, ConfigError
 
 pytestmark = pytest.mark.real_data
 
@@ -49,7 +51,8 @@ def test_guess_rejects_unknown_instrument_naming_file_and_value():
     header = fits.Header({"INSTRUME": "Foo Cam", "EXPTIME": 1.0})
     with pytest.raises(UnknownInstrumentError, match=r"mystery\.fits: INSTRUME='Foo Cam'"):
         guess_instrument(header, filename="/data/mystery.fits")
-    assert isinstance(UnknownInstrumentError("x"), ValueError)
+    # a configuration matter, not bad data: never a ValueError
+    assert not isinstance(UnknownInstrumentError("x"), ValueError)
 
 
 def test_decam_cp_headers(shared_data):
@@ -198,12 +201,17 @@ def test_yaml_instrument_file_and_config(tmp_path, monkeypatch, fresh_registry):
     definition = tmp_path / "testcam.yaml"
     definition.write_text(YAML)
     config = tmp_path / "config.yaml"
-    config.write_text(f"instruments:\n  extra_files: [{definition}]\n")
-    monkeypatch.setenv("SEECHANGE_CONFIG", str(config))
+    config.write_text(f"instruments:\n  extra_files: [{definition}]\n"
+                      f"storage:\n  data_root: {tmp_path / 'data'}\n")
     reset_instruments()
     header = fits.Header({"INSTRUME": "TESTCAM", "MJD-OBS": 59000.0, "ITIME": 12.0, "FILT": 4})
-    inst = guess_instrument(header)
-    assert inst.name == "TestCam" and "TestCam" in instrument_names()
+    with pytest.raises(UnknownInstrumentError, match="TESTCAM"):
+        guess_instrument(header)        # not in the current (default) configuration
+    context = Context.from_config(Config.load(config))
+    with context.activate():
+        inst = guess_instrument(header)
+        assert inst.name == "TestCam" and "TestCam" in instrument_names()
+    assert get_instrument("testcam", context=context) is inst
     obs = inst.observation(header, filename="t.fits")
     assert (obs.exp_time, obs.filter, obs.mjd) == (12.0, "R", 59000.0)
     info = inst.section_info(header, "0")
@@ -213,15 +221,15 @@ def test_yaml_instrument_file_and_config(tmp_path, monkeypatch, fresh_registry):
 def test_yaml_errors_name_file_and_key(tmp_path, fresh_registry):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: X\nkeywords: {exposure: [EXPTIME]}\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml: unknown keywords entry 'exposure'"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown keywords entry 'exposure'"):
         load_instrument_file(bad)
     bad.write_text("name: X\ncolour: blue\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml: unknown instrument definition key 'colour'"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown instrument definition key 'colour'"):
         load_instrument_file(bad)
     bad.write_text("name: [unclosed\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
         load_instrument_file(bad)
-    with pytest.raises(ValueError, match="product must be one of"):
+    with pytest.raises(ConfigError, match="product must be one of"):
         GenericInstrument({"name": "Y", "product": "cooked"})
     with pytest.raises(ValueError, match="already registered"):
         from models.instrument import register_instrument

@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import func, select
 
 from models.base import session_scope
-from models.provenance import (Provenance, ProvenanceConflictError, ProvenanceTag, canonical_json,
+from models.provenance import (AmbiguousProvenanceError, Provenance, ProvenanceConflictError,
+                               ProvenanceError, ProvenanceTag, UnknownTagError, canonical_json,
                                provenance_hash)
 
 
@@ -45,9 +46,9 @@ def test_id_changes_with_parameters_and_major_minor_only():
 def test_canonical_json_sorts_keys_and_stabilizes_floats():
     assert canonical_json({"b": 0.1 + 0.2, "a": (1, 2.0)}) == '{"a":[1,2],"b":0.30000000000000004}'
     assert provenance_hash("p", "1.0", {"x": 1, "y": 2}, []) == provenance_hash("p", "1.0", {"y": 2, "x": 1}, [])
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ProvenanceError, match="finite"):
         canonical_json({"x": float("nan")})
-    with pytest.raises(ValueError, match="MAJOR.MINOR"):
+    with pytest.raises(ProvenanceError, match="MAJOR.MINOR"):
         provenance_hash("p", "one", {}, [])
 
 
@@ -91,12 +92,28 @@ def test_tags(database):
     ProvenanceTag.add("dr1", [ext])  # re-tagging the same one is fine
     assert Provenance.get_for_tag(tag="dr1", process="extraction").id == ext.id
     assert Provenance.get_for_tag(tag="dr1", process="subtraction") is None
-    assert Provenance.get_for_tag(tag="nope", process="extraction") is None
+    with pytest.raises(UnknownTagError, match="'nope'.*tags: dr1"):
+        Provenance.get_for_tag(tag="nope", process="extraction")
     other = _prov(threshold=9.0, upstreams=[pre])
     with pytest.raises(ProvenanceConflictError) as err:
         ProvenanceTag.add("dr1", [other])
     message = str(err.value)
     assert "dr1" in message and "extraction" in message and ext.id in message and other.id in message
     assert Provenance.get_for_tag(tag="dr1", process="extraction").id == ext.id
-    assert set(ProvenanceTag.provenances("dr1")) == {"preprocessing", "extraction"}
+    assert {p.process for p in ProvenanceTag.provenances("dr1")} == {"preprocessing", "extraction"}
     assert ProvenanceTag.tags() == ["dr1"]
+
+
+def test_a_tag_holds_one_process_twice_when_the_upstreams_differ(database):
+    """A coadd's extraction and a single image's extraction share a tag; asking for "the"
+    extraction is then ambiguous, and says so; a DataStore picks by upstream (tested in pipeline)."""
+    pre = _prov("preprocessing", threshold=1)
+    coadd = _prov("coaddition", n=5)
+    ext_single, ext_coadd = _prov(upstreams=[pre]), _prov(upstreams=[coadd])
+    assert ext_single.id != ext_coadd.id
+    ProvenanceTag.add("dr1", [pre, coadd, ext_single, ext_coadd])
+    assert [p.id for p in Provenance.all_for_tag(tag="dr1", process="extraction")] == sorted(
+        [ext_single.id, ext_coadd.id])
+    with pytest.raises(AmbiguousProvenanceError, match="2 provenances of process 'extraction'"):
+        Provenance.get_for_tag(tag="dr1", process="extraction")
+    assert Provenance.get_for_tag(tag="dr1", process="preprocessing").id == pre.id

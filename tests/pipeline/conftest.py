@@ -21,11 +21,10 @@ class SimulatedField:
     sims: list
     gaia_folder: Path
 
-    def config(self, tmp_path: Path, **overrides) -> Config:
-        """A configuration whose calibration steps read the field's catalog folder."""
+    def config(self, database, **overrides) -> Config:
+        """A configuration of the test database whose calibration steps read the field's catalog folder."""
         catalog = {"catalog": "gaia_folder", "catalog_folder": str(self.gaia_folder)}
-        return Config.load(**{"storage.data_root": str(tmp_path / "data"), "astrocal": catalog,
-                              "photocal": catalog, **overrides})
+        return database.config(**{"astrocal": catalog, "photocal": catalog, **overrides})
 
 
 def make_field(folder: Path, *, n: int = 1, size: int = 512, seed: int = 11, raw: bool = True,

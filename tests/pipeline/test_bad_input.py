@@ -21,6 +21,7 @@ from astropy.table import Table
 from sqlalchemy import func, select
 
 from improc.astrometry import AstrometryError
+from improc.errors import BadDataError
 from improc.flags import PixelFlag
 from improc.photometry import PhotometryError
 from models.background import Background
@@ -147,10 +148,10 @@ def _catalog_copy(field: SimulatedField, folder: Path, *, stars: Table | None = 
     return folder
 
 
-def _config(field: SimulatedField, tmp_path: Path, catalog_folder: Path) -> Config:
+def _config(field: SimulatedField, database, catalog_folder: Path) -> Config:
     """The field's configuration, reading another Gaia folder."""
     catalog = {"catalog": "gaia_folder", "catalog_folder": str(catalog_folder)}
-    return field.config(tmp_path, astrocal=catalog, photocal=dict(catalog))
+    return field.config(database, astrocal=catalog, photocal=dict(catalog))
 
 
 # --- pixels: no stars, saturation, NaN --------------------------------------------------------
@@ -161,7 +162,7 @@ def test_image_without_stars_fails_extraction_and_is_flagged(database, tmp_path)
     field = make_field(tmp_path / "sim", size=512, n_stars=0, n_galaxies=0)  # cosmic rays remain
     exposure, _ = ingest_file(field.paths[0])
     # the cosmic rays that pass for sources are rejected by the PSF fit as outliers
-    _fail(exposure, field.config(tmp_path), step="extraction", cause=TooFewPSFStarsError,
+    _fail(exposure, field.config(database), step="extraction", cause=TooFewPSFStarsError,
           match=r"need at least \d+ PSF stars for degree \d+, got \d+ after rejecting")
     _assert_stopped_at("extraction", ImageBadness.NO_STARS, database.store)
 
@@ -170,7 +171,7 @@ def test_sky_above_saturation_fails_backgrounding_naming_the_flag(database, tmp_
     # saturation is 50000 ADU; no bad columns, whose values would not saturate
     field = make_field(tmp_path / "sim", size=512, sky_adu=60000.0, n_bad_columns=0)
     exposure, _ = ingest_file(field.paths[0])
-    _fail(exposure, field.config(tmp_path), step="backgrounding", cause=ValueError,
+    _fail(exposure, field.config(database), step="backgrounding", cause=BadDataError,
           match=r"only 0 of 262144 pixels are usable \(flagged: SATURATED 262144 \(100\.0%\)\)")
     _assert_stopped_at("backgrounding", ImageBadness.BAD_BACKGROUND, database.store)
 
@@ -183,7 +184,7 @@ def test_field_of_saturated_stars_fails_extraction_and_is_flagged(database, tmp_
     assert np.mean(inside["saturated"]) > 0.8
     exposure, _ = ingest_file(field.paths[0])
     # saturated stars do not measure the FWHM, and too few others are bright enough
-    _fail(exposure, field.config(tmp_path), step="extraction", cause=TooFewSourcesError,
+    _fail(exposure, field.config(database), step="extraction", cause=TooFewSourcesError,
           match=r"not enough sources to estimate the FWHM: 2 of \d+ have snr >= 20")
     _assert_stopped_at("extraction", ImageBadness.NO_STARS, database.store)
 
@@ -199,9 +200,9 @@ def test_large_nan_region_is_flagged_no_data_and_the_rest_calibrates(database, n
     assert np.array_equal(image.flags & PixelFlag.NO_DATA != 0, nan | (sim.weight <= 0))
     assert np.all(image.weight[nan] == 0) and np.all(image.data[nan] == 0)
 
-    ds = Pipeline(field.config(tmp_path)).run(image)
+    ds = Pipeline(field.config(database)).run(image)
     stored = _only_image()
-    assert stored.bad_flags == 0 and stored.zero_point_estimate == ds.get_zp().zp
+    assert stored.bad_flags == 0 and ds.get_zp().image_id == stored.id
     assert _product_counts() == {name: 1 for name in PRODUCTS}
     assert ds.get_background().level_median == pytest.approx(sim.params.sky_adu, rel=0.03)
     fwhm = sim.params.fwhm_arcsec / sim.params.pixel_scale
@@ -216,7 +217,7 @@ def test_large_nan_region_is_flagged_no_data_and_the_rest_calibrates(database, n
 def test_almost_blank_image_fails_backgrounding_naming_no_data(database, nan_files, tmp_path):
     _, images = ingest_file(nan_files.almost_blank)
     assert np.count_nonzero(images[0].flags & PixelFlag.NO_DATA == 0) == 64 * 64
-    _fail(images[0], nan_files.field.config(tmp_path), step="backgrounding", cause=ValueError,
+    _fail(images[0], nan_files.field.config(database), step="backgrounding", cause=BadDataError,
           match=r"only \d+ of 1048576 pixels are usable \(flagged: .*NO_DATA 1044480 \(99\.6%\).*"
                 r"needs at least half a mesh box, 8192 pixels")
     _assert_stopped_at("backgrounding", ImageBadness.BAD_BACKGROUND, database.store)
@@ -231,7 +232,7 @@ def test_too_few_catalog_stars_fail_astrometry(database, good_field, tmp_path):
     in_image.sort("phot_g_mean_mag")  # the six brightest: a very shallow catalog
     folder = _catalog_copy(good_field, tmp_path / "gaia", stars=in_image[:6])
     exposure, _ = ingest_file(good_field.paths[0])
-    _fail(exposure, _config(good_field, tmp_path, folder), step="astrocal", cause=AstrometryError,
+    _fail(exposure, _config(good_field, database, folder), step="astrocal", cause=AstrometryError,
           match=r"catalog (stars|matches)")
     _assert_stopped_at("astrocal", ImageBadness.BAD_ASTROMETRY, database.store)
     with session_scope() as session:  # the catalog excerpt is a cache, kept for the next run
@@ -241,7 +242,7 @@ def test_too_few_catalog_stars_fail_astrometry(database, good_field, tmp_path):
 def test_too_few_calibration_stars_fail_photometry(database, good_field, tmp_path):
     exposure, _ = ingest_file(good_field.paths[0])
     photocal = {"catalog": "gaia_folder", "catalog_folder": str(good_field.gaia_folder), "min_stars": 5000}
-    _fail(exposure, good_field.config(tmp_path, photocal=photocal), step="photocal",
+    _fail(exposure, good_field.config(database, photocal=photocal), step="photocal",
           cause=PhotometryError, match=r"only \d+ .*need >= 5000")
     _assert_stopped_at("photocal", ImageBadness.BAD_PHOTOMETRY, database.store)
 
@@ -291,10 +292,12 @@ def test_catalog_file_of_wrong_format_is_named(database, good_field, tmp_path, k
 def test_catalog_file_of_wrong_format_fails_astrometry_then_a_fixed_one_resumes(database, good_field, tmp_path):
     spoil, match = SPOILERS["not_fits"]
     folder = _spoiled_catalog(good_field, tmp_path / "gaia", spoil)
-    config = _config(good_field, tmp_path, folder)
+    config = _config(good_field, database, folder)
     exposure, _ = ingest_file(good_field.paths[0])
-    _fail(exposure, config, step="astrocal", cause=CatalogError, match=match)
-    _assert_stopped_at("astrocal", ImageBadness.BAD_ASTROMETRY, database.store)
+    err = _fail(exposure, config, step="astrocal", cause=CatalogError, match=match)
+    # a broken catalog is the set-up's fault, not the image's: nothing is marked bad
+    assert not err.bad_data
+    _assert_stopped_at("astrocal", ImageBadness(0), database.store)
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(CatalogExcerpt)) == 0
 

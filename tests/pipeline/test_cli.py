@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from astropy.io import fits
 
 from pipeline.cli import build_parser, main
+from tests.models.synthetic_files import tan_wcs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("argv", [[], ["db"], ["ingest"], ["images"], ["run"], ["provenance"],
@@ -46,7 +54,7 @@ def test_ingest_images_and_provenance_commands(tmp_path, shared_data, capsys):
     assert "as 'first'" in capsys.readouterr().out
     assert main(["provenance", "list", "--config", config]) == 0
     listing = capsys.readouterr().out
-    assert "ingest" in listing and "first" in listing and "extraction" in listing
+    assert "reduced_by" in listing and "first" in listing and "extraction" in listing
     assert main(["images", "--tag", "first", "--ra", "318.11", "--dec", "-66.02", "--config", config]) == 0
     assert f"{len(files)} image(s)" in capsys.readouterr().out
     # the same files again: nothing new
@@ -72,3 +80,89 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 def test_console_script_module_runs():
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "seechange" in result.stdout
+
+
+def _seechange(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """The real command, in a fresh process whose default data root is ``home`` (not the user's)."""
+    env = {**os.environ, "SEECHANGE_DATA": str(home)}
+    env.pop("SEECHANGE_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=300)
+    return result
+
+
+def _image_file(path: Path, *, instrument: str = "TESTCAM") -> Path:
+    data = np.random.default_rng(1).normal(100.0, 5.0, (64, 80)).astype(np.float32)
+    header = tan_wcs(150.0, 2.0, data.shape).to_header()
+    header.update({"INSTRUME": instrument, "MJD-OBS": 59000.0, "ITIME": 30.0, "FILT": 4})
+    fits.PrimaryHDU(data, header=header).writeto(path)
+    return path
+
+
+def _images_in(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM images").fetchone()[0]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_and_verbose_work_before_or_after_the_command(tmp_path, shared_data, where):
+    """``seechange --config FILE -v ingest ...`` used to ignore FILE and write the default database."""
+    home, root = tmp_path / "home", tmp_path / "mine"
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"storage:\n  data_root: {root}\n")
+    image = shared_data / "decam_sfft" / "DEC-OBS04a.mini.fits"
+    options = ["--config", str(config), "-v"]
+    args = [*options, "ingest", str(image)] if where == "before" else ["ingest", str(image), *options]
+    result = _seechange(*args, home=home)
+    assert result.returncode == 0, result.stderr
+    assert _images_in(root / "seechange.sqlite") == 1
+    assert not (home / "seechange.sqlite").exists()
+    assert "INFO" in result.stderr or "DEBUG" in result.stderr      # -v took effect
+
+
+def test_file_name_convention_and_extra_instruments_come_from_the_config_file(tmp_path):
+    """Both used to be read from the default configuration whatever --config said."""
+    definition = tmp_path / "testcam.yaml"
+    definition.write_text("name: TestCam\nmatch: {INSTRUME: '^TESTCAM$'}\n"
+                          "keywords:\n  exp_time: [ITIME]\n  filter: [FILT]\n"
+                          "defaults: {gain: 2.5, read_noise: 3.0, saturation: 30000, pixel_scale: 0.5}\n"
+                          "filter_map: {'4': R}\n")
+    root = tmp_path / "root"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"storage:\n  data_root: {root}\n"
+                      "  file_name_convention: 'by_filter/{filter}/{instrument}_{name}_{process}'\n"
+                      f"instruments:\n  extra_files: [{definition}]\n")
+    result = _seechange("--config", str(config), "ingest", str(_image_file(tmp_path / "t.fits")),
+                        home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    stored = sorted(p.relative_to(root).as_posix() for p in (root / "by_filter").rglob("*.fits"))
+    assert len(stored) == 2 and all(p.startswith("by_filter/R/TestCam_") for p in stored), stored
+    # without the config, the instrument is unknown: one line naming the file and the header value
+    result = _seechange("ingest", str(tmp_path / "t.fits"), home=tmp_path / "home")
+    assert result.returncode == 1
+    assert "t.fits" in result.stderr and "TESTCAM" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.postgres
+def test_a_plain_postgresql_url_works(tmp_path, pg_cluster, shared_data):
+    """``postgresql://`` (no driver) used to fail with "No module named 'psycopg'"."""
+    import sqlalchemy as sa
+
+    from models.base import make_engine
+    name = f"plain_{os.getpid()}"
+    admin = make_engine(pg_cluster.url("postgres"))
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = pg_cluster.url(name).replace("postgresql+psycopg2://", "postgresql://")
+        config = tmp_path / "pg.yaml"
+        config.write_text(f"db:\n  url: {url}\nstorage:\n  data_root: {tmp_path / 'root'}\n")
+        image = shared_data / "decam_sfft" / "DEC-OBS04a.mini.fits"
+        result = _seechange("--config", str(config), "ingest", str(image), home=tmp_path / "home")
+        assert result.returncode == 0, result.stderr
+        result = _seechange("--config", str(config), "images", home=tmp_path / "home")
+        assert "1 image(s)" in result.stdout, result.stderr
+    finally:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -32,7 +32,7 @@ def _files(store) -> list[str]:
 
 
 def test_pipeline_calibrates_a_raw_exposure_and_reruns_create_nothing(database, sim_field, tmp_path):
-    config = sim_field.config(tmp_path)
+    config = sim_field.config(database)
     exposure, images = ingest_file(sim_field.paths[0])
     assert images == [] and exposure.is_raw and exposure.section_ids == ["0"]
 
@@ -56,8 +56,14 @@ def test_pipeline_calibrates_a_raw_exposure_and_reruns_create_nothing(database, 
     assert np.sqrt(np.mean(offset**2)) < 0.05
     zp = ds.get_zp()
     assert zp.zp == pytest.approx(sim.params.zero_point, abs=0.03)
-    assert image.zero_point_estimate == zp.zp and image.lim_mag_estimate > 21
-    assert image.fwhm_estimate == pytest.approx(sim.params.fwhm_arcsec, rel=0.1)
+    assert zp.lim_mag > 21 and zp.image_id == image.id
+    assert ds.get_psf().fwhm_arcsec == pytest.approx(sim.params.fwhm_arcsec, rel=0.1)
+    # the image row is as preprocessing made it: no step wrote into it
+    with session_scope() as session:
+        stored = session.get(Image, image.id)
+        assert stored.wcs_header == image.wcs_header and stored.bad_flags == 0
+    header_wcs = image.wcs.pixel_to_world_values(good["x"], good["y"])
+    assert np.max(np.abs(np.asarray(header_wcs[1]) - good["dec"])) * 3600 > 1.0   # the raw header is off
 
     before, files = _counts(), _files(database.store)
     assert before == {t.__tablename__: 1 for t in PRODUCT_TABLES}
@@ -67,10 +73,10 @@ def test_pipeline_calibrates_a_raw_exposure_and_reruns_create_nothing(database, 
 
 
 def test_tagged_products_come_back_from_the_database(database, sim_field, tmp_path):
-    config = sim_field.config(tmp_path)
+    config = sim_field.config(database)
     exposure, _ = ingest_file(sim_field.paths[0])
     made = Pipeline(config).run(exposure, "0")
-    ProvenanceTag.add("test", [p for name, p in made.prov_tree.items() if name != "image"])
+    ProvenanceTag.add("test", made.prov_tree.values())
 
     prov = Provenance.get_for_tag(tag="test", process="preprocessing")
     found = Image.find_images(provenance_ids=[prov.id], ra=made.image.ra, dec=made.image.dec)
@@ -85,14 +91,14 @@ def test_tagged_products_come_back_from_the_database(database, sim_field, tmp_pa
     assert ds.get_wcs().header_text == made.get_wcs().header_text
     # a different parameter makes a different tree, whose products do not exist yet
     other = DataStore(found[0])
-    other.make_prov_tree(sim_field.config(tmp_path, **{"extraction.threshold": 4.0}))
+    other.make_prov_tree(sim_field.config(database, **{"extraction.threshold": 4.0}))
     assert other.get_background() is not None and other.get_sources() is None and other.get_zp() is None
 
 
 def test_failed_save_leaves_no_rows_and_no_files(database, sim_field, tmp_path):
     exposure, _ = ingest_file(sim_field.paths[0])
     before_counts, before_files = _counts(), _files(database.store)
-    config = sim_field.config(tmp_path)
+    config = sim_field.config(database)
     pipe = Pipeline(config)
     ds = DataStore(exposure, "0")
     ds.make_prov_tree(pipe.steps)
