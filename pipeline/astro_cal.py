@@ -83,7 +83,7 @@ class AstroCalibrator(Step):
         flux = np.asarray(table["psfflux"] if "psfflux" in table.colnames else table["apflux_1"])
         if image.wcs is None:
             raise AstrometryError(f"image {image.describe()} has no header WCS to start from")
-        excerpt = reference_catalog(image, self.catalog_source(), context=ds.context)
+        excerpt = reference_catalog(image, self.catalog_source(), context=ds.context, cache=ds.persist)
         # stars with a comparably bright neighbour are blends at ground-based seeing
         solution = self.compute(sources.x[good], sources.y[good], flux[good], isolated_stars(excerpt.data),
                                 mjd=image.mjd, wcs_guess=image.wcs, image_shape=(image.ny, image.nx))

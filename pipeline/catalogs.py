@@ -121,8 +121,12 @@ def _fetch(source: CatalogSource, box: tuple[float, float, float, float]) -> tup
     return table[np.isfinite(g) & (g <= source.mag_limit)], origin
 
 
-def reference_catalog(image, source: CatalogSource, *, context: Context | None = None) -> CatalogExcerpt:
+def reference_catalog(image, source: CatalogSource, *, context: Context | None = None,
+                      cache: bool = True) -> CatalogExcerpt:
     """The catalog excerpt covering ``image`` (its corners padded by ``source.pad_arcsec``).
+
+    A stored excerpt whose box covers the image is reused; else one is fetched and, with
+    ``cache`` (a DataStore that never saves passes False), stored in ``context``.
 
     Raises
     ------
@@ -142,10 +146,13 @@ def reference_catalog(image, source: CatalogSource, *, context: Context | None =
         return found
     table, origin = _fetch(source, box)
     prov = source.provenance()
-    with context.session() as session:
-        prov.save(session)
+    if cache:
+        with context.session() as session:
+            prov.save(session)
     excerpt = CatalogExcerpt(data=table, catalog=source.name, origin=origin, provenance_id=prov.id,
                              minra=box[0], maxra=box[1], mindec=box[2], maxdec=box[3])
+    if not cache:
+        return excerpt
     save_products([excerpt], context=context)
     log.info("cached %d %s stars for %s", len(table), source.name, image)
     return excerpt

@@ -145,7 +145,7 @@ class PhotoCalibrator(Step):
                 & (flux / err >= p.min_snr) & point_like)
         ra, dec = sources.radec(wcs)
         source = CatalogSource(kind=p.catalog, folder=p.catalog_folder, mag_limit=p.mag_limit)
-        catalog = isolated_stars(reference_catalog(image, source, context=ds.context).data)
+        catalog = isolated_stars(reference_catalog(image, source, context=ds.context, cache=ds.persist).data)
         cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
         g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
         isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)

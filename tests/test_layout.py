@@ -38,7 +38,11 @@ def test_layers(package, forbidden):
     assert offenders == {}
 
 
-@pytest.mark.parametrize("process", sorted(step_classes()))
+#: The package's own steps (tests may define more).
+PACKAGE_STEPS = sorted(p for p, cls in step_classes().items() if cls.__module__.startswith("pipeline."))
+
+
+@pytest.mark.parametrize("process", PACKAGE_STEPS)
 def test_default_config_lists_every_step_parameter(process):
     params = step_classes()[process].Params
     section = Config.load().section(process)
@@ -48,3 +52,26 @@ def test_default_config_lists_every_step_parameter(process):
     for name, value in section.items():
         expected = getattr(defaults, name)
         assert (tuple(value) if isinstance(value, list) else value) == expected, f"{process}.{name}"
+
+
+#: The entry points: the only code that reads a configuration file or sets a library global.
+ENTRY_POINTS = {"util/config.py", "models/context.py", "pipeline/cli.py", "pipeline/demo.py"}
+
+
+def _calls(attribute: str, owner: str) -> set[str]:
+    """Files of the packages that call ``owner.attribute(...)``."""
+    found = set()
+    for package in ("improc", "models", "pipeline", "util"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == attribute and isinstance(node.func.value, ast.Name)
+                        and node.func.value.id == owner):
+                    found.add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_only_entry_points_load_a_configuration_or_set_sep_globals():
+    assert _calls("load", "Config") <= ENTRY_POINTS
+    assert _calls("set_extract_pixstack", "sep") <= {"pipeline/cli.py"}
+    assert _calls("set_sub_object_limit", "sep") == set()

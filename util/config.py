@@ -91,14 +91,19 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], source: str, prefix:
 
 
 def _dotted_to_nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Turn ``{"db.url": x}`` into ``{"db": {"url": x}}``; nested mappings pass through."""
+    """Turn ``{"db.url": x}`` into ``{"db": {"url": x}}``; nested mappings are merged (copies:
+    the caller's dicts are never changed)."""
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
         parts = key.split(".")
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        leaf = parts[-1]
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf].update(copy.deepcopy(dict(value)))
+        else:
+            node[leaf] = copy.deepcopy(value)
     return nested
 
 
