@@ -22,7 +22,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from util.config import ConfigError
 
 
-__all__ = ["FileStore", "FileIntegrityError", "FileBackedMixin", "md5_of", "safe_component", "product_file_stem",
+__all__ = ["FileStore", "FileIntegrityError", "FileBackedMixin", "md5_of", "content_md5", "safe_component",
+           "product_file_stem",
            "FILE_STEM_FIELDS", "DEFAULT_CONVENTION"]
 
 #: The default ``storage.file_name_convention`` (default_config.yaml documents it).
@@ -43,6 +44,23 @@ def md5_of(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+_content_md5s: dict[tuple[str, int, int], str] = {}
+
+
+def content_md5(path: str | os.PathLike) -> str:
+    """The md5 of a file's content, remembered per (path, size, modification time) in this process.
+
+    For inputs named by configuration (calibration frames, catalog files) whose content, not
+    path, enters provenances and cache keys.
+    """
+    resolved = Path(path).expanduser().resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if key not in _content_md5s:
+        _content_md5s[key] = md5_of(resolved)
+    return _content_md5s[key]
 
 
 def safe_component(value: Any) -> str:

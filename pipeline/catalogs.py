@@ -31,6 +31,8 @@ from improc.astrometry import propagate_proper_motion
 from improc.footprint import polygon_bounds
 from models.catalog_excerpt import CatalogExcerpt
 from models.context import Context, current_context
+from models.file_store import content_md5
+from models.provenance import canonical_json
 from models.provenance import Provenance
 from models.saving import save_products
 from util import gaia
@@ -49,6 +51,10 @@ NEIGHBOR_RADIUS_ARCSEC = 3.0
 NEIGHBOR_DMAG = 3.0
 
 
+#: Version of the code that makes an excerpt (fetching, the ``isolated`` column); in every key.
+EXCERPT_VERSION = "1.2.0"
+
+
 @dataclass(frozen=True)
 class CatalogSource:
     """Where reference stars come from.
@@ -58,24 +64,41 @@ class CatalogSource:
     folder : the local folder, for ``gaia_folder``.
     mag_limit : faintest G kept.
     pad_arcsec : margin added around the image footprint (covers pointing errors).
+    neighbor_radius_arcsec, neighbor_dmag : the rule of the ``isolated`` column (see the module
+        docstring).
     """
 
     kind: CatalogKind
     folder: str | None = None
     mag_limit: float = 21.0
     pad_arcsec: float = 120.0
+    neighbor_radius_arcsec: float = NEIGHBOR_RADIUS_ARCSEC
+    neighbor_dmag: float = NEIGHBOR_DMAG
 
-    @property
-    def name(self) -> str:
-        """Cache key of excerpts from this source (a folder is identified by its resolved path)."""
-        if self.kind == "gaia_folder" and self.folder:
-            digest = hashlib.md5(str(Path(self.folder).resolve()).encode()).hexdigest()[:8]
-            return f"{self.kind}_{digest}_G{self.mag_limit:g}"
-        return f"{self.kind}_G{self.mag_limit:g}"
+    def parameters(self) -> dict:
+        """What, besides the data read, an excerpt's content depends on."""
+        return {"kind": self.kind, "mag_limit": self.mag_limit, "pad_arcsec": self.pad_arcsec,
+                "neighbor_radius_arcsec": self.neighbor_radius_arcsec, "neighbor_dmag": self.neighbor_dmag}
+
+    def key(self, box: tuple[float, float, float, float]) -> str:
+        """Cache key of excerpts of this source for a box: everything their content depends on.
+
+        The parameters and the code version and, for a local folder, the content (md5) and name
+        of every chunk file the box reads, so that a folder whose files change, or another folder
+        with other files, never answers from a stale excerpt; the same files elsewhere do.
+        """
+        parts: dict = {**self.parameters(), "version": EXCERPT_VERSION}
+        if self.kind == "gaia_folder":
+            if not self.folder:
+                raise ConfigError("catalog kind 'gaia_folder' needs a catalog folder (catalog_folder)")
+            files = gaia.gaia_folder_files(self.folder, ra_min=box[0], ra_max=box[1], dec_min=box[2],
+                                           dec_max=box[3])
+            parts["files"] = [[path.name, content_md5(path)] for path in files]
+        digest = hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:16]
+        return f"{self.kind}_G{self.mag_limit:g}_{digest}"
 
     def provenance(self) -> Provenance:
-        return Provenance(process="catalog_excerpt", code_version="1.1.0",
-                          parameters={"kind": self.kind, "mag_limit": self.mag_limit})
+        return Provenance(process="catalog_excerpt", code_version=EXCERPT_VERSION, parameters=self.parameters())
 
 
 def _padded_box(image, pad_arcsec: float) -> tuple[float, float, float, float]:
@@ -114,9 +137,10 @@ def _fetch(source: CatalogSource, box: tuple[float, float, float, float]) -> tup
                               (maxdec - mindec) / 2.0)
         # deeper than the limit, so that the neighbours that spoil a star are seen
         table = gaia.query_gaia_astroquery(ra=ra_c, dec=dec_c, radius_deg=float(corner_sep),
-                                           mag_limit=source.mag_limit + NEIGHBOR_DMAG)
+                                           mag_limit=source.mag_limit + source.neighbor_dmag)
         origin = "Gaia DR3 (astroquery)"
-    table["isolated"] = neighbor_free(table)
+    table["isolated"] = neighbor_free(table, radius_arcsec=source.neighbor_radius_arcsec,
+                                      dmag=source.neighbor_dmag)
     g = np.asarray(table["phot_g_mean_mag"], dtype=float)
     return table[np.isfinite(g) & (g <= source.mag_limit)], origin
 
@@ -140,8 +164,9 @@ def reference_catalog(image, source: CatalogSource, *, context: Context | None =
     """
     context = context or current_context()
     box = _padded_box(image, source.pad_arcsec)
+    key = source.key(box)
     with context.session() as session:
-        found = CatalogExcerpt.find_covering(source.name, *box, session=session)
+        found = CatalogExcerpt.find_covering(key, *box, session=session)
     if found is not None:
         return found
     table, origin = _fetch(source, box)
@@ -149,12 +174,12 @@ def reference_catalog(image, source: CatalogSource, *, context: Context | None =
     if cache:
         with context.session() as session:
             prov.save(session)
-    excerpt = CatalogExcerpt(data=table, catalog=source.name, origin=origin, provenance_id=prov.id,
+    excerpt = CatalogExcerpt(data=table, catalog=key, origin=origin, provenance_id=prov.id,
                              minra=box[0], maxra=box[1], mindec=box[2], maxdec=box[3])
     if not cache:
         return excerpt
     save_products([excerpt], context=context)
-    log.info("cached %d %s stars for %s", len(table), source.name, image)
+    log.info("cached %d %s stars for %s", len(table), key, image)
     return excerpt
 
 

@@ -13,10 +13,13 @@ included); any non-zero pixel is bad.  A file without one (DECam raw frames) get
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from astropy.io import fits
@@ -25,6 +28,7 @@ from astropy.wcs import WCS
 from improc.flags import FLAGS_DTYPE
 from improc.preprocessing import Preprocessed, parse_fits_section, preprocess
 from models.exposure import Exposure
+from models.file_store import content_md5
 from models.image import Image, ImageType
 from models.instrument import BadInputError, Instrument, SectionInfo, header_to_dict
 from pipeline.data_store import DataStore
@@ -32,7 +36,7 @@ from pipeline.parameters import StepParams, param
 from pipeline.step import Input, Output, Step
 from util.config import ConfigError
 
-__all__ = ["PreprocessingParams", "Preprocessor", "nominal_wcs"]
+__all__ = ["PreprocessingParams", "Preprocessor", "nominal_wcs", "calibration_set_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,47 @@ class PreprocessingParams(StepParams):
     linearity: tuple[float, ...] = param(
         (), "Linearity correction: coefficients c0, c1, ... of corrected = sum c_k raw^k (ADU). "
         "Empty: none.")
+
+    def hashed(self) -> dict[str, Any]:
+        """The parameters, with each calibration file template replaced by the content of the
+        files it names (`calibration_set_digest`): moving the files changes nothing, changing
+        one changes the provenance."""
+        values = super().hashed()
+        for name in ("bias_file", "flat_file"):
+            if values.get(name) is not None:
+                values[name] = calibration_set_digest(values[name])
+        return values
+
+
+_TEMPLATE_FIELDS = ("instrument", "section", "filter")
+
+
+def calibration_set_digest(template: str) -> str:
+    """A digest of every file a calibration template can name: their names below the template's
+    fixed folder and their md5s.
+
+    Parameters
+    ----------
+    template : str
+        A path with ``{instrument}``, ``{section}`` and ``{filter}`` fields (or none).
+
+    Raises
+    ------
+    ConfigError
+        The template has another field, or names no file.
+    """
+    try:
+        pattern = template.format(**{field: "*" for field in _TEMPLATE_FIELDS})
+    except (KeyError, IndexError) as exc:
+        raise ConfigError(f"calibration file template {template!r} uses unknown field {exc}; "
+                          f"known: {', '.join(_TEMPLATE_FIELDS)}") from None
+    pattern = str(Path(pattern).expanduser())
+    files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+    if not files:
+        raise ConfigError(f"calibration file template {template!r} names no file ({pattern})")
+    fixed = Path(pattern.split("*", 1)[0]).parent if "*" in pattern else files[0].parent
+    manifest = [[str(path.relative_to(fixed)), content_md5(path)] for path in files]
+    return "md5:" + hashlib.md5(json.dumps(manifest).encode()).hexdigest()
 
 
 def nominal_wcs(ra: float, dec: float, pixel_scale: float, shape: tuple[int, int]) -> WCS:

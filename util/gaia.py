@@ -28,6 +28,7 @@ __all__ = [
     "GAIA_COLUMNS",
     "CatalogError",
     "GaiaQueryError",
+    "gaia_folder_files",
     "healpix_ring_index",
     "read_gaia_folder",
     "write_gaia_folder",
@@ -204,6 +205,22 @@ def _standardize(table: Table) -> Table:
     return out
 
 
+def gaia_folder_files(folder: str | Path, *, ra_min: float, ra_max: float, dec_min: float,
+                      dec_max: float, nside: int | None = 32) -> list[Path]:
+    """The files of a chunked Gaia folder that `read_gaia_folder` reads for a box (same arguments).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` is not a directory.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Gaia catalog folder {folder} does not exist or is not a directory")
+    _check_box(ra_min, ra_max, dec_min, dec_max)
+    return _candidate_files(folder, (float(ra_min), float(ra_max), float(dec_min), float(dec_max)), nside)
+
+
 def read_gaia_folder(folder: str | Path, *, ra_min: float, ra_max: float, dec_min: float,
                      dec_max: float, nside: int | None = 32) -> Table:
     """Gaia stars inside an RA/Dec box, read from a folder of healpix-chunked FITS files.
@@ -238,13 +255,10 @@ def read_gaia_folder(folder: str | Path, *, ra_min: float, ra_max: float, dec_mi
     ValueError
         If the box limits are not finite or out of range.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Gaia catalog folder {folder} does not exist or is not a directory")
-    _check_box(ra_min, ra_max, dec_min, dec_max)
     box = (float(ra_min), float(ra_max), float(dec_min), float(dec_max))
     pieces = []
-    for path in _candidate_files(folder, box, nside):
+    for path in gaia_folder_files(folder, ra_min=ra_min, ra_max=ra_max, dec_min=dec_min, dec_max=dec_max,
+                                  nside=nside):
         table = _standardize(_read_table(path))
         keep = _in_box(np.asarray(table["ra"]), np.asarray(table["dec"]), *box)
         pieces.append(table[keep])

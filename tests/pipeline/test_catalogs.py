@@ -57,9 +57,20 @@ def test_reference_catalog_is_fetched_once_per_field(database, tmp_path):
     inside = np.asarray(first.data["phot_g_mean_mag"]) <= 19.0
     assert len(first.data) == first.num_items > 0 and inside.all()
     assert first.minra < 150.0 - 200 * 0.26 / 3600 and first.maxdec > 2.0 + 200 * 0.26 / 3600
-    shutil.rmtree(folder)  # the second look-up must not need the source
     again = reference_catalog(image, source)
     assert again.id == first.id and len(again.data) == len(first.data)
+    # the cache is keyed by content, not by path: the same files elsewhere answer from it ...
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(folder, moved)
+    assert reference_catalog(image, CatalogSource(kind="gaia_folder", folder=str(moved), mag_limit=19.0)).id == first.id
+    # ... and changed files, or another magnitude limit or isolation rule, make another excerpt
     other = CatalogSource(kind="gaia_folder", folder=str(folder), mag_limit=20.0)
-    with pytest.raises(FileNotFoundError, match="gaia"):
-        reference_catalog(image, other)  # another magnitude limit is another excerpt
+    assert reference_catalog(image, other).id != first.id
+    stricter = CatalogSource(kind="gaia_folder", folder=str(folder), mag_limit=19.0, neighbor_dmag=5.0)
+    assert reference_catalog(image, stricter).id != first.id
+    write_gaia_folder(stars[:150], moved)
+    changed = reference_catalog(image, CatalogSource(kind="gaia_folder", folder=str(moved), mag_limit=19.0))
+    assert changed.id != first.id and changed.num_items < first.num_items
+    shutil.rmtree(folder)
+    with pytest.raises(FileNotFoundError, match="gaia"):      # a configured folder that is gone
+        reference_catalog(image, source)

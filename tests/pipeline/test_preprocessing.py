@@ -22,6 +22,7 @@ from models.instruments.synthetic import BPM_EXTNAME, write_simulated_file
 from pipeline.preprocessing import PreprocessingParams, Preprocessor
 from pipeline.step import StepError
 from pipeline.top import Pipeline
+from util.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,38 @@ def test_compute_rejects_a_mask_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"bad_pixel_mask must have the raw frame shape \(16, 48\) "
                                          r"of section 0, got \(16, 40\)"):
         step.compute(raw, info, bad_pixel_mask=np.zeros((16, 40), bool))
+
+
+def test_calibration_files_enter_the_provenance_by_content_and_are_applied(database, sim, tmp_path):
+    """A bias and a flat named by templates: the provenance depends on their content, not on
+    where they are, and the image is corrected by them."""
+    path = write_simulated_file(sim, tmp_path / "raw.fits", raw=True)
+    exposure, _ = ingest_file(path)
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    bias = np.full((256, 256), 7.0, np.float32)
+    flat = np.ones((256, 256), np.float32)
+    flat[:, 192:] = 1.2          # the median stays 1
+    fits.PrimaryHDU(bias).writeto(folder / "bias_Synthetic_0.fits")
+    fits.PrimaryHDU(flat).writeto(folder / "flat_0_r.fits")
+    templates = {"bias_file": str(folder / "bias_{instrument}_{section}.fits"),
+                 "flat_file": str(folder / "flat_{section}_{filter}.fits")}
+    step = Preprocessor(**templates)
+    plain = Pipeline(steps=[Preprocessor()]).run(exposure, "0").get_image()
+    corrected = Pipeline(steps=[step]).run(exposure, "0").get_image()
+    left, right = np.s_[100:150, 20:100], np.s_[100:150, 200:250]
+    assert np.median(corrected.data[left]) == pytest.approx(np.median(plain.data[left] - 7.0), rel=0.005)
+    assert np.median(corrected.data[right]) == pytest.approx(np.median(plain.data[right] - 7.0) / 1.2, rel=0.005)
+
+    original = step.make_provenance([]).id
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    same = Preprocessor(bias_file=str(moved / "bias_{instrument}_{section}.fits"),
+                        flat_file=str(moved / "flat_{section}_{filter}.fits"))
+    assert same.make_provenance([]).id == original
+    fits.PrimaryHDU(bias + 1.0).writeto(moved / "bias_Synthetic_0.fits", overwrite=True)
+    assert same.make_provenance([]).id != original
+    with pytest.raises(ConfigError, match=r"names no file"):
+        Preprocessor(bias_file=str(tmp_path / "none_{section}.fits")).make_provenance([])
+    with pytest.raises(ConfigError, match=r"unknown field 'ccd'"):
+        Preprocessor(bias_file=str(tmp_path / "bias_{ccd}.fits")).make_provenance([])
