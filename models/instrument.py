@@ -346,6 +346,12 @@ def guess_instrument(header: fits.Header, *, filename: str | Path | None = None)
     if len(found) == 1:
         return found[0]
     instrume = header.get("INSTRUME")
+    if not found and filename is not None:
+        # a weight or mask file (which often has no instrument keyword) is not an image
+        for inst in _known().values():
+            companion = inst.companion_of(Path(filename))
+            if companion is not None:
+                raise BadInputError(companion)
     if not found:
         raise UnknownInstrumentError(
             f"cannot tell the instrument of {where}: INSTRUME={instrume!r} matches none of "

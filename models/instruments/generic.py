@@ -20,6 +20,9 @@ Reading rules, in order:
 - pixel scale: a ``pixel_scale`` keyword, else the celestial WCS of the header, else the default.
 - raw or reduced: ``product`` is ``raw``, ``reduced``, or ``auto`` (raw when an
   ``overscan_section`` keyword is present).
+- weight and mask files next to a reduced image (as SWarp and many reductions write them):
+  ``companions: {weight: '{stem}.weight.fits', flags: '{stem}.mask.fits'}``, ``{stem}`` being
+  the image's file name without its FITS ending.  Such files are then refused as images.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from astropy.coordinates import Angle
 from astropy.io import fits
 
 from improc.flags import FLAGS_DTYPE, PixelFlag, flag_value
-from models.instrument import (BadInputError, Instrument, MissingHeaderError, Observation,
-                               SectionInfo)
+from models.instrument import (BadInputError, Companions, Instrument, MissingHeaderError,
+                               Observation, SectionInfo)
 from util.config import ConfigError
 
 __all__ = ["GenericInstrument", "GENERIC_DEFINITION", "BASENAME_TOLERANCE_DAYS",
@@ -81,7 +84,20 @@ GENERIC_DEFINITION: dict[str, Any] = {
     "weight_hdus": [],
     "flags_hdus": [],
     "flag_bits": {},
+    "companions": {"weight": None, "flags": None},
 }
+
+#: Endings of FITS file names, stripped to give the ``{stem}`` of a companion template.
+_FITS_ENDINGS = (".fits.fz", ".fits.gz", ".fits", ".fit", ".fts")
+
+
+def fits_stem(name: str) -> str:
+    """A FITS file name without its FITS ending (``c.fits.fz`` -> ``c``)."""
+    lower = name.lower()
+    for ending in _FITS_ENDINGS:
+        if lower.endswith(ending):
+            return name[: -len(ending)]
+    return name
 
 _PRODUCTS = ("raw", "reduced", "auto")
 _RA_UNITS = ("auto", "hourangle", "deg")
@@ -117,7 +133,7 @@ def _merge_definition(base: dict[str, Any], update: Mapping[str, Any], source: s
         if key not in base:
             raise ConfigError(f"{source}: unknown instrument definition key {key!r}; known keys: "
                              f"{', '.join(sorted(base))}")
-        if key in ("keywords", "defaults"):
+        if key in ("keywords", "defaults", "companions"):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
             for sub in value:
@@ -168,6 +184,14 @@ class GenericInstrument(Instrument):
         self.filter_pattern = re.compile(d["filter_pattern"]) if d["filter_pattern"] else None
         self.filter_map = {str(k): str(v) for k, v in (d["filter_map"] or {}).items()}
         self.flag_bits = {int(bit): flag_value(name) for bit, name in (d["flag_bits"] or {}).items()}
+        self.companion_templates = {}
+        for kind, template in (d["companions"] or {}).items():
+            if template is not None and (not isinstance(template, str) or "{stem}" not in template
+                                         or "/" in template):
+                raise ConfigError(f"{source}: companions.{kind} must be a file name containing "
+                                  f"{{stem}} (e.g. '{{stem}}.weight.fits'), got {template!r}")
+            if template is not None:
+                self.companion_templates[kind] = template
         self.weight_hdus = [str(n).upper() for n in d["weight_hdus"]]
         self.flags_hdus = [str(n).upper() for n in d["flags_hdus"]]
         self.pixel_scale = float(d["defaults"]["pixel_scale"])
@@ -406,6 +430,29 @@ class GenericInstrument(Instrument):
         if product == "auto":
             return self._find(header, "overscan_section")[0] is not None
         return product == "raw"
+
+    def companions(self, path: Path) -> Companions:
+        """The weight and mask files that the ``companions`` templates name next to an image."""
+        path = Path(path)
+        found = {}
+        for kind, template in self.companion_templates.items():
+            candidate = path.with_name(template.format(stem=fits_stem(path.name)))
+            if candidate != path and candidate.is_file():
+                found[kind] = candidate
+        return Companions(**found)
+
+    def companion_of(self, path: Path) -> str | None:
+        """A file that a ``companions`` template names is a weight or mask, not an image."""
+        name = Path(path).name
+        for kind, template in self.companion_templates.items():
+            before, after = template.split("{stem}", 1)
+            pattern = re.escape(before) + "(.+)" + re.escape(after)
+            found = re.fullmatch(pattern, name)
+            if found:
+                what = "weight" if kind == "weight" else "mask"
+                return (f"{name} is a {self.name} {what} file (companions.{kind}: {template!r}); ingest "
+                        f"its image, {found.group(1)}.fits or the like (the {what} is found next to it)")
+        return None
 
     def sky_level(self, header: fits.Header) -> float:
         """The ``sky_level`` keyword's value (ADU already subtracted), else 0."""

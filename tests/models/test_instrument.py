@@ -234,3 +234,45 @@ def test_yaml_errors_name_file_and_key(tmp_path, fresh_registry):
     with pytest.raises(ValueError, match="already registered"):
         from models.instrument import register_instrument
         register_instrument(GenericInstrument({"name": "DECam"}))
+
+
+def _swarp_like(folder, *, weight_value: float = 0.25):
+    """An image with a SWarp-style weight and mask next to it."""
+    from tests.models.synthetic_files import tan_wcs
+
+    data = np.random.default_rng(2).normal(50.0, 2.0, (40, 50)).astype(np.float32)
+    header = tan_wcs(30.0, -10.0, data.shape).to_header()
+    header.update({"INSTRUME": "SWARPCAM", "MJD-OBS": 59500.0, "EXPTIME": 100.0, "FILTER": "i"})
+    fits.PrimaryHDU(data, header=header).writeto(folder / "coadd.fits")
+    fits.PrimaryHDU(np.full(data.shape, weight_value, np.float32)).writeto(folder / "coadd.weight.fits")
+    mask = np.zeros(data.shape, np.int16)
+    mask[5:8, 10:20] = 1
+    fits.PrimaryHDU(mask).writeto(folder / "coadd.mask.fits")
+    return folder / "coadd.fits", mask
+
+
+SWARP_YAML = """
+name: SwarpCam
+match: {INSTRUME: '^SWARPCAM$'}
+product: reduced
+companions: {weight: '{stem}.weight.fits', flags: '{stem}.mask.fits'}
+"""
+
+
+def test_yaml_companions_give_an_image_its_weight_and_mask(database, tmp_path, fresh_registry):
+    from models.image import ingest_file
+    from models.instrument import BadInputError
+
+    definition = tmp_path / "swarpcam.yaml"
+    definition.write_text(SWARP_YAML)
+    load_instrument_file(definition)
+    path, mask = _swarp_like(tmp_path)
+    _, (image,) = ingest_file(path)
+    assert np.all(image.weight[mask == 0] == np.float32(0.25))
+    assert np.array_equal(image.flags != 0, mask != 0) and np.all(image.weight[mask != 0] == 0)
+    with pytest.raises(BadInputError, match=r"coadd\.weight\.fits is a SwarpCam weight file.*coadd"):
+        ingest_file(tmp_path / "coadd.weight.fits")
+    with pytest.raises(ConfigError, match=r"companions\.weight must be a file name containing \{stem\}"):
+        GenericInstrument({"name": "Z", "companions": {"weight": "weight.fits"}})
+    with pytest.raises(ConfigError, match=r"unknown companions entry 'variance'"):
+        GenericInstrument({"name": "Z", "companions": {"variance": "{stem}.var.fits"}})

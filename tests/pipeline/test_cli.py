@@ -166,3 +166,57 @@ def test_a_plain_postgresql_url_works(tmp_path, pg_cluster, shared_data):
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_ingest_takes_a_weight_and_a_mask_for_one_image(tmp_path, capsys):
+    """Separate weight and mask files that no instrument rule finds, named on the command line."""
+    from sqlalchemy import select
+
+    from models.context import Context
+    from models.image import Image
+    from util.config import Config
+
+    config = _user_config(tmp_path)
+    image = tmp_path / "field.fits"
+    data = np.random.default_rng(4).normal(200.0, 9.0, (48, 64)).astype(np.float32)
+    header = tan_wcs(40.0, 5.0, data.shape).to_header()
+    header.update({"MJD-OBS": 59700.0, "EXPTIME": 60.0, "FILTER": "g"})
+    fits.PrimaryHDU(data, header=header).writeto(image)
+    fits.PrimaryHDU(np.full(data.shape, 0.01, np.float32)).writeto(tmp_path / "wht.fits")
+    mask = np.zeros(data.shape, np.uint8)
+    mask[10:12, :] = 1
+    fits.PrimaryHDU(mask).writeto(tmp_path / "bpm.fits")
+    assert main(["--config", config, "ingest", str(image), "--instrument", "Generic",
+                 "--weight", str(tmp_path / "wht.fits"), "--flags", str(tmp_path / "bpm.fits")]) == 0
+    with Context.from_config(Config.load(config)).session() as session:
+        stored = session.scalars(select(Image)).one()
+        stored._context = None
+    with Context.from_config(Config.load(config)).activate():
+        assert np.all(stored.weight[mask == 0] == np.float32(0.01))
+        assert np.array_equal(stored.flags != 0, mask != 0)
+    # one image only; the weight must have the image's shape
+    assert main(["--config", config, "ingest", str(image), str(image), "--weight", str(tmp_path / "wht.fits")]) == 1
+    assert "single FILE" in capsys.readouterr().err
+    fits.PrimaryHDU(np.ones((5, 5), np.float32)).writeto(tmp_path / "small.fits")
+    other = tmp_path / "other.fits"
+    fits.PrimaryHDU(data + 1, header=header).writeto(other)
+    assert main(["--config", config, "ingest", str(other), "--instrument", "Generic",
+                 "--weight", str(tmp_path / "small.fits")]) == 1
+    err = capsys.readouterr().err
+    assert "small.fits" in err and "(5, 5)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_after_the_demo_its_config_runs_the_pipeline_offline(tmp_path):
+    """The demo writes a configuration naming its database, data root and Gaia folder, so a plain
+    ``seechange --config ... run`` afterwards needs no network."""
+    home = tmp_path / "home"
+    result = _seechange("demo", "--n-images", "1", home=home)
+    assert result.returncode == 0, result.stderr
+    demo_config = home / "demo_inputs" / "demo_config.yaml"
+    assert f"--config {demo_config}" in result.stdout
+    result = _seechange("--config", str(demo_config), "run", "--tag", "again", home=tmp_path / "elsewhere")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("skipped") == 5            # every step existed already
+    result = _seechange("--config", str(demo_config), "images", "--tag", "again", "--order-by", "quality",
+                        home=tmp_path / "elsewhere")
+    assert "1 image(s)" in result.stdout
