@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -90,3 +90,15 @@ class AstroCalibrator(Step):
         ds.new_product(self, "wcs", wcs=solution.wcs, rms_arcsec=float(solution.rms_arcsec),
                        num_stars=int(solution.n_matches), catalog=excerpt.catalog,
                        catalog_excerpt_id=excerpt.id)
+
+    def fingerprint_figures(self, ds: DataStore) -> dict[str, Any]:
+        # where the fitted WCS puts three pixels, in mas from where the image's own WCS puts them
+        image, wcs = ds.get_image(), ds.get_wcs().wcs
+        x = np.array([0.0, image.nx / 2.0, image.nx - 1.0])
+        y = np.array([0.0, image.ny / 2.0, image.ny - 1.0])
+        ra, dec = wcs.pixel_to_world_values(x, y)
+        ra0, dec0 = image.wcs.pixel_to_world_values(x, y)
+        dra = (np.asarray(ra) - ra0 + 180.0) % 360.0 - 180.0
+        return {**super().fingerprint_figures(ds),
+                "offset_ra_mas": [float(v) for v in dra * np.cos(np.radians(dec0)) * 3.6e6],
+                "offset_dec_mas": [float(v) for v in (np.asarray(dec) - dec0) * 3.6e6]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,12 @@ class Backgrounder(Step):
                                f"{_flag_shares(image.flags)}); the background needs at least "
                                f"half a mesh box, {need} pixels", figures={"usable": usable, "needed": need})
         ds.new_product(self, "background", mesh=self.compute(image.data, mask=mask))
+
+
+    def fingerprint_figures(self, ds: DataStore) -> dict[str, Any]:
+        mesh = ds.get_background().mesh
+        return {**super().fingerprint_figures(ds), "level_sum": float(np.sum(mesh.level, dtype=np.float64)),
+                "rms_sum": float(np.sum(mesh.rms, dtype=np.float64))}
 
 
 def _flag_shares(flags: np.ndarray) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,6 +173,17 @@ class Extractor(Step):
         scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0 if wcs is not None else None
         ds.new_product(self, "psf", model=result.psf, num_stars=int(table["is_psf_star"].sum()),
                        fwhm_arcsec=result.fwhm_pixels * scale if scale else None)
+
+
+    def fingerprint_figures(self, ds: DataStore) -> dict[str, Any]:
+        sources, psf = ds.get_sources(), ds.get_psf()
+        flux, err = sources.psffluxadu()
+        ap, _ = sources.apfluxadu(1)
+        clip = psf.get_clip(100.3, 200.7)
+        return {**super().fingerprint_figures(ds), "psfflux_sum": float(np.nansum(flux)),
+                "psffluxerr_median": float(np.nanmedian(err)), "apflux_1_sum": float(np.nansum(ap)),
+                "x_mean": float(np.mean(sources.x)), "y_mean": float(np.mean(sources.y)),
+                "psf_stars": int(np.sum(sources.data["is_psf_star"])), "psf_clip_peak": float(clip.max())}
 
 
 def _first_psf(data: np.ndarray, table: Table, p: ExtractionParams, *, background: np.ndarray, noise: np.ndarray,

@@ -251,6 +251,13 @@ class Preprocessor(Step):
                        airmass=obs.airmass, target=obs.target, project=obs.project,
                        header=header_to_dict(header))
 
+    def fingerprint_figures(self, ds: DataStore) -> dict[str, Any]:
+        image = ds.get_image()
+        good = image.flags == 0
+        return {**super().fingerprint_figures(ds), "data_median": float(np.median(image.data[good])),
+                "data_sum": float(np.sum(image.data[good], dtype=np.float64)),
+                "weight_median": float(np.median(image.weight[good])), "flagged": int(np.sum(~good))}
+
     @staticmethod
     def _wcs(header: fits.Header, exposure, info: SectionInfo, origin: tuple[int, int],
              shape: tuple[int, int]) -> WCS:

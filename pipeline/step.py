@@ -216,6 +216,25 @@ class Step:
         """Read the inputs from ``ds``, compute, attach the outputs (`DataStore.new_product`)."""
         raise NotImplementedError(f"{type(self).__name__}.run")
 
+    def fingerprint_figures(self, ds: DataStore) -> dict[str, Any]:
+        """Key figures of this step's products on ``ds``, for the golden fingerprints
+        (`pipeline.fingerprints`): every number column of every output row.  Steps whose files
+        hold what matters add figures of their content."""
+        import sqlalchemy as sa
+
+        skip = {"id", "created_at", "provenance_id", "filepath", "md5sum"}
+        figures: dict[str, Any] = {}
+        for output in self.outputs:
+            product = ds.get_product(output.name)
+            for column in sa.inspect(type(product)).columns:
+                value = getattr(product, column.key)
+                if column.key in skip or column.foreign_keys or isinstance(value, bool):
+                    continue
+                if isinstance(value, (int, float)) or (isinstance(value, list) and all(
+                        isinstance(v, (int, float)) for v in value)):
+                    figures[f"{output.name}.{column.key}"] = value
+        return figures
+
     def _badness_of(self, exc: BadDataError) -> str | None:
         if exc.badness:
             return exc.badness
