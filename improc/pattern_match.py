@@ -10,6 +10,9 @@ and the best-supported proposals are checked by counting how many bright stars t
 All sources are then matched one-to-one (mutual nearest neighbours) with a shrinking radius,
 refitting an affine transform at each step.
 
+`match_few_stars` matches fields with too few stars for triangles (1 to ~10) by brute force
+over pairs of stars, and refuses matches that another set of pairs fits equally well.
+
 `AstrometryError` lives here because matching is the first step that can fail; it is re-exported
 by `improc.astrometry`.
 """
@@ -32,6 +35,7 @@ __all__ = [
     "from_tangent_plane",
     "mutual_nearest",
     "match_to_catalog",
+    "match_few_stars",
 ]
 
 _ARCSEC = 3600.0
@@ -382,3 +386,194 @@ def match_to_catalog(x: np.ndarray, y: np.ndarray, flux: np.ndarray, cat_ra: np.
                                     scale=float(np.abs(w_fin)), tangent_point=tangent_point)
     return MatchResult(source_index=good_s[i_s], catalog_index=good_c[i_c], residual_arcsec=dist,
                        transform=transform, n_votes=votes)
+
+
+# --- few stars ----------------------------------------------------------------------------------
+
+def _project_any(x, y, cat_ra, cat_dec, wcs_guess: WCS):
+    """`_project` for any number (>= 1) of sources and catalog stars."""
+    good_s = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    good_c = np.flatnonzero(np.isfinite(cat_ra) & np.isfinite(cat_dec))
+    if len(good_s) == 0 or len(good_c) == 0:
+        raise AstrometryError(f"need at least 1 source and 1 catalog star with finite positions, "
+                              f"got {len(good_s)} and {len(good_c)}")
+    xc, yc = 0.5 * (x[good_s].min() + x[good_s].max()), 0.5 * (y[good_s].min() + y[good_s].max())
+    ra0, dec0 = (float(v[0]) for v in wcs_guess.all_pix2world([xc], [yc], 0))
+    src = np.column_stack(tangent_plane(*wcs_guess.all_pix2world(x[good_s], y[good_s], 0), ra0, dec0))
+    cat = np.column_stack(tangent_plane(cat_ra[good_c], cat_dec[good_c], ra0, dec0))
+    on_sky = np.all(np.isfinite(cat), axis=1)
+    return good_s, good_c[on_sky], src * _ARCSEC, cat[on_sky] * _ARCSEC, (ra0, dec0)
+
+
+def _rigid_fit(zs: np.ndarray, zc: np.ndarray) -> tuple[float, complex]:
+    """Least-squares rotation and shift (scale fixed to 1): zc = exp(i theta) zs + t."""
+    ms, mc = zs.mean(), zc.mean()
+    theta = float(np.angle(np.sum((zc - mc) * np.conj(zs - ms)))) if len(zs) > 1 else 0.0
+    return theta, complex(mc - np.exp(1j * theta) * ms)
+
+
+def _pair_hypotheses(zs: np.ndarray, zc: np.ndarray, bright: np.ndarray, *, max_offset: float,
+                     max_rotation: float, radius: float) -> list[tuple[float, complex]]:
+    """(theta, t) proposed by every pair of bright sources whose separation and direction a pair
+    of catalog stars repeats (lengths within 2 radius, rotation and shift within the limits)."""
+    tree = cKDTree(np.column_stack([zc.real, zc.imag]))
+    out = []
+    for n_a, a in enumerate(bright):
+        reach = max_offset + abs(zs[a]) * max_rotation + radius
+        first = np.asarray(tree.query_ball_point([zs[a].real, zs[a].imag], reach), dtype=int)
+        for b in bright[n_a + 1:]:
+            v = zs[b] - zs[a]
+            if abs(v) <= 2.0 * radius or len(first) == 0:
+                continue            # too short to measure a rotation
+            centres = zc[first] + v
+            seconds = tree.query_ball_point(np.column_stack([centres.real, centres.imag]),
+                                            abs(v) * max_rotation + 2.0 * radius)
+            for k, ls in zip(first, seconds):
+                for l_ in ls:
+                    if l_ == k or abs(abs(zc[l_] - zc[k]) - abs(v)) > 2.0 * radius:
+                        continue
+                    theta, t = _rigid_fit(zs[[a, b]], zc[[k, l_]])
+                    if abs(theta) <= max_rotation and abs(t) <= max_offset:
+                        out.append((theta, t))
+    return out
+
+
+def _single_hypotheses(zs: np.ndarray, zc: np.ndarray, bright: np.ndarray, *,
+                       max_offset: float) -> list[tuple[float, complex]]:
+    """Pure shifts (theta = 0) carrying one bright source onto one catalog star."""
+    tree = cKDTree(np.column_stack([zc.real, zc.imag]))
+    return [(0.0, complex(zc[k] - zs[a])) for a in bright
+            for k in tree.query_ball_point([zs[a].real, zs[a].imag], max_offset)]
+
+
+def _settle(theta: float, t: complex, zs: np.ndarray, zc: np.ndarray, *, radius: float, max_offset: float,
+            max_rotation: float, n_iter: int = 3):
+    """Mutual-nearest matches within ``radius`` of the sources moved by (theta, t), refitting the
+    shift (and, from 2 matches on, the rotation) to them until they no longer change.
+
+    Returns the matched index arrays, the final (theta, t) and the distances, or None when nothing
+    matches or the refit leaves the allowed range.
+    """
+    pts_c = np.column_stack([zc.real, zc.imag])
+    previous = None
+    for _ in range(n_iter):
+        moved = np.exp(1j * theta) * zs + t
+        i_s, i_c, dist = mutual_nearest(np.column_stack([moved.real, moved.imag]), pts_c, radius)
+        if len(i_s) == 0:
+            return None
+        key = (tuple(i_s), tuple(i_c))
+        if key == previous:
+            break
+        previous = key
+        theta, t = _rigid_fit(zs[i_s], zc[i_c])
+        if abs(theta) > max_rotation or abs(t) > max_offset:
+            return None
+    moved = np.exp(1j * theta) * zs[i_s] + t
+    return i_s, i_c, theta, t, np.abs(moved - zc[i_c])
+
+
+def match_few_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, cat_ra: np.ndarray, cat_dec: np.ndarray,
+                    *, wcs_guess: WCS, max_offset_arcsec: float = 60.0, max_rotation_deg: float = 2.0,
+                    match_radius_arcsec: float = 2.0, n_bright: int = 10, min_matches: int = 2) -> MatchResult:
+    """Match a handful of sources to catalog stars by brute force, refusing ambiguous matches.
+
+    For fields with too few stars for triangle matching (`match_to_catalog`).  Sources placed by
+    the guessed WCS and catalog stars are projected onto one tangent plane (as there), where they
+    are assumed to differ by a shift (<= ``max_offset_arcsec``) and a rotation
+    (<= ``max_rotation_deg``) at the guessed pixel scale.  Every pair of the ``n_bright``
+    brightest sources whose separation (within 2 ``match_radius_arcsec``) and direction a pair of
+    catalog stars repeats proposes a rotation and shift; with ``min_matches`` 1, every catalog
+    star within ``max_offset_arcsec`` of a bright source also proposes a pure shift.  Each
+    proposal is settled: the ``4 n_bright`` brightest sources are moved by it and matched one to
+    one (mutual nearest neighbours within ``match_radius_arcsec``) to the catalog, the shift and
+    rotation (the shift alone for one match) are refitted to the matches, until they no longer
+    change.
+
+    **Ambiguity rule**: the largest settled set of source-catalog pairs wins; when two different
+    sets are equally large, the data cannot tell which is right and the match is refused.  A
+    one-star solution is therefore accepted only when exactly one source-catalog pair is
+    possible within the search range (and no proposal matches two stars).
+
+    Parameters
+    ----------
+    x, y, flux : numpy.ndarray
+        Shape (n,): 0-based pixel positions and fluxes (only their order matters) of the sources.
+    cat_ra, cat_dec : numpy.ndarray
+        Shape (m,): catalog positions in degrees, at the epoch of the image.
+    wcs_guess : astropy.wcs.WCS
+        The approximate (header) WCS, with its distortion, if any.
+    max_offset_arcsec : float
+        Largest shift of the guessed WCS (at the centre of the sources), arcsec.
+    max_rotation_deg : float
+        Largest rotation of the guessed WCS, degrees.
+    match_radius_arcsec : float
+        Radius of the one-to-one matching, arcsec.
+    n_bright : int
+        Number of brightest sources that propose transforms (4 times as many verify them).
+    min_matches : int
+        Fewest matched stars accepted: 2 (shift and rotation) or 1 (a pure shift is accepted
+        from a single unambiguous pair).
+
+    Returns
+    -------
+    MatchResult
+        The matches, their residuals, the transform (``scale`` 1; ``rotation_deg`` 0 for a
+        single match) and, as ``n_votes``, the number of proposals that settled on the matches.
+
+    Raises
+    ------
+    AstrometryError
+        If nothing matches, fewer than ``min_matches`` stars match, or the match is ambiguous;
+        the message says which and gives the numbers.
+    ValueError
+        If the array lengths disagree or an option is out of range.
+    """
+    x, y, flux, cat_ra, cat_dec, _ = _check_inputs(x, y, flux, cat_ra, cat_dec, np.zeros(np.size(cat_ra)))
+    for name, value in (("max_offset_arcsec", max_offset_arcsec), ("max_rotation_deg", max_rotation_deg),
+                        ("match_radius_arcsec", match_radius_arcsec), ("n_bright", n_bright)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if min_matches not in (1, 2):
+        raise ValueError(f"min_matches must be 1 or 2, got {min_matches}")
+    finite = np.isfinite(flux)
+    good_s, good_c, src, cat, tangent_point = _project_any(np.where(finite, x, np.nan), y, cat_ra, cat_dec,
+                                                           wcs_guess)
+    max_rot = np.radians(max_rotation_deg)
+    by_flux = np.argsort(-flux[good_s], kind="stable")[:4 * n_bright]
+    good_s, src = good_s[by_flux], src[by_flux]
+    zs, zc = src[:, 0] + 1j * src[:, 1], cat[:, 0] + 1j * cat[:, 1]
+    bright = np.arange(min(n_bright, len(zs)))
+    limits = dict(max_offset=max_offset_arcsec, max_rotation=max_rot)
+    proposals = _pair_hypotheses(zs, zc, bright, radius=match_radius_arcsec, **limits)
+    if min_matches == 1:
+        proposals += _single_hypotheses(zs, zc, bright, max_offset=max_offset_arcsec)
+    settled: dict[tuple, tuple] = {}
+    votes: dict[tuple, int] = {}
+    for theta, t in proposals:
+        result = _settle(theta, t, zs, zc, radius=match_radius_arcsec, **limits)
+        if result is not None:
+            key = tuple(sorted(zip(result[0].tolist(), result[1].tolist())))
+            settled.setdefault(key, result)
+            votes[key] = votes.get(key, 0) + 1
+    what = (f"{len(bright)} bright sources and {len(zc)} catalog stars within {max_offset_arcsec:.0f}\" shift "
+            f"and {max_rotation_deg:g} deg rotation")
+    if not settled:
+        found = ("no source-catalog match" if min_matches == 1 else
+                 "no pair of sources matches a pair of catalog stars (a rotation needs >= 2 matched stars)")
+        raise AstrometryError(f"{found} among {what}",
+                              figures={"n_sources": len(zs), "n_catalog": len(zc), "n_matches": 0})
+    size = max(len(k) for k in settled)
+    if size < min_matches:
+        raise AstrometryError(f"only {size} source matches a catalog star among {what}, need >= {min_matches}",
+                              figures={"n_matches": size, "needed": min_matches})
+    best = [k for k in settled if len(k) == size]
+    if len(best) > 1:
+        examples = "; ".join(", ".join(f"{good_s[i]}->{good_c[j]}" for i, j in k) for k in best[:3])
+        raise AstrometryError(f"ambiguous match: {len(best)} different sets of {size} source->catalog pairs "
+                              f"(source index->catalog index: {examples}) fit equally well among {what}; "
+                              f"refusing to guess", figures={"n_matches": size, "n_alternatives": len(best)})
+    i_s, i_c, theta, t, dist = settled[best[0]]
+    transform = SimilarityTransform(shift_arcsec=(float(t.real), float(t.imag)),
+                                    rotation_deg=float(np.degrees(theta)), scale=1.0, tangent_point=tangent_point)
+    return MatchResult(source_index=good_s[i_s], catalog_index=good_c[i_c], residual_arcsec=dist,
+                       transform=transform, n_votes=votes[best[0]])

@@ -3,7 +3,8 @@
 Truth: a TAN-SIP WCS at 0.26"/pixel with a cubic distortion of a few pixels.  Sources are its
 pixel positions of catalog stars plus Gaussian centroid noise (0.02 pixel), with some stars
 undetected and some spurious sources; the guessed WCS is the truth without distortion, shifted
-and rotated.
+and rotated.  The few-star tests (1 to 4 stars on a 375 x 280 image) keep the true distortion in
+the guess, so that correcting its shift and rotation recovers the truth exactly.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from astropy.wcs import WCS, Sip
 
-from improc.astrometry import (AstrometryError, fit_wcs, match_to_catalog, propagate_proper_motion,
-                               solve_astrometry)
+from improc.astrometry import (AstrometryError, fit_wcs, match_few_stars, match_to_catalog,
+                               propagate_proper_motion, solve_astrometry)
 from improc.pattern_match import from_tangent_plane, mutual_nearest, tangent_plane
 
 SCALE = 0.26  # arcsec / pixel
@@ -303,3 +304,155 @@ def test_solve_astrometry_errors_carry_numbers():
         solve_astrometry(x[few], y[few], flux[few], ra, dec, mag, wcs_guess=guess, image_shape=shape,
                          min_matches=100)
     assert issubclass(AstrometryError, ValueError)
+
+
+def test_solve_astrometry_fitted_models_report_model_and_uncertainty():
+    shape = (280, 375)
+    true = make_wcs(shape, sip_px=0.3)
+    x, y, flux, ra, dec, mag, truth, xs, ys = make_field(true, shape, density=1.5e-4, seed=8, margin_px=250)
+    guess = offset_wcs(true, (-20.0, 10.0), -1.0)
+    sol = solve_astrometry(x, y, flux, ra, dec, mag, wcs_guess=guess, image_shape=shape,
+                           centroid_err_px=NOISE_PX, systematic_err_arcsec=0.0)
+    assert sol.model == "sip" and sol.correction is None and sol.dof == 2 * (sol.n_matches - 6)
+    # the centroid errors explain most of the residuals; the rest is the cubic distortion that
+    # an order-2 fit of 14 stars cannot follow, which makes the truth 2 sigma away at the corners
+    assert 0.4 < sol.chi2 / sol.dof < 2.0
+    grid = tuple(g.ravel() for g in np.meshgrid(np.linspace(0, 374, 10), np.linspace(0, 279, 10)))
+    assert truth_rms_mas(sol.wcs, true, *grid) < 3000 * sol.uncertainty_arcsec
+    tan = solve_astrometry(x, y, flux, ra, dec, mag, wcs_guess=guess, image_shape=shape, stars_per_term=10.0)
+    assert tan.model == "tan" and tan.fit.sip_order == 1 and tan.dof == 2 * (tan.n_matches - 3)
+
+
+# --- few stars: corrections of the header WCS -------------------------------------------------
+
+FEW_SHAPE = (280, 375)          # like the legacypipe testcase8 cutout
+FEW_X = np.array([60.2, 300.7, 180.4, 330.1])
+FEW_Y = np.array([50.3, 90.8, 240.6, 230.2])
+GRID = tuple(g.ravel() for g in np.meshgrid(np.linspace(0, 374, 10), np.linspace(0, 279, 10)))
+
+
+def few_star_field(n: int, *, shift=(25.0, -15.0), rot=1.0, sip_px=1.0):
+    """The true WCS (with distortion), the header guess (same distortion, shifted and rotated),
+    n stars on the image, and a catalog of them plus 3 stars more than 100" off the image."""
+    true = make_wcs(FEW_SHAPE, sip_px=sip_px, pa_deg=20.0)
+    ra, dec = true.all_pix2world(FEW_X[:n], FEW_Y[:n], 0)
+    far_ra, far_dec = true.all_pix2world(np.array([-500.0, 900.0, 180.0]), np.array([100.0, 140.0, -500.0]), 0)
+    cat_ra, cat_dec = np.r_[ra, far_ra], np.r_[dec, far_dec]
+    return true, offset_wcs(true, shift, rot, keep_sip=True), cat_ra, cat_dec, np.r_[np.full(n, 17.0), 18, 18, 18]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_few_stars_correct_the_header(n):
+    shift, rot = ((20.0, -10.0), 0.0) if n == 1 else ((25.0, -15.0), 1.0)   # one star cannot see a rotation
+    true, guess, cat_ra, cat_dec, mag = few_star_field(n, shift=shift, rot=rot)
+    sol = solve_astrometry(FEW_X[:n], FEW_Y[:n], np.ones(n), cat_ra, cat_dec, mag, wcs_guess=guess,
+                           image_shape=FEW_SHAPE, simplest_model="shift")
+    assert sol.model == ("shift" if n == 1 else "shift_rotation")
+    assert sol.n_matches == n and sol.catalog_index.tolist() == list(range(n))
+    assert sol.dof == (0 if n == 1 else 2 * n - 3)
+    assert sol.wcs.sip is not None                         # the header's distortion is kept
+    assert truth_rms_mas(sol.wcs, true, *GRID) < 1.0       # noiseless: exact to ~1e-3 mas
+    assert abs(sol.correction.rotation_deg + rot) < 1e-3  # the guess's CD is rotated the other way
+    # 0.1 px centroids, 0.02" systematic, the header's scale and (1 star) rotation errors
+    assert 0.02 < sol.uncertainty_arcsec < 0.2
+    assert sol.initial_match.n_votes >= 1
+
+
+def test_few_stars_keep_a_shift_rotation_below_min_matches():
+    """Four stars: triangle matching works, a TAN fit needs min_matches (10); a shift and rotation of
+    the header is fitted instead, or a TAN WCS when min_matches allows it."""
+    true, guess, cat_ra, cat_dec, mag = few_star_field(4)
+    args = (FEW_X, FEW_Y, np.ones(4), cat_ra, cat_dec, mag)
+    sol = solve_astrometry(*args, wcs_guess=guess, image_shape=FEW_SHAPE, simplest_model="shift_rotation")
+    assert sol.model == "shift_rotation" and sol.n_matches == 4 and sol.dof == 5
+    assert truth_rms_mas(sol.wcs, true, *GRID) < 1.0
+    tan = solve_astrometry(*args, wcs_guess=guess, image_shape=FEW_SHAPE, min_matches=4)
+    assert tan.model == "tan" and tan.n_matches == 4
+    with pytest.raises(AstrometryError, match=r"only 4 catalog matches, need >= 10"):
+        solve_astrometry(*args, wcs_guess=guess, image_shape=FEW_SHAPE)       # simplest_model "tan"
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_few_star_uncertainty_is_honest(n):
+    """Over noisy realizations, the true position error over the image is the stated uncertainty
+    (mean of (error / uncertainty)**2 near 1; below 1 for 3 stars where chi2 / dof > 1 inflates it)."""
+    rng = np.random.default_rng(20 + n)
+    shift, rot = ((20.0, -10.0), 0.0) if n == 1 else ((25.0, -15.0), 1.0)
+    true, guess, cat_ra, cat_dec, mag = few_star_field(n, shift=shift, rot=rot)
+    sigma_px, cat_err = 0.3, 0.03
+    ratio2 = []
+    for _ in range(40):
+        x, y = FEW_X[:n] + rng.normal(0, sigma_px, n), FEW_Y[:n] + rng.normal(0, sigma_px, n)
+        ra, dec = from_tangent_plane(rng.normal(0, cat_err / 3600, cat_ra.size),
+                                     rng.normal(0, cat_err / 3600, cat_ra.size), cat_ra, cat_dec)
+        sol = solve_astrometry(x, y, np.ones(n), ra, dec, mag, wcs_guess=guess, image_shape=FEW_SHAPE,
+                               simplest_model="shift", centroid_err_px=sigma_px, cat_err_arcsec=cat_err,
+                               systematic_err_arcsec=0.0, header_scale_err=0.0, header_rotation_err_deg=0.0)
+        ratio2.append((truth_rms_mas(sol.wcs, true, *GRID) / 1000 / sol.uncertainty_arcsec) ** 2)
+    assert 0.6 < np.mean(ratio2) < 1.4
+
+
+def test_few_stars_refuse_ambiguous_matches():
+    true, guess, *_ = few_star_field(2)
+    x, y = np.array([100.0, 180.0]), np.array([140.0, 140.0])
+    # Three catalog stars in a row with the sources' spacing: the pair matches two ways.
+    cat_ra, cat_dec = true.all_pix2world(np.array([100.0, 180.0, 260.0]), np.array([140.0, 140.0, 140.0]), 0)
+    with pytest.raises(AstrometryError, match=r"ambiguous match: 2 different sets of 2 source->catalog pairs"):
+        solve_astrometry(x, y, np.ones(2), cat_ra, cat_dec, np.full(3, 17.0), wcs_guess=guess,
+                         image_shape=FEW_SHAPE, simplest_model="shift")
+    # One source, two catalog stars within the search range (60"): either could be it.
+    cat_ra, cat_dec = true.all_pix2world(np.array([100.0, 160.0]), np.array([140.0, 140.0]), 0)
+    with pytest.raises(AstrometryError, match=r"ambiguous match: 2 different sets of 1 source->catalog pairs"):
+        solve_astrometry(x[:1], y[:1], np.ones(1), cat_ra, cat_dec, np.full(2, 17.0), wcs_guess=guess,
+                         image_shape=FEW_SHAPE, simplest_model="shift")
+    # One star is not enough for a rotation.
+    with pytest.raises(AstrometryError, match=r"no pair of sources matches a pair of catalog stars \(a rotation "
+                                              r"needs >= 2 matched stars\)"):
+        solve_astrometry(x[:1], y[:1], np.ones(1), cat_ra[:1], cat_dec[:1], np.full(1, 17.0), wcs_guess=guess,
+                         image_shape=FEW_SHAPE, simplest_model="shift_rotation")
+
+
+def test_match_few_stars_with_extra_sources_and_stars():
+    """Two stars among spurious sources and undetected catalog stars, header 40" and 1.5 deg off."""
+    true = make_wcs(FEW_SHAPE, sip_px=0.5)
+    rng = np.random.default_rng(30)
+    sx, sy = rng.uniform(0, 374, 8), rng.uniform(0, 279, 8)        # 2 stars + 6 galaxies / artefacts
+    cx = np.r_[sx[:2], rng.uniform(-150, 525, 6)]                   # 2 detected + 6 undetected stars
+    cy = np.r_[sy[:2], rng.uniform(-150, 430, 6)]
+    cat_ra, cat_dec = true.all_pix2world(cx, cy, 0)
+    flux = np.r_[1e5, 8e4, rng.uniform(1e3, 5e4, 6)]
+    match = match_few_stars(sx, sy, flux, cat_ra, cat_dec, wcs_guess=offset_wcs(true, (-40.0, 5.0), 1.5,
+                                                                                keep_sip=True))
+    assert sorted(zip(match.source_index.tolist(), match.catalog_index.tolist())) == [(0, 0), (1, 1)]
+    assert abs(match.transform.rotation_deg + 1.5) < 0.05
+    with pytest.raises(ValueError, match="min_matches must be 1 or 2"):
+        match_few_stars(sx, sy, flux, cat_ra, cat_dec, wcs_guess=true, min_matches=3)
+
+
+def test_solve_astrometry_rejects_bad_options():
+    true, guess, cat_ra, cat_dec, mag = few_star_field(3)
+    args = (FEW_X[:3], FEW_Y[:3], np.ones(3), cat_ra, cat_dec, mag)
+    with pytest.raises(ValueError, match="simplest_model must be 'tan', 'shift_rotation' or 'shift'"):
+        solve_astrometry(*args, wcs_guess=guess, image_shape=FEW_SHAPE, simplest_model="sip")
+    with pytest.raises(ValueError, match="min_matches must be >= 4"):
+        solve_astrometry(*args, wcs_guess=guess, image_shape=FEW_SHAPE, min_matches=3)
+    with pytest.raises(ValueError, match=r"centroid_err_px must be a scalar or have shape \(3,\)"):
+        solve_astrometry(*args, wcs_guess=guess, image_shape=FEW_SHAPE, centroid_err_px=np.ones(2))
+    with pytest.raises(ValueError, match="position errors must be > 0"):
+        solve_astrometry(*args, wcs_guess=guess, image_shape=FEW_SHAPE, centroid_err_px=0.0,
+                         systematic_err_arcsec=0.0)
+
+
+def test_few_stars_clip_a_wrong_match():
+    """Six stars, one of them 1.5" off its catalog position (within the match radius): the header
+    correction leaves it out."""
+    true, guess, _, _, _ = few_star_field(4)
+    xs, ys = np.r_[FEW_X, 120.0, 250.0], np.r_[FEW_Y, 200.0, 30.0]
+    cat_ra, cat_dec = true.all_pix2world(xs, ys, 0)
+    cat_dec = cat_dec.copy()
+    cat_dec[5] += 1.5 / 3600
+    sol = solve_astrometry(xs, ys, np.ones(6), cat_ra, cat_dec, np.full(6, 17.0), wcs_guess=guess,
+                           image_shape=FEW_SHAPE, simplest_model="shift_rotation")
+    assert sol.model == "shift_rotation" and sol.n_matches == 5 and sol.dof == 7
+    assert not sol.fit.used[sol.source_index == 5].any() and sol.fit.residuals_arcsec.max() > 1.4
+    assert truth_rms_mas(sol.wcs, true, *GRID) < 1.0
