@@ -31,9 +31,18 @@ class WorldCoordinates(UUIDMixin, TimestampMixin, Base):
     catalog_excerpt_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("catalog_excerpts.id", ondelete="RESTRICT"), index=True, default=None)
     header_text: Mapped[str] = mapped_column(sa.Text)
-    rms_arcsec: Mapped[float]
+    rms_arcsec: Mapped[float | None] = mapped_column(doc="Rms of the matched stars' residuals, arcsec (None: none matched).")
     num_stars: Mapped[int]
     catalog: Mapped[str] = mapped_column(sa.String(64))
+    model: Mapped[str] = mapped_column(sa.String(16), default="sip",
+                                       doc="sip, tan, shift_rotation, shift (header corrected) or header.")
+    uncertainty_arcsec: Mapped[float | None] = mapped_column(
+        default=None, doc="Rms over the image of the 1-sigma radial error of a position, arcsec.")
+    chi2: Mapped[float | None] = mapped_column(default=None)
+    dof: Mapped[int | None] = mapped_column(default=None)
+    quality_flags: Mapped[int] = mapped_column(default=0, doc="models.quality.QualityFlag bits.")
+    note: Mapped[str | None] = mapped_column(sa.String(512), default=None,
+                                             doc="Why the solution is what it is, when degraded.")
 
     def __init__(self, *, wcs: WCS | None = None, sources=None, **kwargs):
         if wcs is not None:
@@ -43,8 +52,13 @@ class WorldCoordinates(UUIDMixin, TimestampMixin, Base):
         super().__init__(**kwargs)
 
     def __repr__(self) -> str:
-        return (f"<WorldCoordinates of sources {str(self.sources_id)[:8]}: rms {self.rms_arcsec:.3f}\" "
-                f"from {self.num_stars} {self.catalog} stars, prov {self.provenance_id}>")
+        from models.quality import quality_names
+
+        flags = f" [{', '.join(quality_names(self.quality_flags))}]" if self.quality_flags else ""
+        error = f" +- {self.uncertainty_arcsec:.3f}\"" if self.uncertainty_arcsec is not None else ""
+        return (f"<WorldCoordinates of sources {str(self.sources_id)[:8]}: {self.model}{error}, rms "
+                f"{self.rms_arcsec:.3f}\" from {self.num_stars} {self.catalog} stars{flags}, prov "
+                f"{self.provenance_id}>")
 
     @property
     def wcs(self) -> WCS:

@@ -117,9 +117,40 @@ class StepParams:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.metadata.get("affects_result", True)}
 
+    def kwargs_for(self, function: Any) -> dict[str, Any]:
+        """The parameters named like keyword arguments of ``function`` (passed on unchanged, so a
+        parameter and the algorithm's argument are one name)."""
+        import inspect
+
+        accepted = inspect.signature(function).parameters
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in accepted}
+
     def to_dict(self) -> dict[str, Any]:
         """All parameters."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def yaml_section(cls, width: int = 100) -> str:
+        """The step's section of ``default_config.yaml``: every parameter with its doc and default
+        (a developer tool: ``tests/test_layout.py`` checks the file against the parameters)."""
+        import textwrap
+
+        import yaml
+
+        lines = [f"{cls.step_name}:"]
+        summary = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        lines += textwrap.wrap(" ".join(summary.split()), width - 4, initial_indent="  # ",
+                               subsequent_indent="  # ")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = f.metadata.get("doc", "")
+            if not f.metadata.get("affects_result", True):
+                doc += " (Does not change results; not in the provenance.)"
+            lines += textwrap.wrap(doc, width - 4, initial_indent="  # ", subsequent_indent="  # ")
+            value = list(default) if isinstance(default, tuple) else default
+            text = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+            lines.append("  " + text[1:-1] if text.startswith("{") else "  " + text)
+        return "\n".join(lines) + "\n"
 
     @classmethod
     def describe(cls) -> str:

@@ -55,7 +55,8 @@ def test_default_config_lists_every_step_parameter(process):
 
 
 #: The entry points: the only code that reads a configuration file or sets a library global.
-ENTRY_POINTS = {"util/config.py", "models/context.py", "pipeline/cli.py", "pipeline/demo.py"}
+ENTRY_POINTS = {"util/config.py", "models/context.py", "pipeline/cli.py", "pipeline/demo.py",
+                "pipeline/fingerprints.py"}
 
 
 def _calls(attribute: str, owner: str) -> set[str]:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-04 19:19:24.627903
+Create Date: 2026-12-04 19:44:28.529229
 """
 from alembic import op
 import sqlalchemy as sa
@@ -227,9 +227,15 @@ def upgrade() -> None:
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
     sa.Column('catalog_excerpt_id', sa.Uuid(), nullable=True),
     sa.Column('header_text', sa.Text(), nullable=False),
-    sa.Column('rms_arcsec', sa.Double(), nullable=False),
+    sa.Column('rms_arcsec', sa.Double(), nullable=True),
     sa.Column('num_stars', sa.Integer(), nullable=False),
     sa.Column('catalog', sa.String(length=64), nullable=False),
+    sa.Column('model', sa.String(length=16), nullable=False),
+    sa.Column('uncertainty_arcsec', sa.Double(), nullable=True),
+    sa.Column('chi2', sa.Double(), nullable=True),
+    sa.Column('dof', sa.Integer(), nullable=True),
+    sa.Column('quality_flags', sa.Integer(), nullable=False),
+    sa.Column('note', sa.String(length=512), nullable=True),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['catalog_excerpt_id'], ['catalog_excerpts.id'], name=op.f('fk_world_coordinates_catalog_excerpt_id_catalog_excerpts'), ondelete='RESTRICT'),

@@ -30,6 +30,7 @@ from models.catalog_excerpt import CatalogExcerpt
 from models.exposure import Exposure
 from models.image import Image, ImageBadness, ingest_file
 from models.psf import PSF
+from models.quality import QualityFlag
 from models.source_list import SourceList
 from models.world_coordinates import WorldCoordinates
 from models.zero_point import ZeroPoint
@@ -226,17 +227,42 @@ def test_almost_blank_image_fails_backgrounding_naming_no_data(database, nan_fil
 # --- reference catalog: too few stars, wrong files --------------------------------------------
 
 
-def test_too_few_catalog_stars_fail_astrometry(database, good_field, tmp_path):
+def _six_brightest(good_field, tmp_path) -> Path:
     sim = good_field.sims[0]
     in_image = sim.gaia[np.isin(sim.gaia["source_id"], sim.stars["source_id"][sim.stars["in_image"]])]
     in_image.sort("phot_g_mean_mag")  # the six brightest: a very shallow catalog
-    folder = _catalog_copy(good_field, tmp_path / "gaia", stars=in_image[:6])
+    return _catalog_copy(good_field, tmp_path / "gaia", stars=in_image[:6])
+
+
+def test_too_few_catalog_stars_fail_astrometry_when_no_degradation_is_allowed(database, good_field, tmp_path):
+    folder = _six_brightest(good_field, tmp_path)
     exposure, _ = ingest_file(good_field.paths[0])
-    _fail(exposure, _config(good_field, database, folder), step="astrocal", cause=AstrometryError,
-          match=r"catalog (stars|matches)")
+    catalog = {"catalog": "gaia_folder", "catalog_folder": str(folder)}
+    config = good_field.config(database, astrocal={**catalog, "simplest_model": "tan"}, photocal=catalog)
+    _fail(exposure, config, step="astrocal", cause=AstrometryError, match=r"catalog (stars|matches)")
     _assert_stopped_at("astrocal", ImageBadness.BAD_ASTROMETRY, database.store)
     with session_scope() as session:  # the catalog excerpt is a cache, kept for the next run
         assert session.scalars(select(CatalogExcerpt.num_items)).all() == [6]
+
+
+def test_too_few_catalog_stars_give_a_corrected_header_wcs_flagged_with_its_uncertainty(
+        database, good_field, tmp_path):
+    """With 6 stars (fewer than min_matches = 10) the header WCS, 10" and 0.3 deg off, is moved
+    onto them: positions good to the stated uncertainty, flagged, not bad."""
+    folder = _six_brightest(good_field, tmp_path)
+    exposure, _ = ingest_file(good_field.paths[0])
+    catalog = {"catalog": "gaia_folder", "catalog_folder": str(folder)}
+    config = good_field.config(database, astrocal=catalog, photocal={**catalog, "min_stars": 2})
+    ds = Pipeline(config).run(exposure, "0")
+    wcs = ds.get_wcs()
+    assert wcs.model == "shift_rotation" and wcs.quality_flags == QualityFlag.WCS_HEADER_CORRECTED
+    assert wcs.num_stars >= 4 and 0.0 < wcs.uncertainty_arcsec < 0.3
+    sim = good_field.sims[0]
+    stars = sim.stars[sim.stars["in_image"] & (sim.stars["snr"] > 30)]
+    ra, dec = wcs.wcs.pixel_to_world_values(stars["x"], stars["y"])
+    error = np.hypot((ra - stars["ra"]) * np.cos(np.radians(stars["dec"])), dec - stars["dec"]) * 3600
+    assert np.sqrt(np.mean(error**2)) < 3 * wcs.uncertainty_arcsec
+    assert _only_image().bad_flags == 0 and "WCS_HEADER_CORRECTED" in repr(wcs)
 
 
 def test_too_few_calibration_stars_fail_photometry(database, good_field, tmp_path):
