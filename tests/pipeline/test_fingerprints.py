@@ -1,0 +1,41 @@
+"""Golden fingerprints: a step's results may change only together with its version.
+
+The figures of every default step on a fixed simulated exposure are compared with those stored in
+``pipeline/fingerprints.json`` for the step's version (see `pipeline.fingerprints`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.fingerprints import compute_fingerprints, rounded, stored_fingerprints
+
+
+@pytest.fixture(scope="module")
+def current(tmp_path_factory):
+    return compute_fingerprints(tmp_path_factory.mktemp("fingerprints"))
+
+
+def test_every_step_has_a_fingerprint_for_its_version(current):
+    stored = stored_fingerprints()
+    for process, entry in current.items():
+        assert process in stored, f"{process} has no golden fingerprint: python -m pipeline.fingerprints --update"
+        assert stored[process]["version"] == entry["version"], (
+            f"{process} is now version {entry['version']}, its fingerprint is of {stored[process]['version']}: "
+            "record it with python -m pipeline.fingerprints --update")
+
+
+def test_results_change_only_with_the_version(current):
+    stored = stored_fingerprints()
+    for process, entry in current.items():
+        if stored.get(process, {}).get("version") != entry["version"]:
+            continue    # reported by the test above
+        assert entry["figures"] == stored[process]["figures"], (
+            f"the results of {process} changed under version {entry['version']}: bump its version "
+            "(provenances must change with results), then python -m pipeline.fingerprints --update")
+
+
+def test_rounding_hides_float_noise_but_not_changes():
+    assert rounded(1.0000000001) == rounded(0.9999999999) == 1.0
+    assert rounded(31.0212) != rounded(31.0217)
+    assert rounded([1, 2.000000001]) == [1, 2.0]
