@@ -53,6 +53,11 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
         return (f"<ZeroPoint of image {str(self.image_id)[:8]}: zp {self.zp:.4f} +- {self.dzp:.4f} "
                 f"from {self.num_stars} stars{lim}, prov {self.provenance_id}>")
 
+    @property
+    def aper_cor_radii(self) -> list:
+        """The pixel radii of the apertures with known corrections (the user guide's name)."""
+        return list(self.aper_radii)
+
     def mag(self, flux_adu: np.ndarray, aperture: int | None = None) -> np.ndarray:
         """Calibrated magnitudes of fluxes in ADU (PSF fluxes, or aperture ``aperture``)."""
         flux = np.asarray(flux_adu, dtype=float)

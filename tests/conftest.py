@@ -9,9 +9,11 @@ for the test; ``database.config(**overrides)`` gives a configuration that names 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # should a test make one by mistake, lands in a throwaway folder.
 os.environ.pop("SEECHANGE_CONFIG", None)
 os.environ["SEECHANGE_DATA"] = tempfile.mkdtemp(prefix="seechange-tests-default-")
+atexit.register(shutil.rmtree, os.environ["SEECHANGE_DATA"], ignore_errors=True)
 
 
 @dataclass
