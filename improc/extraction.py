@@ -186,7 +186,8 @@ def _smallest_size_peak(values: np.ndarray, width: float = 0.05, min_height: flo
     return float(np.exp(grid[np.argmax(is_peak)]))
 
 
-def stellar_locus(fwhm: np.ndarray, *, n_iter: int = 10, nsigma: float = 3.0) -> tuple[float, float]:
+def stellar_locus(fwhm: np.ndarray, *, n_iter: int = 10, nsigma: float = 3.0,
+                  min_sources: int = _MIN_LOCUS_SOURCES) -> tuple[float, float]:
     """Centre and spread of the point-source locus in a set of FWHM (or r50) values.
 
     Point sources are the smallest well-populated group of sizes: the locus starts at the
@@ -203,6 +204,8 @@ def stellar_locus(fwhm: np.ndarray, *, n_iter: int = 10, nsigma: float = 3.0) ->
         Maximum number of clipping iterations.
     nsigma
         Clipping half-width in units of the spread.
+    min_sources
+        Fewest usable values accepted; clipping also stops before keeping fewer.
 
     Returns
     -------
@@ -212,22 +215,22 @@ def stellar_locus(fwhm: np.ndarray, *, n_iter: int = 10, nsigma: float = 3.0) ->
     Raises
     ------
     ValueError
-        If fewer than 5 usable values are given.
+        If fewer than ``min_sources`` (default 5) usable values are given.
     """
     values = np.asarray(fwhm, dtype=float)
     values = values[np.isfinite(values) & (values > 0)]
-    if values.size < _MIN_LOCUS_SOURCES:
-        raise ValueError(f"need at least {_MIN_LOCUS_SOURCES} sources to find the stellar locus, "
+    if values.size < min_sources:
+        raise ValueError(f"need at least {min_sources} sources to find the stellar locus, "
                          f"got {values.size}")
     centre = _smallest_size_peak(values)
     keep = np.abs(values / centre - 1.0) <= 0.15
-    if keep.sum() < _MIN_LOCUS_SOURCES:
+    if keep.sum() < min_sources:
         keep = np.ones(values.size, bool)
     for _ in range(n_iter):
         centre = float(np.median(values[keep]))
         spread = max(1.4826 * float(np.median(np.abs(values[keep] - centre))), 0.02 * centre)
         new_keep = np.abs(values - centre) <= nsigma * spread
-        if new_keep.sum() < _MIN_LOCUS_SOURCES or np.array_equal(new_keep, keep):
+        if new_keep.sum() < min_sources or np.array_equal(new_keep, keep):
             break
         keep = new_keep
     return centre, spread
@@ -330,7 +333,7 @@ def aperture_photometry(data: np.ndarray, sources: Table, *, background: np.ndar
     return out
 
 
-def estimate_fwhm(sources: Table, *, min_snr: float = 20.0) -> float:
+def estimate_fwhm(sources: Table, *, min_snr: float = 20.0, min_sources: int = _MIN_LOCUS_SOURCES) -> float:
     """Robust FWHM of the bright, unflagged point sources of a table, in pixels.
 
     Uses the sources with ``snr >= min_snr``, ``flags == 0`` (aperture and MERGED bits
@@ -343,6 +346,8 @@ def estimate_fwhm(sources: Table, *, min_snr: float = 20.0) -> float:
         Table with ``fwhm``, ``snr`` and ``flags`` columns, e.g. from `extract_sources`.
     min_snr
         Smallest isophotal signal-to-noise ratio of a source used.
+    min_sources
+        Fewest qualifying sources accepted (>= 1).
 
     Returns
     -------
@@ -351,20 +356,24 @@ def estimate_fwhm(sources: Table, *, min_snr: float = 20.0) -> float:
 
     Raises
     ------
+    TooFewSourcesError
+        If fewer than ``min_sources`` (default 5) sources qualify (the message gives the counts).
     ValueError
-        If columns are missing or fewer than 5 sources qualify (the message gives the counts).
+        If columns are missing, or ``min_sources`` < 1.
     """
+    if int(min_sources) < 1:
+        raise ValueError(f"min_sources must be >= 1, got {min_sources}")
     missing = [c for c in ("fwhm", "snr", "flags") if c not in sources.colnames]
     if missing:
         raise ValueError(f"sources must have columns fwhm, snr, flags; missing {missing}")
     fwhm = np.asarray(sources["fwhm"], float)
     flags = np.asarray(sources["flags"], np.int64) & ~int(_LOCUS_IGNORED)
     good = _locus_candidates(fwhm, np.asarray(sources["snr"], float), flags, min_snr)
-    if good.sum() < _MIN_LOCUS_SOURCES:
+    if good.sum() < min_sources:
         raise TooFewSourcesError(f"not enough sources to estimate the FWHM: {good.sum()} of {len(sources)} "
                          f"have snr >= {min_snr}, no flags but aperture and deblending ones and a "
-                         f"valid fwhm; need {_MIN_LOCUS_SOURCES}")
-    return stellar_locus(fwhm[good])[0]
+                         f"valid fwhm; need {min_sources}")
+    return stellar_locus(fwhm[good], min_sources=min_sources)[0]
 
 
 def _check_detection_options(threshold, minarea, deblend_nthresh, deblend_cont, max_sources) -> None:
@@ -486,7 +495,7 @@ def extract_sources(data: np.ndarray, *, background: np.ndarray | float, noise: 
                     filter_type: Literal["conv", "matched"] = "conv",
                     aperture_radii: Sequence[float] | None = None, gain: float | None = None,
                     saturation: float | None = None, max_sources: int = 100_000,
-                    exclude: np.ndarray | None = None) -> Table:
+                    exclude: np.ndarray | None = None, min_fwhm_sources: int = _MIN_LOCUS_SOURCES) -> Table:
     """Detect sources and measure positions, shapes, sizes and aperture fluxes.
 
     Parameters
@@ -530,6 +539,9 @@ def extract_sources(data: np.ndarray, *, background: np.ndarray | float, noise: 
         (ny, nx), True where no pixel may belong to a detection (e.g. outside a search area);
         unlike ``mask`` these pixels are good data: they count in the measurements and do
         not set MASKED.
+    min_fwhm_sources
+        With ``aperture_radii`` None: fewest sources from which `estimate_fwhm` measures the
+        FWHM (its ``min_sources``).
 
     Returns
     -------
@@ -574,7 +586,7 @@ def extract_sources(data: np.ndarray, *, background: np.ndarray | float, noise: 
     table = _source_table(objs, x, y, fwhm, snr, flags, class_star, is_star)
     table.meta["threshold"] = float(threshold)
     if radii is None:
-        table.meta["fwhm"] = estimate_fwhm(table)
+        table.meta["fwhm"] = estimate_fwhm(table, min_sources=min_fwhm_sources)
         radii = tuple(m * table.meta["fwhm"] for m in FWHM_APERTURE_MULTIPLES)
     columns, aper_flags = _aperture_columns(sub, noise_map, bad, x, y, radii, gain)
     for name, values in columns.items():

@@ -340,7 +340,8 @@ def select_psf_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, snr: np.nda
                      fwhm: np.ndarray, *, image_shape: tuple[int, int], min_snr: float = 50.0,
                      isolation_radius: float | None = None, neighbor_flux_ratio: float = 0.01,
                      edge_margin: float | None = None, peak: np.ndarray | None = None,
-                     saturation: float | None = None, fwhm_tolerance: float = 0.25) -> np.ndarray:
+                     saturation: float | None = None, fwhm_tolerance: float = 0.25,
+                     isolation_radius_fwhm: float = 5.0) -> np.ndarray:
     """Choose bright, isolated, unsaturated, point-like sources to build the PSF from.
 
     A source is chosen if all of these hold: its values are finite; ``flags == 0``;
@@ -362,7 +363,7 @@ def select_psf_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, snr: np.nda
     min_snr : float
         Lowest signal-to-noise ratio accepted.
     isolation_radius : float, optional
-        Radius in pixels; None means 5 times the median FWHM (half the default PSF stamp).
+        Radius in pixels; None means ``isolation_radius_fwhm`` times the median FWHM.
     neighbor_flux_ratio : float
         Neighbours fainter than this fraction of the source's flux do not count.
     edge_margin : float, optional
@@ -373,6 +374,9 @@ def select_psf_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, snr: np.nda
         Level at or above which a source counts as saturated (use the non-linearity limit).
     fwhm_tolerance : float
         Largest accepted fractional deviation from the median FWHM.
+    isolation_radius_fwhm : float
+        The isolation radius when ``isolation_radius`` is None, in units of the median FWHM of
+        the sources that passed the S/N, flag and saturation cuts (5: half the default PSF stamp).
 
     Returns
     -------
@@ -394,6 +398,8 @@ def select_psf_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, snr: np.nda
     if min_snr < 0 or neighbor_flux_ratio < 0 or fwhm_tolerance <= 0:
         raise ValueError(f"need min_snr >= 0, neighbor_flux_ratio >= 0, fwhm_tolerance > 0; got "
                          f"{min_snr}, {neighbor_flux_ratio}, {fwhm_tolerance}")
+    if not isolation_radius_fwhm >= 0:
+        raise ValueError(f"isolation_radius_fwhm must be >= 0, got {isolation_radius_fwhm}")
     flux, snr, fwhm = (np.asarray(a, dtype=float) for a in (flux, snr, fwhm))
     good = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & np.isfinite(fwhm) & (fwhm > 0)
     good &= (np.asarray(flags) == 0) & (np.nan_to_num(snr, nan=-1.0) >= min_snr)
@@ -403,7 +409,7 @@ def select_psf_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, snr: np.nda
         return good
     median_fwhm = float(np.median(fwhm[good]))
     good &= np.abs(fwhm / median_fwhm - 1.0) <= fwhm_tolerance
-    radius = 5.0 * median_fwhm if isolation_radius is None else float(isolation_radius)
+    radius = isolation_radius_fwhm * median_fwhm if isolation_radius is None else float(isolation_radius)
     margin = radius if edge_margin is None else float(edge_margin)
     ny, nx = image_shape
     good &= (x >= margin - 0.5) & (x <= nx - 0.5 - margin) & (y >= margin - 0.5) & (y <= ny - 0.5 - margin)

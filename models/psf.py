@@ -32,6 +32,11 @@ class PSF(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
         doc="FWHM times the pixel scale of the image's own WCS (the seeing; scale errors of a "
             "header WCS are far below a percent).")
     num_stars: Mapped[int]
+    kind: Mapped[str] = mapped_column(sa.String(16), default="pixel",
+                                      doc="pixel (fitted pixel model), moffat (fitted to few stars) or "
+                                          "moffat_default (no star: the sources' or a nominal size).")
+    beta: Mapped[float | None] = mapped_column(default=None, doc="Moffat power index (Moffat kinds).")
+    quality_flags: Mapped[int] = mapped_column(default=0, doc="models.quality.QualityFlag bits.")
 
     def __init__(self, *, model: PixelPSF | None = None, sources=None, **kwargs):
         if model is not None:
@@ -47,8 +52,8 @@ class PSF(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
 
     def __repr__(self) -> str:
         seeing = f' ({self.fwhm_arcsec:.2f}")' if self.fwhm_arcsec is not None else ""
-        return (f"<PSF of sources {str(self.sources_id)[:8]}: FWHM {self.fwhm_pixels:.2f} px{seeing}, "
-                f"{self.num_stars} stars, prov {self.provenance_id}>")
+        return (f"<PSF of sources {str(self.sources_id)[:8]}: {self.kind}, FWHM {self.fwhm_pixels:.2f} px"
+                f"{seeing}, {self.num_stars} stars, prov {self.provenance_id}>")
 
     @property
     def model(self) -> PixelPSF:

@@ -33,14 +33,20 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
     background_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("backgrounds.id", ondelete="CASCADE"),
                                                      index=True)
     provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
-    zp: Mapped[float]
-    dzp: Mapped[float]
+    zp: Mapped[float | None] = mapped_column(doc="None when no star calibrates (flag ZP_UNCALIBRATED).")
+    dzp: Mapped[float | None]
     color_term: Mapped[float | None]
     num_stars: Mapped[int]
     scatter: Mapped[float | None]
     aper_radii: Mapped[list] = mapped_column(sa.JSON, default=list)
     aper_cors: Mapped[list] = mapped_column(sa.JSON, default=list)
     lim_mag: Mapped[float | None]
+    flux_from: Mapped[str] = mapped_column(sa.String(16), default="psf",
+                                           doc="psf, or aperture: the zero point rests on the largest "
+                                               "aperture (PSF fluxes disagreed with it).")
+    quality_flags: Mapped[int] = mapped_column(default=0, doc="models.quality.QualityFlag bits.")
+    note: Mapped[str | None] = mapped_column(sa.String(512), default=None,
+                                             doc="Why the zero point is what it is, when degraded.")
 
     def __init__(self, *, image=None, wcs=None, psf=None, background=None, **kwargs):
         for name, parent in (("image", image), ("wcs", wcs), ("psf", psf), ("background", background)):
@@ -49,9 +55,13 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
         super().__init__(**kwargs)
 
     def __repr__(self) -> str:
+        from models.quality import quality_names
+
         lim = f", limit {self.lim_mag:.2f}" if self.lim_mag is not None else ""
-        return (f"<ZeroPoint of image {str(self.image_id)[:8]}: zp {self.zp:.4f} +- {self.dzp:.4f} "
-                f"from {self.num_stars} stars{lim}, prov {self.provenance_id}>")
+        value = f"zp {self.zp:.4f} +- {self.dzp:.4f}" if self.zp is not None else "no zero point"
+        flags = f" [{', '.join(quality_names(self.quality_flags))}]" if self.quality_flags else ""
+        return (f"<ZeroPoint of image {str(self.image_id)[:8]}: {value} from {self.num_stars} stars{lim}{flags}, "
+                f"prov {self.provenance_id}>")
 
     @property
     def aper_cor_radii(self) -> list:
@@ -61,6 +71,8 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
     def mag(self, flux_adu: np.ndarray, aperture: int | None = None) -> np.ndarray:
         """Calibrated magnitudes of fluxes in ADU (PSF fluxes, or aperture ``aperture``)."""
         flux = np.asarray(flux_adu, dtype=float)
+        if self.zp is None:
+            return np.full(flux.shape, np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):
             mag = -2.5 * np.log10(flux) + self.zp
         if aperture is not None:

@@ -24,16 +24,13 @@ from typing import Literal
 
 import numpy as np
 from astropy.table import Table
-from astropy.time import Time
-from scipy.spatial import cKDTree
 
-from improc.astrometry import propagate_proper_motion
+from improc import catalog_stars, matching
 from improc.footprint import polygon_bounds
 from models.catalog_excerpt import CatalogExcerpt
 from models.context import Context, current_context
 from models.file_store import content_md5
-from models.provenance import canonical_json
-from models.provenance import Provenance
+from models.provenance import Provenance, canonical_json
 from models.saving import save_products
 from util import gaia
 from util.config import ConfigError
@@ -185,43 +182,11 @@ def reference_catalog(image, source: CatalogSource, *, context: Context | None =
 
 def neighbor_free(table: Table, *, radius_arcsec: float = NEIGHBOR_RADIUS_ARCSEC,
                   dmag: float = NEIGHBOR_DMAG) -> np.ndarray:
-    """Which stars of a catalog table have no comparably bright neighbour.
-
-    Parameters
-    ----------
-    table : astropy.table.Table
-        Columns ``ra``, ``dec`` (degrees) and ``phot_g_mean_mag``.
-    radius_arcsec : float
-        Neighbours closer than this count.
-    dmag : float
-        A neighbour counts unless it is at least this many magnitudes fainter; one without a G
-        magnitude always counts.
-
-    Returns
-    -------
-    numpy.ndarray
-        Shape (n,) bool, False for stars with a neighbour that counts.
-
-    Raises
-    ------
-    ValueError
-        If ``radius_arcsec`` is not > 0 or ``dmag`` is negative.
-    """
-    if not radius_arcsec > 0 or not dmag >= 0:
-        raise ValueError(f"neighbour radius must be > 0 and dmag >= 0, got {radius_arcsec} and {dmag}")
-    ra = np.radians(np.asarray(table["ra"], dtype=float))
-    dec = np.radians(np.asarray(table["dec"], dtype=float))
-    g = np.asarray(table["phot_g_mean_mag"], dtype=float)
-    free = np.ones(len(g), bool)
-    if len(g) < 2:
-        return free
-    xyz = np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-    chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
-    pairs = cKDTree(xyz).query_pairs(chord, output_type="ndarray")
-    i, j = pairs[:, 0], pairs[:, 1]
-    free[i[~(g[j] >= g[i] + dmag)]] = False  # "not >=" so that a NaN magnitude counts
-    free[j[~(g[i] >= g[j] + dmag)]] = False
-    return free
+    """Which stars of a catalog table (``ra``, ``dec``, ``phot_g_mean_mag``) have no comparably
+    bright neighbour (`improc.matching.neighbor_free`)."""
+    return matching.neighbor_free(np.asarray(table["ra"], float), np.asarray(table["dec"], float),
+                                  np.asarray(table["phot_g_mean_mag"], float), radius_arcsec=radius_arcsec,
+                                  dmag=dmag)
 
 
 def isolated_stars(table: Table) -> Table:
@@ -236,16 +201,7 @@ def isolated_stars(table: Table) -> Table:
 
 
 def stars_at_epoch(table: Table, mjd: float) -> tuple[np.ndarray, np.ndarray]:
-    """RA and Dec of catalog stars moved by their proper motions to the epoch ``mjd``."""
-    epoch = Time(mjd, format="mjd").jyear
-    ref_epoch = np.asarray(table["ref_epoch"], dtype=float)
-    ref_epoch = np.where(np.isfinite(ref_epoch), ref_epoch, 2016.0)
-    ra = np.asarray(table["ra"], dtype=float)
-    dec = np.asarray(table["dec"], dtype=float)
-    out_ra, out_dec = np.empty_like(ra), np.empty_like(dec)
-    for value in np.unique(ref_epoch):
-        sel = ref_epoch == value
-        out_ra[sel], out_dec[sel] = propagate_proper_motion(
-            ra[sel], dec[sel], np.asarray(table["pmra"], dtype=float)[sel],
-            np.asarray(table["pmdec"], dtype=float)[sel], from_epoch=float(value), to_epoch=epoch)
-    return out_ra, out_dec
+    """RA and Dec of a catalog table's stars moved by their proper motions to the epoch ``mjd``
+    (`improc.catalog_stars.stars_at_epoch`)."""
+    return catalog_stars.stars_at_epoch(*(np.asarray(table[c], float) for c in
+                                          ("ra", "dec", "pmra", "pmdec", "ref_epoch")), mjd=mjd)

@@ -1,40 +1,30 @@
-"""Extraction: sources (sep), their PSF model, and PSF fluxes."""
+"""Extraction: sources, their PSF model, PSF and aperture fluxes (`improc.source_measurement`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
-import sep
-from astropy.table import Table, vstack
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from improc.background import residual_background
-from improc.crowded_photometry import deblended_psf_fluxes
-from improc.errors import BadDataError
-from improc.extraction import TooFewSourcesError, aperture_photometry, extract_sources
-from improc.hidden_sources import find_hidden_sources
-from improc.psf import PixelPSF
-from improc.psf_fit import TooFewPSFStarsError, fit_psf, min_psf_stars
-from improc.psf_photometry import model_aperture_sums, psf_positions, select_psf_stars
+from improc.extraction import TooFewSourcesError
+from improc.psf_fit import TooFewPSFStarsError
+from improc.source_measurement import PSFError, SourceMeasurement, check_options, measure_sources
 from models.psf import PSF
+from models.quality import QualityFlag
 from models.source_list import SourceList
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Input, Output, Step
 
-__all__ = ["ExtractionParams", "Extractor", "ExtractionResult", "PSFError"]
-
-
-class PSFError(BadDataError):
-    """The PSF could not be fitted (the image is marked BAD_PSF)."""
+__all__ = ["ExtractionParams", "Extractor", "PSFError"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractionParams(StepParams):
-    """How sources are found and measured and how the PSF is fitted."""
+    """How sources are found and measured and how the PSF is fitted (`improc.source_measurement`
+    describes the algorithm each parameter belongs to)."""
 
     step_name = "extraction"
 
@@ -43,31 +33,55 @@ class ExtractionParams(StepParams):
     minarea: int = param(5, "Fewest connected pixels above threshold.")
     deblend_nthresh: int = param(32, "Deblending levels (SExtractor DEBLEND_NTHRESH).")
     deblend_cont: float = param(0.005, "Deblending contrast (DEBLEND_MINCONT); 1 = no deblending.")
+    filter_type: Literal["matched", "conv"] = param(
+        "matched", "Detection filter: 'matched' divides the filtered image by its own noise (sep); 'conv' "
+        "compares it with threshold x noise as SExtractor does.")
+    min_fwhm_sources: int = param(5, "Fewest clean sources with S/N >= 20 that measure the sources' size.")
     aperture_multiples: tuple[float, ...] = param(
-        (1.0, 2.0, 3.0, 5.0), "Aperture radii in units of the image FWHM.")
+        (1.0, 2.0, 3.0, 5.0), "Aperture radii in units of the PSF's FWHM.")
     psf_degree: int = param(3, "Polynomial degree of the PSF's variation across the chip.")
     psf_min_snr: float = param(50.0, "Only stars above this S/N build the PSF.")
     psf_max_stars: int = param(500, "At most this many PSF stars (the brightest).")
+    psf_isolation_radius_fwhm: float = param(
+        3.0, "A PSF star has no neighbour above psf_neighbor_flux_ratio of its flux within this many "
+        "FWHM (also its least distance from the edges).")
+    psf_neighbor_flux_ratio: float = param(0.05, "Flux ratio (neighbour / star) from which a neighbour spoils a PSF star.")
+    psf_fallback_isolation_radius_fwhm: float = param(
+        5.0, "Isolation radius of the PSF stars when the first set's fit fails or collapses, in units of the "
+        "candidates' median size.")
+    psf_fallback_neighbor_flux_ratio: float = param(0.01, "Flux ratio from which a neighbour spoils a fallback PSF star.")
+    psf_min_fwhm_ratio: float = param(0.5, "A PSF with a FWHM below this many times the sources' size has collapsed.")
+    psf_max_fwhm_ratio: float = param(1.5, "A PSF with a FWHM above this many times the sources' size has collapsed.")
+    sky_refinement_iterations: int = param(2, "Times the sky is refined from the PSF models' residuals, "
+                                           "and the PSF refitted.")
+    sky_model_nsigma: float = param(1.0, "Pixels where the PSF models exceed this many times the sky noise "
+                                    "are left out of the residual sky.")
+    sky_refinement_box_size: int = param(128, "Mesh box of the residual sky, pixels (at most the image's sides).")
+    extended_size_ratio: float = param(1.3, "Sources larger than this many times the sources' size are extended.")
+    extended_extent_factor: float = param(2.0, "No hidden neighbour is searched within this many times "
+                                          "sqrt(area / pi) of an extended source.")
+    hidden_min_separation_fwhm: float = param(2.0, "Hidden neighbours are searched from this many FWHM of a "
+                                              "point source (closer ones are blends) ...")
+    hidden_max_separation_fwhm: float = param(5.0, "... to this many FWHM.")
+    max_centroid_shift_fwhm: float = param(0.5, "A PSF-fit position further than this many FWHM from the "
+                                           "windowed centroid is not used.")
+    psf_fallback: Literal["moffat", "none"] = param(
+        "moffat", "With at most moffat_max_stars PSF stars, or when the pixel fits fail, 'moffat' fits an "
+        "elliptical Moffat to the stars there are (a Moffat of the sources' size, or of nominal_fwhm_arcsec, "
+        "when there are none), flagged PSF_PARAMETRIC or PSF_DEFAULT; 'none' fails (NO_STARS, BAD_PSF).")
+    moffat_max_stars: int = param(5, "With this many PSF stars or fewer, a Moffat rather than a pixel model.")
+    moffat_beta: float | None = param(None, "Fix the Moffat's beta (null: fitted when the stars constrain it).")
+    default_beta: float = param(3.5, "Beta of the Moffat when no star can be fitted.")
+    nominal_fwhm_arcsec: float | None = param(
+        1.2, "Seeing assumed when too few sources measure the sources' size (with psf_fallback 'moffat'); "
+        "null: such images fail (NO_STARS).")
     max_sources: int = param(100_000, "Fail beyond this many detections.", affects_result=False)
 
     def validate(self) -> None:
-        if self.threshold <= 0:
-            raise ParameterError(f"extraction threshold must be > 0, got {self.threshold}")
-        if not self.aperture_multiples or min(self.aperture_multiples) <= 0:
-            raise ParameterError("extraction aperture_multiples must be positive, got "
-                                 f"{self.aperture_multiples}")
-        if not 0 <= self.psf_degree <= 4:
-            raise ParameterError(f"extraction psf_degree must be 0..4, got {self.psf_degree}")
-
-
-@dataclass(frozen=True)
-class ExtractionResult:
-    """Sources (astropy Table), PSF, FWHM in pixels and aperture radii in pixels."""
-
-    sources: Table
-    psf: PixelPSF
-    fwhm_pixels: float
-    aper_radii: tuple[float, ...]
+        try:
+            check_options(**self.kwargs_for(measure_sources))
+        except ValueError as exc:
+            raise ParameterError(f"extraction {exc}") from None
 
 
 def _gain(header: dict) -> float | None:
@@ -85,7 +99,8 @@ class Extractor(Step):
     process = "extraction"
     # 1.1: neighbours' wings beyond the model radius subtracted in the joint PSF fit
     # 1.2: no sky positions in the source list (they depend on the astrometric solution)
-    version = "1.2.0"
+    # 1.3: a Moffat PSF for fields with too few stars for a pixel model
+    version = "1.3.0"
     Params = ExtractionParams
     inputs = (Input("image"), Input("background"))
     outputs = (Output("sources", SourceList, parents={"image_id": "image", "background_id": "background"}),
@@ -94,86 +109,37 @@ class Extractor(Step):
     badness_for = {TooFewSourcesError: "NO_STARS", TooFewPSFStarsError: "NO_STARS"}
 
     def compute(self, data: np.ndarray, *, background: np.ndarray, variance: np.ndarray,
-                mask: np.ndarray, gain: float | None, saturation: float | None = None) -> ExtractionResult:
-        """Detect, fit the PSF, refine the sky, find hidden neighbours, measure (arrays in).
+                mask: np.ndarray, gain: float | None, saturation: float | None = None,
+                pixel_scale: float | None = None) -> SourceMeasurement:
+        """Sources and PSF of one image, arrays in (`improc.source_measurement.measure_sources`).
 
-        1. Detect on the matched-filtered image (sep "matched": ``threshold`` is in units of the
-           noise of the filtered image, i.e. a detection significance).
-        2. Fit the PSF to bright, isolated, unsaturated stars (`select_psf_stars`; see below).
-        3. Refine the sky: the mode of the backgrounding step is raised by the sources' wings;
-           the clipped mean of image - sky - PSF models (`residual_background`) is added to it
-           and the PSF is refitted on the refined sky; twice, as a PSF fitted on a sky that is
-           too high has wings too low, which raises the next estimate of the sky.
-        4. Detect again on image - PSF models (`find_hidden_sources`): faint neighbours, 2 to
-           5 FWHM from a point source and away from extended ones, that deblending merged into
-           them (flag RESIDUAL); closer ones are blends (the PSF fits would share their light).
-        5. Replace the windowed centroids by PSF-fit positions on the image with the
-           neighbours' models subtracted (`psf_positions`; kept if within 0.5 FWHM of the
-           centroid), which bright neighbours' wings do not pull.
-        6. Measure apertures at ``aperture_multiples`` of the PSF model's FWHM with the model
-           light of the neighbours taken out, and PSF fluxes fitted with the neighbours
-           subtracted (`deblended_psf_fluxes`) and a model-based variance.
+        ``pixel_scale`` (arcsec/pixel) turns ``nominal_fwhm_arcsec`` into pixels.
         """
-        p = self.params
-        detect = dict(threshold=p.threshold, minarea=p.minarea, deblend_nthresh=p.deblend_nthresh,
-                      deblend_cont=p.deblend_cont, filter_type="matched", mask=mask,
-                      saturation=saturation, max_sources=p.max_sources)
-        noise = np.sqrt(variance)
-        table = extract_sources(data, background=background, noise=noise, gain=gain, **detect)
-        # sep's size estimate (twice the half-light radius) only seeds the PSF fit: for a Moffat
-        # profile it is ~25% larger than the FWHM, which comes from the PSF model instead.
-        guess = float(table.meta["fwhm"])
-        x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
-        fluxes = dict(variance=variance, mask=mask, gain=gain)     # options of deblended_psf_fluxes
-        idx, psf, psf_on = _first_psf(data, table, p, background=background, noise=noise, mask=mask, gain=gain,
-                                      saturation=saturation)
-        for _ in range(2):      # twice: a PSF fitted on a biased sky has biased wings
-            background = _refined_sky(data, x, y, psf, background, noise=noise, **fluxes)
-            psf = psf_on(background)
-        fwhm = float(psf.fwhm_pixels)
-        radii = tuple(float(m * fwhm) for m in p.aperture_multiples)
-        point = ~(np.asarray(table["fwhm"], float) > 1.3 * guess)     # not extended
-        _, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
-        hidden = find_hidden_sources(data, model, x, y, point_like=point,
-                                     extent=2.0 * np.sqrt(table["npix"] / np.pi),
-                                     background=background, variance=variance,
-                                     min_separation=2.0 * fwhm, max_separation=5.0 * fwhm, point_fwhm=guess,
-                                     aperture_radii=radii, gain=gain, **detect)
-        del model
-        table = vstack([table, hidden], metadata_conflicts="silent") if len(hidden) else table
-        x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
-        # PSF-fit positions on the image with the neighbours subtracted: free of their pull
-        fit, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
-        model = np.subtract(data, model, dtype=np.float32)      # the image minus the neighbours
-        x, y = psf_positions(model, x, y, psf, background=background, variance=variance,
-                             mask=mask, flux=fit.flux, max_shift=0.5 * fwhm)
-        del model
-        table["x"][:], table["y"][:] = x, y       # in place: the columns keep their units
-        fit, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
-        table = aperture_photometry(data, table, background=background, noise=noise,
-                                    aperture_radii=radii, mask=mask, gain=gain)
-        _remove_neighbour_light(table, model, psf, x, y, fit.flux, radii)
-        table["psfflux"], table["psffluxerr"], table["psfchi2"] = fit.flux, fit.flux_err, fit.chi2
-        table["is_psf_star"] = np.zeros(len(table), bool)
-        table["is_psf_star"][idx] = True
-        table.meta["fwhm"] = fwhm
-        return ExtractionResult(sources=table, psf=psf, fwhm_pixels=fwhm, aper_radii=radii)
+        nominal = self.params.nominal_fwhm_arcsec
+        default_fwhm = nominal / pixel_scale if nominal is not None and pixel_scale else None
+        return measure_sources(data, background=background, variance=variance, mask=mask, gain=gain,
+                               saturation=saturation, default_fwhm=default_fwhm,
+                               **self.params.kwargs_for(measure_sources))
 
     def run(self, ds: DataStore) -> None:
         image, bg = ds.get_image(), ds.get_background()
         header = image.header or {}
         saturation = header.get("SATURATE")
-        result = self.compute(image.data, background=bg.counts, variance=bg.variance,
-                              mask=image.flags != 0, gain=_gain(header),
-                              saturation=float(saturation) if saturation is not None else None)
-        table = result.sources
-        sources = ds.new_product(self, "sources", data=table, aper_radii=list(result.aper_radii),
-                                 fwhm_pixels=result.fwhm_pixels)
         wcs = image.wcs
         scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0 if wcs is not None else None
+        result = self.compute(image.data, background=bg.counts, variance=bg.variance,
+                              mask=image.flags != 0, gain=_gain(header),
+                              saturation=float(saturation) if saturation is not None else None,
+                              pixel_scale=scale)
+        table = result.sources
+        ds.new_product(self, "sources", data=table, aper_radii=list(result.aper_radii),
+                       fwhm_pixels=result.fwhm_pixels)
+        flags = {"pixel": 0, "moffat": QualityFlag.PSF_PARAMETRIC, "moffat_default": QualityFlag.PSF_DEFAULT}
+        moffat = result.moffat
         ds.new_product(self, "psf", model=result.psf, num_stars=int(table["is_psf_star"].sum()),
-                       fwhm_arcsec=result.fwhm_pixels * scale if scale else None)
-
+                       fwhm_arcsec=result.fwhm_pixels * scale if scale else None, kind=result.psf_kind,
+                       beta=float(moffat.beta) if moffat is not None else None,
+                       quality_flags=int(flags[result.psf_kind]))
 
     def fingerprint_figures(self, ds: DataStore) -> dict[str, Any]:
         sources, psf = ds.get_sources(), ds.get_psf()
@@ -184,90 +150,3 @@ class Extractor(Step):
                 "psffluxerr_median": float(np.nanmedian(err)), "apflux_1_sum": float(np.nansum(ap)),
                 "x_mean": float(np.mean(sources.x)), "y_mean": float(np.mean(sources.y)),
                 "psf_stars": int(np.sum(sources.data["is_psf_star"])), "psf_clip_peak": float(clip.max())}
-
-
-def _first_psf(data: np.ndarray, table: Table, p: ExtractionParams, *, background: np.ndarray, noise: np.ndarray,
-               mask: np.ndarray | None, gain: float | None,
-               saturation: float | None) -> tuple[np.ndarray, PixelPSF, Callable[[np.ndarray], PixelPSF]]:
-    """Choose the PSF stars and fit the PSF on the first sky.
-
-    PSF stars have no neighbour above 5 % of their flux within 3 FWHM (closer, fainter ones are
-    masked by the fit); should the fit of a few such stars fail or collapse (its FWHM far from
-    the sources' sizes), those with no neighbour above 1 % within 5 FWHM.
-
-    Returns
-    -------
-    idx : ndarray
-        Rows of ``table`` of the PSF stars.
-    psf : PixelPSF
-        The PSF fitted on ``background``.
-    psf_on : callable
-        Fits the PSF of the same stars on another sky map.
-
-    Raises
-    ------
-    PSFError, ValueError
-        If too few stars qualify, or the fit of either set of stars fails or collapses.
-    """
-    guess = float(table.meta["fwhm"])
-    x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
-    flux = np.asarray(table["apflux_1"], float)
-    for radius, ratio in ((3.0 * guess, 0.05), (None, 0.01)):
-        chosen = select_psf_stars(x, y, flux, np.asarray(table["snr"], float), np.asarray(table["flags"]),
-                                  np.asarray(table["fwhm"], float), image_shape=data.shape,
-                                  min_snr=p.psf_min_snr, isolation_radius=radius, neighbor_flux_ratio=ratio,
-                                  peak=np.asarray(table["peak"], float), saturation=saturation)
-        idx = np.flatnonzero(chosen)[np.argsort(-flux[chosen])[:p.psf_max_stars]]
-        # A small chip or a sparse field cannot constrain the PSF's variation: lower the degree.
-        degree = next((d for d in range(p.psf_degree, -1, -1) if len(idx) >= min_psf_stars(d)), None)
-
-        def psf_on(sky: np.ndarray, idx: np.ndarray = idx, degree: int | None = degree) -> PixelPSF:
-            # Outlier rejection (cosmic rays, unmasked defects) can leave too few stars for the
-            # degree: then a simpler model is better than none.
-            for trial in range(degree, -1, -1):
-                try:
-                    return fit_psf(data, x[idx], y[idx], background=sky, fwhm_guess=guess, noise=noise,
-                                   mask=mask, flux=flux[idx], gain=gain, degree=trial,
-                                   max_stars=p.psf_max_stars)
-                except ValueError:
-                    if trial == 0:
-                        raise
-
-        failure = None if degree is not None else TooFewPSFStarsError(
-            f"only {len(idx)} stars qualify for the PSF (S/N >= {p.psf_min_snr}, isolated, "
-            f"unsaturated); need at least {min_psf_stars(0)}")
-        try:
-            psf = None if failure else psf_on(background)
-        except ValueError as exc:      # too few stars left after rejecting outliers, or a failed fit
-            failure = exc if isinstance(exc, BadDataError) else PSFError(str(exc))
-        if failure is None and not 0.5 * guess < psf.fwhm_pixels < 1.5 * guess:
-            failure = PSFError(f"the PSF fitted to {len(idx)} stars has a FWHM of "
-                               f"{psf.fwhm_pixels:.2f} px, the sources a size of {guess:.2f} px")
-        if failure is None:
-            return idx, psf, psf_on
-    raise failure
-
-
-def _refined_sky(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, background: np.ndarray, *,
-                 noise: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, gain: float | None) -> np.ndarray:
-    """``background`` plus the clipped mean of image - sky - PSF models (`residual_background`),
-    where the models are below the noise."""
-    _, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance, mask=mask,
-                                    gain=gain)
-    unreliable = model > noise
-    if mask is not None:
-        unreliable |= np.asarray(mask, dtype=bool)
-    residual = np.subtract(data, background, dtype=np.float32)
-    residual -= model      # float32 is ample for a sky level
-    del model
-    return background + residual_background(residual, mask=unreliable).counts()
-
-
-def _remove_neighbour_light(table: Table, model: np.ndarray, psf: PixelPSF, x: np.ndarray, y: np.ndarray,
-                            flux: np.ndarray, radii: tuple[float, ...]) -> None:
-    """Take the light of the neighbours' models out of the apertures ``apflux_<i>``: apertures on
-    the model of all the sources minus those on each source's own model."""
-    own = model_aperture_sums(psf, x, y, flux, radii)
-    for i, radius in enumerate(radii):
-        on_model = sep.sum_circle(model, x, y, radius, subpix=5)[0]
-        table[f"apflux_{i}"] -= on_model - own[:, i]

@@ -1,19 +1,17 @@
-"""Photometric calibration: zero point against Gaia, aperture corrections, limiting magnitude."""
+"""Photometric calibration: zero point against Gaia, aperture corrections, limiting magnitude
+(`improc.photometric_calibration`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from astropy.coordinates import SkyCoord
-import astropy.units as u
 
-from improc.color_transforms import gaia_to_band
-from improc.photometry import (PhotometryError, ZeroPointFit, aperture_corrections, fit_zero_point,
-                               limiting_magnitude)
+from improc.photometric_calibration import PhotometricCalibration, calibrate_photometry
+from improc.photometry import PhotometryError
 from improc.psf_photometry import model_aperture_sums
+from models.quality import QualityFlag
 from models.zero_point import ZeroPoint
 from pipeline.catalogs import CatalogSource, isolated_stars, reference_catalog, stars_at_epoch
 from pipeline.data_store import DataStore
@@ -22,13 +20,16 @@ from pipeline.step import Input, Output, Step
 
 __all__ = ["PhotoCalParams", "PhotoCalibrator"]
 
-#: Fewest calibrators from which aperture corrections are measured (with fewer, the PSF model's).
-MIN_APCOR_STARS = 3
-
 
 @dataclass(frozen=True, kw_only=True)
 class PhotoCalParams(StepParams):
-    """How the zero point is measured."""
+    """How the zero point is measured, and how far it may degrade with few calibrators.
+
+    With ``min_stars`` calibrators or more, a clipped fit; with fewer (down to ``fewest_stars``),
+    an unclipped mean whose error includes ``star_scatter_mag`` (flagged ZP_FEW_STARS); with none,
+    ``uncalibrated`` "allow" makes a zero point without a value (flagged ZP_UNCALIBRATED) so the
+    image goes on; "fail" marks it BAD_PHOTOMETRY.
+    """
 
     step_name = "photocal"
 
@@ -39,132 +40,97 @@ class PhotoCalParams(StepParams):
     mag_limit: float = param(21.0, "Faintest Gaia G read from the catalog.")
     match_radius_arcsec: float = param(1.0, "Sources and catalog stars closer than this match.")
     min_snr: float = param(20.0, "Only sources above this PSF-flux S/N calibrate.")
+    max_size_fwhm: float = param(2.0, "Only sources at most this many PSF FWHM in size (point-like) calibrate.")
     bright_limit_g: float = param(15.0, "Catalog stars brighter than this G are left out (saturation).")
     color_term: Literal["none", "fit"] = param(
         "none", "'fit' also fits a linear term in Gaia BP-RP on top of the band transformation.")
     clip_sigma: float = param(3.0, "Outlier rejection threshold of the fit.")
-    min_stars: int = param(5, "Fewest calibration stars accepted (>= 2).  Below 3, the aperture "
-                                 "corrections come from the PSF model instead of the stars.")
-    limit_snr: float = param(5.0, "S/N of the limiting magnitude written to the image.")
+    error_floor: float = param(0.01, "Magnitude error added in quadrature to every calibrator.")
+    min_stars: int = param(5, "Fewest calibrators for an ordinary (clipped) zero point (>= 2).")
+    fewest_stars: int = param(1, "Fewest calibrators for any zero point (flagged ZP_FEW_STARS below min_stars).")
+    star_scatter_mag: float = param(0.03, "Scatter of calibrators about the zero point assumed with fewer than "
+                                    "min_stars, mag (enters the error).")
+    min_apcor_stars: int = param(3, "Fewest calibrators that measure the aperture corrections; with fewer, "
+                                 "they come from the PSF model.")
+    flux_type: Literal["auto", "psf"] = param(
+        "auto", "'auto' measures the zero point on the largest aperture when PSF fluxes disagree with it "
+        "(a poor PSF model; flagged PHOTOMETRY_APERTURE); 'psf' always on PSF fluxes.")
+    uncalibrated: Literal["allow", "fail"] = param(
+        "allow", "With fewer than fewest_stars calibrators: 'allow' makes a zero point without a value "
+        "(flagged ZP_UNCALIBRATED), 'fail' marks the image BAD_PHOTOMETRY.")
+    limit_snr: float = param(5.0, "S/N of the limiting magnitude.")
 
     def validate(self) -> None:
         if self.match_radius_arcsec <= 0:
             raise ParameterError(f"photocal match_radius_arcsec must be > 0, got {self.match_radius_arcsec}")
         if self.min_stars < 2:
             raise ParameterError(f"photocal min_stars must be >= 2, got {self.min_stars}")
-
-
-@dataclass(frozen=True)
-class PhotoCalResult:
-    """What `PhotoCalibrator.compute` finds."""
-
-    fit: ZeroPointFit
-    aper_cors: np.ndarray
-    lim_mag: float
+        if not 1 <= self.fewest_stars <= self.min_stars:
+            raise ParameterError(f"photocal fewest_stars must be in [1, min_stars = {self.min_stars}], "
+                                 f"got {self.fewest_stars}")
 
 
 class PhotoCalibrator(Step):
     """Make the image's `ZeroPoint` (zero point, aperture corrections, limiting magnitude)."""
 
     process = "photocal"
-    version = "1.1.0"  # 1.1: aperture corrections from the PSF model with fewer than 3 calibrators
+    # 1.1: aperture corrections from the PSF model with fewer than 3 calibrators
+    # 1.2: few calibrators give a flagged zero point, none an uncalibrated one; aperture fallback
+    version = "1.2.0"
     Params = PhotoCalParams
     inputs = (Input("image"), Input("background"), Input("sources"), Input("psf"), Input("wcs"))
     outputs = (Output("zp", ZeroPoint, parents={"image_id": "image", "wcs_id": "wcs", "psf_id": "psf",
                                                 "background_id": "background"}),)
     badness = "BAD_PHOTOMETRY"
 
-    def match(self, ra: np.ndarray, dec: np.ndarray, cat_ra: np.ndarray, cat_dec: np.ndarray):
-        """Indices (sources, catalog) of pairs closer than ``match_radius_arcsec``."""
-        if len(ra) == 0 or len(cat_ra) == 0:
-            return np.array([], int), np.array([], int)
-        src = SkyCoord(ra * u.deg, dec * u.deg)
-        idx, sep, _ = src.match_to_catalog_sky(SkyCoord(cat_ra * u.deg, cat_dec * u.deg))
-        ok = sep.arcsec < self.params.match_radius_arcsec
-        return np.flatnonzero(ok), idx[ok]
+    def compute(self, sources, psf, wcs, catalog, *, band: str, mjd: float, sky_rms: float,
+                psf_stamp: np.ndarray) -> PhotometricCalibration:
+        """Calibrate a source list (with its PSF and WCS) against catalog stars (a Gaia table)."""
+        table = sources.data
+        flux, err = sources.psffluxadu()
+        n_ap = len(sources.aper_radii)
+        apfluxes = np.column_stack([sources.apfluxadu(i)[0] for i in range(n_ap)])
+        aperrs = np.column_stack([sources.apfluxadu(i)[1] for i in range(n_ap)])
+        ra, dec = sources.radec(wcs)
+        cat_ra, cat_dec = stars_at_epoch(catalog, mjd)
+        x, y = sources.x, sources.y
 
-    def compute(self, psf_flux, psf_err, apfluxes, catalog_mag, color, *, sky_rms: float,
-                psf_stamp: np.ndarray,
-                model_fractions: Callable[[np.ndarray], np.ndarray] | None = None) -> PhotoCalResult:
-        """Zero point, aperture corrections and limiting magnitude from matched stars.
+        def fractions(rows: np.ndarray) -> np.ndarray:
+            return model_aperture_sums(psf.model, x[rows], y[rows], 1.0, sources.aper_radii)
 
-        Parameters
-        ----------
-        psf_flux, psf_err : numpy.ndarray
-            Shape (n,) PSF fluxes of the matched stars and their errors, ADU.
-        apfluxes : numpy.ndarray
-            Shape (n, n_ap) their aperture fluxes, ADU.
-        catalog_mag, color : numpy.ndarray
-            Shape (n,) their catalog magnitudes in the image's band, and Gaia BP - RP.
-        sky_rms : float
-            Sky noise per pixel, ADU, for the limiting magnitude.
-        psf_stamp : numpy.ndarray
-            The PSF at the chip centre (sums to 1), for the limiting magnitude.
-        model_fractions : callable or None
-            Given the indices of some of the n stars, the fraction of each one's PSF model inside
-            each aperture, shape (k, n_ap) (see `improc.psf_photometry.model_aperture_sums`).
-            Called only when fewer than three stars calibrate the zero point, too few to measure
-            the corrections or to reject a bad one: the corrections are then 2.5 log10 of the
-            mean fraction over those stars, what the PSF fluxes and the apertures give if the
-            model is right.
-
-        Raises
-        ------
-        PhotometryError
-            Too few stars for the zero point, or for the aperture corrections and no
-            ``model_fractions``.
-        """
-        p = self.params
-        fit = fit_zero_point(psf_flux, psf_err, catalog_mag, color=color, color_term=p.color_term,
-                             clip_sigma=p.clip_sigma, min_stars=p.min_stars)
-        used = fit.used
-        if used.sum() >= MIN_APCOR_STARS:
-            # random-effects mean: weights from the stars' errors scaled to each aperture plus the
-            # corrections' true variation over the chip (see aperture_corrections)
-            mag_err = 2.5 / np.log(10.0) * psf_err[used] / psf_flux[used]
-            apcor = aperture_corrections(apfluxes[used], psf_flux[used], mag_errors=mag_err,
-                                         min_stars=MIN_APCOR_STARS)
-        elif model_fractions is not None:
-            apcor = 2.5 * np.log10(np.mean(model_fractions(np.flatnonzero(used)), axis=0))
-        else:
-            raise PhotometryError(f"aperture corrections need {MIN_APCOR_STARS} stars or the PSF model's "
-                                  f"aperture fractions; {used.sum()} stars calibrate")
-        lim = limiting_magnitude(sky_noise_adu=sky_rms, zero_point=fit.zp, psf=psf_stamp, snr=p.limit_snr)
-        return PhotoCalResult(fit=fit, aper_cors=np.asarray(apcor), lim_mag=float(lim))
+        return calibrate_photometry(
+            flux, err, apfluxes, apflux_errs=aperrs, flags=np.asarray(table["flags"]),
+            size=np.asarray(table["fwhm"], float), ra=ra, dec=dec, fwhm_pixels=sources.fwhm_pixels,
+            catalog_ra=cat_ra, catalog_dec=cat_dec,
+            catalog_g=np.asarray(catalog["phot_g_mean_mag"], float),
+            catalog_bp=np.asarray(catalog["phot_bp_mean_mag"], float),
+            catalog_rp=np.asarray(catalog["phot_rp_mean_mag"], float), band=band, sky_rms=sky_rms,
+            psf_stamp=psf_stamp, model_fractions=fractions, **self.params.kwargs_for(calibrate_photometry))
 
     def run(self, ds: DataStore) -> None:
         image, sources, psf, wcs, bg = (ds.get_image(), ds.get_sources(), ds.get_psf(), ds.get_wcs(),
                                         ds.get_background())
         p = self.params
-        table = sources.data
-        flux, err = sources.psffluxadu()
-        # point sources only: Gaia lists compact galaxy nuclei, whose PSF flux is no star's
-        # (sep's size, twice the half-light radius, is ~1.2x the FWHM for a star)
-        point_like = np.asarray(table["fwhm"], dtype=float) <= 2.0 * sources.fwhm_pixels
-        good = ((np.asarray(table["flags"]) == 0) & np.isfinite(flux) & (flux > 0)
-                & (flux / err >= p.min_snr) & point_like)
-        ra, dec = sources.radec(wcs)
         source = CatalogSource(kind=p.catalog, folder=p.catalog_folder, mag_limit=p.mag_limit)
         catalog = isolated_stars(reference_catalog(image, source, context=ds.context, cache=ds.persist).data)
-        cat_ra, cat_dec = stars_at_epoch(catalog, image.mjd)
-        g = np.asarray(catalog["phot_g_mean_mag"], dtype=float)
-        isrc, icat = self.match(ra[good], dec[good], cat_ra, cat_dec)
-        isrc = np.flatnonzero(good)[isrc]
-        keep = g[icat] >= p.bright_limit_g
-        isrc, icat = isrc[keep], icat[keep]
-        bp = np.asarray(catalog["phot_bp_mean_mag"], dtype=float)[icat]
-        rp = np.asarray(catalog["phot_rp_mean_mag"], dtype=float)[icat]
-        cat_mag = gaia_to_band(g[icat], bp, rp, image.filter)
-        apfluxes = np.column_stack([sources.apfluxadu(i)[0][isrc] for i in range(len(sources.aper_radii))])
-        x, y = np.asarray(sources.x)[isrc], np.asarray(sources.y)[isrc]
-
-        def fractions(idx: np.ndarray) -> np.ndarray:
-            return model_aperture_sums(psf.model, x[idx], y[idx], 1.0, sources.aper_radii)
-
-        result = self.compute(flux[isrc], err[isrc], apfluxes, cat_mag, bp - rp,
-                              sky_rms=bg.rms_median, model_fractions=fractions,
-                              psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
-        ds.new_product(self, "zp", zp=result.fit.zp, dzp=result.fit.dzp, color_term=result.fit.color_term,
-                       num_stars=result.fit.n_stars, scatter=result.fit.scatter,
-                       aper_radii=list(sources.aper_radii), aper_cors=[float(c) for c in result.aper_cors],
-                       lim_mag=result.lim_mag)
+        try:
+            result = self.compute(sources, psf, wcs, catalog, band=image.filter, mjd=image.mjd,
+                                  sky_rms=bg.rms_median, psf_stamp=psf.get_clip(image.nx / 2.0, image.ny / 2.0))
+        except PhotometryError as exc:
+            if p.uncalibrated != "allow" or exc.figures.get("n_stars", 1) >= p.fewest_stars:
+                raise
+            # no calibrator: say so with a product, so that the image goes on (no zero point)
+            ds.new_product(self, "zp", zp=None, dzp=None, color_term=None, num_stars=0, scatter=None,
+                           aper_radii=list(sources.aper_radii), aper_cors=[], lim_mag=None,
+                           quality_flags=int(QualityFlag.ZP_UNCALIBRATED), note=str(exc)[:500])
+            return
+        flags = QualityFlag(0)
+        if result.few_stars:
+            flags |= QualityFlag.ZP_FEW_STARS
+        if result.flux_from == "aperture":
+            flags |= QualityFlag.PHOTOMETRY_APERTURE
+        fit = result.fit
+        ds.new_product(self, "zp", zp=fit.zp, dzp=fit.dzp, color_term=fit.color_term, num_stars=fit.n_stars,
+                       scatter=fit.scatter, aper_radii=list(sources.aper_radii),
+                       aper_cors=[float(c) for c in result.aper_cors], lim_mag=result.lim_mag,
+                       quality_flags=int(flags), flux_from=result.flux_from)

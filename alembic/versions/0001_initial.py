@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-04 19:44:28.529229
+Create Date: 2026-12-04 20:17:50.694865
 """
 from alembic import op
 import sqlalchemy as sa
@@ -209,6 +209,9 @@ def upgrade() -> None:
     sa.Column('fwhm_pixels', sa.Double(), nullable=False),
     sa.Column('fwhm_arcsec', sa.Double(), nullable=True),
     sa.Column('num_stars', sa.Integer(), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('beta', sa.Double(), nullable=True),
+    sa.Column('quality_flags', sa.Integer(), nullable=False),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('filepath', sa.String(length=512), nullable=True),
@@ -255,14 +258,17 @@ def upgrade() -> None:
     sa.Column('psf_id', sa.Uuid(), nullable=False),
     sa.Column('background_id', sa.Uuid(), nullable=False),
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
-    sa.Column('zp', sa.Double(), nullable=False),
-    sa.Column('dzp', sa.Double(), nullable=False),
+    sa.Column('zp', sa.Double(), nullable=True),
+    sa.Column('dzp', sa.Double(), nullable=True),
     sa.Column('color_term', sa.Double(), nullable=True),
     sa.Column('num_stars', sa.Integer(), nullable=False),
     sa.Column('scatter', sa.Double(), nullable=True),
     sa.Column('aper_radii', sa.JSON(), nullable=False),
     sa.Column('aper_cors', sa.JSON(), nullable=False),
     sa.Column('lim_mag', sa.Double(), nullable=True),
+    sa.Column('flux_from', sa.String(length=16), nullable=False),
+    sa.Column('quality_flags', sa.Integer(), nullable=False),
+    sa.Column('note', sa.String(length=512), nullable=True),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['background_id'], ['backgrounds.id'], name=op.f('fk_zero_points_background_id_backgrounds'), ondelete='CASCADE'),

@@ -30,7 +30,7 @@ def test_neighbor_free_pairs_magnitudes_wrap_and_pole():
     # a pair across RA = 0; near the pole with a neighbour of unknown G; a lone star
     assert free.tolist() == [False, False, True, False, False, False, False, False, True]
     assert neighbor_free(table, radius_arcsec=1.0).tolist()[:4] == [True, True, True, True]
-    with pytest.raises(ValueError, match="radius must be > 0"):
+    with pytest.raises(ValueError, match="radius_arcsec must be > 0"):
         neighbor_free(table, radius_arcsec=0.0)
 
 
