@@ -232,7 +232,6 @@ def compute_phase(info: dict, clock: Clock) -> dict:
     """Each step's compute on arrays; the photocal catalog match is the step's own."""
     import numpy as np
 
-    from improc.color_transforms import gaia_to_band
     from pipeline.astro_cal import AstroCalibrator
     from pipeline.backgrounding import Backgrounder
     from pipeline.catalogs import stars_at_epoch
@@ -255,22 +254,24 @@ def compute_phase(info: dict, clock: Clock) -> dict:
                           wcs_guess=wcs, image_shape=data.shape)
 
     def photocal():
-        step = PhotoCalibrator(config=config)
-        err = np.asarray(table["psffluxerr"], float)
-        ok = ((np.asarray(table["flags"]) == 0) & np.isfinite(flux) & (flux > 0)
-              & (flux / err >= step.params.min_snr))
-        ra, dec = solution.wcs.pixel_to_world_values(x, y)
-        isrc, icat = step.match(ra[ok], dec[ok], *stars_at_epoch(catalog, mjd))
-        isrc = np.flatnonzero(ok)[isrc]
-        g, bp, rp = (np.asarray(catalog[c], float)[icat] for c in
-                     ("phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag"))
-        keep = g >= step.params.bright_limit_g
-        isrc, g, bp, rp = isrc[keep], g[keep], bp[keep], rp[keep]
-        apfluxes = np.column_stack([np.asarray(table[f"apflux_{i}"], float)[isrc]
-                                    for i in range(len(ext.aper_radii))])
-        return step.compute(flux[isrc], err[isrc], apfluxes, gaia_to_band(g, bp, rp, header["FILTER"]),
-                            bp - rp, sky_rms=bg.median_rms, psf_stamp=ext.psf.get_clip(NX / 2, NY / 2))
+        from improc.photometric_calibration import calibrate_photometry
 
+        params = PhotoCalibrator(config=config).params
+        ra, dec = solution.wcs.pixel_to_world_values(x, y)
+        n_ap = len(ext.aper_radii)
+        return calibrate_photometry(
+            flux, np.asarray(table["psffluxerr"], float),
+            np.column_stack([np.asarray(table[f"apflux_{i}"], float) for i in range(n_ap)]),
+            apflux_errs=np.column_stack([np.asarray(table[f"apfluxerr_{i}"], float) for i in range(n_ap)]),
+            flags=np.asarray(table["flags"]), size=np.asarray(table["fwhm"], float), ra=ra, dec=dec,
+            fwhm_pixels=ext.fwhm_pixels, catalog_ra=cat_ra, catalog_dec=cat_dec,
+            catalog_g=np.asarray(catalog["phot_g_mean_mag"], float),
+            catalog_bp=np.asarray(catalog["phot_bp_mean_mag"], float),
+            catalog_rp=np.asarray(catalog["phot_rp_mean_mag"], float), band=header["FILTER"],
+            sky_rms=bg.median_rms, psf_stamp=ext.psf.get_clip(NX / 2, NY / 2),
+            **params.kwargs_for(calibrate_photometry))
+
+    cat_ra, cat_dec = stars_at_epoch(catalog, mjd)
     zp = clock.time("photocal", photocal)
     return {"sources": len(table), "PSF stars": int(table["is_psf_star"].sum()),
             "FWHM px": round(ext.fwhm_pixels, 2), "WCS rms arcsec": round(float(solution.rms_arcsec), 4),

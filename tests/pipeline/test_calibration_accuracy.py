@@ -44,8 +44,10 @@ from improc.simulator import SimulatedImage, SimulationParams, simulate_image
 from pipeline.astro_cal import AstroCalibrator, AstroCalParams
 from pipeline.backgrounding import Backgrounder, BackgroundingParams
 from pipeline.catalogs import stars_at_epoch
-from pipeline.extraction import ExtractionParams, ExtractionResult, Extractor
-from pipeline.photo_cal import PhotoCalibrator, PhotoCalParams, PhotoCalResult
+from improc.source_measurement import SourceMeasurement
+from pipeline.extraction import ExtractionParams, Extractor
+from improc.photometric_calibration import PhotometricCalibration, calibrate_photometry
+from pipeline.photo_cal import PhotoCalibrator, PhotoCalParams
 
 PARAMS = SimulationParams(seed=11, n_stars=1500, pointing_error_arcsec=30.0, rotation_error_deg=1.0)
 FWHM = PARAMS.fwhm_arcsec / PARAMS.pixel_scale          # 3.85 px at the chip centre
@@ -58,9 +60,9 @@ class Calibrated:
 
     sim: SimulatedImage
     mesh: object
-    extraction: ExtractionResult
+    extraction: SourceMeasurement
     astrometry: object
-    photometry: PhotoCalResult
+    photometry: PhotometricCalibration
     calibrators: np.ndarray      # indices into the sources of the stars the zero point used
 
 
@@ -74,27 +76,24 @@ def _injected_faint_sources() -> Table:
                   "mag": rng.uniform(23.6, 24.6, N_INJECTED)})
 
 
-def _photometric_calibration(sources: Table, wcs, gaia: Table, mesh, psf) -> tuple[PhotoCalResult, np.ndarray]:
-    """What `PhotoCalibrator.run` does, without the database: select, match, compute."""
-    calibrator = PhotoCalibrator(params=PhotoCalParams())
-    p = calibrator.params
-    flux, err = np.asarray(sources["psfflux"]), np.asarray(sources["psffluxerr"])
-    good = (np.asarray(sources["flags"]) == 0) & np.isfinite(flux) & (flux > 0) & (flux / err >= p.min_snr)
+def _photometric_calibration(sources: Table, wcs, gaia: Table, mesh, psf,
+                             **options) -> tuple[PhotometricCalibration, np.ndarray]:
+    """What `PhotoCalibrator.run` does, without the database (its parameters, by name)."""
+    params = PhotoCalibrator(params=PhotoCalParams()).params
     ra, dec = wcs.all_pix2world(np.asarray(sources["x"]), np.asarray(sources["y"]), 0)
     cat_ra, cat_dec = stars_at_epoch(gaia, PARAMS.mjd)
-    isrc, icat = calibrator.match(ra[good], dec[good], cat_ra, cat_dec)
-    isrc = np.flatnonzero(good)[isrc]
-    g = np.asarray(gaia["phot_g_mean_mag"], dtype=float)
-    keep = g[icat] >= p.bright_limit_g
-    isrc, icat = isrc[keep], icat[keep]
-    bp = np.asarray(gaia["phot_bp_mean_mag"], dtype=float)[icat]
-    rp = np.asarray(gaia["phot_rp_mean_mag"], dtype=float)[icat]
-    apfluxes = np.column_stack([np.asarray(sources[f"apflux_{i}"])[isrc]
-                                for i in range(len(sources.meta["aperture_radii"]))])
-    result = calibrator.compute(flux[isrc], err[isrc], apfluxes, gaia_to_band(g[icat], bp, rp, PARAMS.band),
-                                bp - rp, sky_rms=mesh.median_rms,
-                                psf_stamp=psf.get_clip(PARAMS.nx / 2.0, PARAMS.ny / 2.0))
-    return result, isrc
+    n_ap = len(sources.meta["aperture_radii"])
+    result = calibrate_photometry(
+        np.asarray(sources["psfflux"]), np.asarray(sources["psffluxerr"]),
+        np.column_stack([np.asarray(sources[f"apflux_{i}"]) for i in range(n_ap)]),
+        apflux_errs=np.column_stack([np.asarray(sources[f"apfluxerr_{i}"]) for i in range(n_ap)]),
+        flags=np.asarray(sources["flags"]), size=np.asarray(sources["fwhm"], float), ra=ra, dec=dec,
+        fwhm_pixels=float(sources.meta["fwhm"]), catalog_ra=cat_ra, catalog_dec=cat_dec,
+        catalog_g=np.asarray(gaia["phot_g_mean_mag"], float), catalog_bp=np.asarray(gaia["phot_bp_mean_mag"], float),
+        catalog_rp=np.asarray(gaia["phot_rp_mean_mag"], float), band=PARAMS.band, sky_rms=mesh.median_rms,
+        psf_stamp=psf.get_clip(PARAMS.nx / 2.0, PARAMS.ny / 2.0),
+        **{**params.kwargs_for(calibrate_photometry), **options})
+    return result, result.source_index
 
 
 @pytest.fixture(scope="module")
@@ -400,27 +399,32 @@ def test_two_calibrators_take_aperture_corrections_from_the_psf_model(calibrated
     true_x, true_y = np.asarray(sim.stars["x"])[index], np.asarray(sim.stars["y"])[index]
     assert np.hypot(true_x[1] - true_x[0], true_y[1] - true_y[0]) > 0.7 * np.hypot(PARAMS.nx, PARAMS.ny)
     radii = sources.meta["aperture_radii"]
-    flux, err = np.asarray(sources["psfflux"])[pair], np.asarray(sources["psffluxerr"])[pair]
-    apfluxes = np.column_stack([np.asarray(sources[f"apflux_{i}"])[pair] for i in range(len(radii))])
-    catalog_mag = np.asarray(sim.stars["mag"])[index]
     pair_x, pair_y = np.asarray(sources["x"])[pair], np.asarray(sources["y"])[pair]
 
-    def fractions(idx):
-        return model_aperture_sums(extraction.psf, pair_x[idx], pair_y[idx], 1.0, radii)
+    def fractions(rows):
+        return model_aperture_sums(extraction.psf, pair_x[rows], pair_y[rows], 1.0, radii)
 
-    calibrator = PhotoCalibrator(params=PhotoCalParams(min_stars=2))
-    stamp = extraction.psf.get_clip(PARAMS.nx / 2.0, PARAMS.ny / 2.0)
-
-    result = calibrator.compute(flux, err, apfluxes, catalog_mag, np.zeros(2), sky_rms=10.0, psf_stamp=stamp,
-                                model_fractions=fractions)
-
-    assert result.fit.n_stars == 2
+    two = sources[pair]
+    two.meta.update(sources.meta)
+    gaia = sim.gaia[np.isin(sim.gaia["source_id"], np.asarray(sim.stars["source_id"])[index])]
+    result, _ = _photometric_calibration(two, calibrated.astrometry.wcs, gaia, calibrated.mesh, extraction.psf,
+                                         min_stars=2, model_fractions=fractions)
+    assert result.fit.n_stars == 2 and result.aper_cors_from == "psf_model" and not result.few_stars
+    flux, err = np.asarray(two["psfflux"]), np.asarray(two["psffluxerr"])
     sigma = np.sqrt((1.0857 * err / flux) ** 2 + 0.01**2)        # fit_zero_point's default error floor
     assert abs(result.fit.zp - PARAMS.zero_point) <= 3.0 / np.sqrt(np.sum(sigma**-2.0))
     truth = [2.5 * np.log10(np.mean(_true_aperture_fraction(sim, true_x, true_y, r))) for r in radii]
     assert np.abs(result.aper_cors - truth).max() <= 0.005, f"model - truth {result.aper_cors - truth}"
     with pytest.raises(PhotometryError, match="aperture corrections need 3 stars"):
-        calibrator.compute(flux, err, apfluxes, catalog_mag, np.zeros(2), sky_rms=10.0, psf_stamp=stamp)
+        _photometric_calibration(two, calibrated.astrometry.wcs, gaia, calibrated.mesh, extraction.psf,
+                                 min_stars=2)
+    # one calibrator: a zero point flagged few_stars, whose error holds the prior scatter
+    one = sources[pair[:1]]
+    one.meta.update(sources.meta)
+    single, _ = _photometric_calibration(one, calibrated.astrometry.wcs, gaia, calibrated.mesh, extraction.psf,
+                                         fewest_stars=1, model_fractions=lambda rows: fractions(rows[:1]))
+    assert single.few_stars and single.fit.n_stars == 1
+    assert single.fit.dzp >= 0.03 and abs(single.fit.zp - PARAMS.zero_point) < 2 * single.fit.dzp
 
 
 def test_limiting_magnitude_matches_analytic_and_injected_sources(calibrated):
