@@ -391,8 +391,9 @@ def _measure(data: np.ndarray, *, background: np.ndarray, variance: np.ndarray, 
     fluxes = dict(variance=variance, mask=mask, gain=gain)     # options of deblended_psf_fluxes
     idx, psf, psf_on, kind, moffat = _first_psf(data, table, o, background=background, noise=noise, mask=mask,
                                                 gain=gain, saturation=saturation, variance=variance,
-                                                default_fwhm=None if size is not None else default_fwhm)
-    for _ in range(o.sky_refinement_iterations):      # a PSF fitted on a biased sky has biased wings
+                                                default_fwhm=default_fwhm, no_size=size is None)
+    # a PSF fitted on a biased sky has biased wings (a default PSF, fitted to nothing, has no say)
+    for _ in range(o.sky_refinement_iterations if kind != "moffat_default" else 0):
         background = _refined_sky(data, x, y, psf, background, noise=noise, model_nsigma=o.sky_model_nsigma,
                                   box_size=min(o.sky_refinement_box_size, *data.shape), **fluxes)
         psf = psf_on(background)
@@ -434,16 +435,19 @@ class _MoffatOn:
     """Fits the Moffat PSF of the same stars on a sky map (or gives the default); remembers the fit."""
 
     def __init__(self, data, x, y, idx, *, guess, variance, mask, gain, image_shape, o: _Options,
-                 default_fwhm: float | None):
+                 default_fwhm: float | None, size: float | None):
         self.data, self.x, self.y, self.idx = data, x, y, idx
         self.guess, self.variance, self.mask, self.gain = guess, variance, mask, gain
-        self.image_shape, self.o, self.default_fwhm = image_shape, o, default_fwhm
+        self.image_shape, self.o, self.default_fwhm, self.size = image_shape, o, default_fwhm, size
         self.last_fit: MoffatFit | None = None
 
     def default(self) -> MoffatFit:
+        if self.size is not None:
+            return default_moffat(size_fwhm=self.size, beta=self.o.default_beta)
         if self.default_fwhm is not None:
             return default_moffat(fwhm=self.default_fwhm, beta=self.o.default_beta)
-        return default_moffat(size_fwhm=self.guess, beta=self.o.default_beta)
+        raise PSFError("no star to fit a PSF to, no source whose size measures one, and no default FWHM",
+                       figures={"n_stars": 0})
 
     def __call__(self, sky: np.ndarray) -> PixelPSF:
         fit = None
@@ -460,7 +464,7 @@ class _MoffatOn:
 
 def _first_psf(data: np.ndarray, table: Table, o: _Options, *, background: np.ndarray, noise: np.ndarray,
                mask: np.ndarray | None, gain: float | None, saturation: float | None, variance: np.ndarray,
-               default_fwhm: float | None = None):
+               default_fwhm: float | None = None, no_size: bool = False):
     """Choose the PSF stars and fit the PSF on the first sky (the rule is in the module docstring).
 
     Returns
@@ -498,7 +502,7 @@ def _first_psf(data: np.ndarray, table: Table, o: _Options, *, background: np.nd
         idx = np.flatnonzero(chosen)[np.argsort(-flux[chosen])[:o.psf_max_stars]]
         if few is None:
             few = idx
-        if moffat and (len(idx) <= o.moffat_max_stars or default_fwhm is not None):
+        if moffat and (len(idx) <= o.moffat_max_stars or no_size):
             break       # too few stars to map pixels: a Moffat below
         # A small chip or a sparse field cannot constrain the PSF's variation: lower the degree.
         degree = next((d for d in range(o.psf_degree, -1, -1) if len(idx) >= min_psf_stars(d)), None)
@@ -532,10 +536,15 @@ def _first_psf(data: np.ndarray, table: Table, o: _Options, *, background: np.nd
     else:       # both sets of stars failed (no break)
         if not moffat:
             raise failure
-    # a Moffat: fitted to the few stars the first selection found, else the default
-    idx = few if few is not None and default_fwhm is None else np.array([], int)
+    # a Moffat: fitted to the few stars the first selection found, else the default, sized by the
+    # clean sources (cosmic rays, which can pass for a stellar locus, are smaller than 1.5 pixels)
+    idx = few if few is not None and not no_size else np.array([], int)
+    try:
+        size = None if no_size else size_from_sources(table["fwhm"], table["snr"], flags=table["flags"])
+    except MoffatFitError:
+        size = None
     psf_on = _MoffatOn(data, x, y, idx, guess=guess, variance=variance, mask=mask, gain=gain,
-                       image_shape=data.shape, o=o, default_fwhm=default_fwhm)
+                       image_shape=data.shape, o=o, default_fwhm=default_fwhm, size=size)
     psf = psf_on(background)
     kind = "moffat" if psf_on.last_fit.kind == "fitted" else "moffat_default"
     return (idx if kind == "moffat" else np.array([], int)), psf, psf_on, kind, psf_on.last_fit
@@ -554,7 +563,10 @@ def _refined_sky(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, 
     residual = np.subtract(data, background, dtype=np.float32)
     residual -= model      # float32 is ample for a sky level
     del model
-    return background + residual_background(residual, mask=unreliable, box_size=box_size).counts()
+    try:
+        return background + residual_background(residual, mask=unreliable, box_size=box_size).counts()
+    except ValueError:      # the sources' models cover nearly every box: nothing to refine on
+        return background
 
 
 def _remove_neighbour_light(table: Table, model: np.ndarray, psf: PixelPSF, x: np.ndarray, y: np.ndarray,

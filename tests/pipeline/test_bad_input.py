@@ -158,14 +158,33 @@ def _config(field: SimulatedField, database, catalog_folder: Path) -> Config:
 # --- pixels: no stars, saturation, NaN --------------------------------------------------------
 
 
+STRICT = {"extraction.psf_fallback": "none", "astrocal.simplest_model": "tan", "photocal.uncalibrated": "fail"}
+
+
+def _degraded_to_the_end(field, database, exposure) -> None:
+    """With the default (degrading) parameters the image goes through every step: the products say
+    what could not be measured, and the image is not marked bad."""
+    ds = Pipeline(field.config(database)).run(exposure, "0")
+    assert _only_image().bad_flags == 0 and _product_counts() == {name: 1 for name in PRODUCTS}
+    assert ds.get_psf().kind == "moffat_default" and ds.get_psf().quality_flags == QualityFlag.PSF_DEFAULT
+    assert ds.get_zp().zp is None and ds.get_zp().quality_flags == QualityFlag.ZP_UNCALIBRATED
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")   # e.g. a median of no stars
 def test_image_without_stars_fails_extraction_and_is_flagged(database, tmp_path):
     field = make_field(tmp_path / "sim", size=512, n_stars=0, n_galaxies=0)  # cosmic rays remain
     exposure, _ = ingest_file(field.paths[0])
     # the cosmic rays that pass for sources are rejected by the PSF fit as outliers
-    _fail(exposure, field.config(database), step="extraction", cause=TooFewPSFStarsError,
+    _fail(exposure, field.config(database, **STRICT), step="extraction", cause=TooFewPSFStarsError,
           match=r"need at least \d+ PSF stars for degree \d+, got \d+ after rejecting")
     _assert_stopped_at("extraction", ImageBadness.NO_STARS, database.store)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_image_without_stars_degrades_to_flagged_products(database, tmp_path):
+    field = make_field(tmp_path / "sim", size=512, n_stars=0, n_galaxies=0)
+    exposure, _ = ingest_file(field.paths[0])
+    _degraded_to_the_end(field, database, exposure)
 
 
 def test_sky_above_saturation_fails_backgrounding_naming_the_flag(database, tmp_path):
@@ -185,9 +204,15 @@ def test_field_of_saturated_stars_fails_extraction_and_is_flagged(database, tmp_
     assert np.mean(inside["saturated"]) > 0.8
     exposure, _ = ingest_file(field.paths[0])
     # saturated stars do not measure the FWHM, and too few others are bright enough
-    _fail(exposure, field.config(database), step="extraction", cause=TooFewSourcesError,
+    _fail(exposure, field.config(database, **STRICT), step="extraction", cause=TooFewSourcesError,
           match=r"not enough sources to estimate the FWHM: 2 of \d+ have snr >= 20")
     _assert_stopped_at("extraction", ImageBadness.NO_STARS, database.store)
+
+
+def test_field_of_saturated_stars_degrades_to_flagged_products(database, tmp_path):
+    field = make_field(tmp_path / "sim", size=512, zero_point=40.0)
+    exposure, _ = ingest_file(field.paths[0])
+    _degraded_to_the_end(field, database, exposure)
 
 
 def test_large_nan_region_is_flagged_no_data_and_the_rest_calibrates(database, nan_files, tmp_path):
@@ -267,7 +292,8 @@ def test_too_few_catalog_stars_give_a_corrected_header_wcs_flagged_with_its_unce
 
 def test_too_few_calibration_stars_fail_photometry(database, good_field, tmp_path):
     exposure, _ = ingest_file(good_field.paths[0])
-    photocal = {"catalog": "gaia_folder", "catalog_folder": str(good_field.gaia_folder), "min_stars": 5000}
+    photocal = {"catalog": "gaia_folder", "catalog_folder": str(good_field.gaia_folder), "min_stars": 5000,
+                "fewest_stars": 5000, "uncalibrated": "fail"}
     _fail(exposure, good_field.config(database, photocal=photocal), step="photocal",
           cause=PhotometryError, match=r"only \d+ .*need >= 5000")
     _assert_stopped_at("photocal", ImageBadness.BAD_PHOTOMETRY, database.store)
