@@ -247,3 +247,17 @@ def test_a_failing_step_saves_nothing_of_its_own_and_marks_only_bad_data(databas
         assert session.get(Image, image.id).bad_flags == 0
     assert _counts() == {"backgrounds": 1, "source_lists": 1, "psfs": 1, "world_coordinates": 0,
                          "zero_points": 0}
+
+
+def test_reprs_say_what_which_image_and_key_numbers(database, field):
+    image = _image(field.paths[0])
+    ds = Pipeline(field.config(database)).run(image)
+    short = str(image.id)[:8]
+    assert "science" in repr(image) and short in repr(image) and "512x512" in repr(image)
+    assert short in repr(ds) and "sources" in repr(ds) and "zp" in repr(ds)
+    assert f"of image {short}" in repr(ds.get_background()) and "rms" in repr(ds.get_background())
+    assert "sources" in repr(ds.get_sources()) and "FWHM" in repr(ds.get_sources())
+    assert "pixel, FWHM" in repr(ds.get_psf()) and '"' in repr(ds.get_psf())
+    assert "sip" in repr(ds.get_wcs()) or "tan" in repr(ds.get_wcs())
+    assert f"{ds.get_zp().zp:.4f}" in repr(ds.get_zp()) and "limit" in repr(ds.get_zp())
+    assert "extraction" in repr(ds.provenance("extraction")) and "backgrounding" in repr(ds.provenance("extraction"))
