@@ -15,7 +15,7 @@ name              value  meaning
 FLAG_BAD_COLUMN   1      pixel of a dead or hot column
 FLAG_SATURATED    2      pixel at the saturation level (full well or digital clip)
 FLAG_COSMIC_RAY   4      pixel hit by a cosmic ray (truth: a real pipeline must find these)
-FLAG_BLEED        8      pixel that received charge spilled from a saturated pixel
+FLAG_BLEED        64     pixel that received charge spilled from a saturated pixel
 ================  =====  ===========================================================
 """
 
@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from improc.flags import PixelFlag
+
 __all__ = [
     "FLAG_BAD_COLUMN", "FLAG_SATURATED", "FLAG_COSMIC_RAY", "FLAG_BLEED",
     "sky_model", "expose", "inverse_variance",
 ]
 
-FLAG_BAD_COLUMN: int = 1
-FLAG_SATURATED: int = 2
-FLAG_COSMIC_RAY: int = 4
-FLAG_BLEED: int = 8
+# the project's pixel flag bits (improc.flags.PixelFlag), so a simulated flags plane reads as one
+FLAG_BAD_COLUMN: int = int(PixelFlag.BAD)
+FLAG_SATURATED: int = int(PixelFlag.SATURATED)
+FLAG_COSMIC_RAY: int = int(PixelFlag.CR)
+FLAG_BLEED: int = int(PixelFlag.BLEED)
 
 #: Median charge of a cosmic-ray pixel, electrons, and the log-normal spread.
 _CR_MEDIAN_E = 3000.0
