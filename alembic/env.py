@@ -1,4 +1,9 @@
-"""Alembic environment: runs the migrations on the connection or URL it is given."""
+"""Alembic environment: runs the migrations on the connection it is given.
+
+`models.schema.upgrade` passes a connection that is already inside its locked, all-or-nothing
+transaction, so ``begin_transaction`` below joins it and every migration commits or rolls back
+together.  (A URL is used only when alembic is run by hand with ``sqlalchemy.url`` set.)
+"""
 
 from alembic import context
 from sqlalchemy import create_engine

@@ -88,12 +88,13 @@ def _url_with_password(url: str, password_file: str | None) -> sa.URL:
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    # Foreign keys are off by default in SQLite; WAL lets readers work while a writer commits,
-    # and the busy timeout makes concurrent writers wait instead of failing at once.
+    # The busy timeout makes concurrent writers wait instead of failing at once; it comes first
+    # because switching a new database to WAL takes a lock that another process may hold.
+    # Foreign keys are off by default in SQLite; WAL lets readers work while a writer commits.
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 

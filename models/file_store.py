@@ -1,36 +1,56 @@
 """Files of products: where they live under the data root, atomic writes, md5 checks.
 
 Big arrays live in files below ``storage.data_root``; the row keeps the path relative to the data
-root and the md5 of the file.  A file is written to a temporary name in its final folder, flushed
-to disk with fsync and renamed, so a reader sees the old file or the complete new one, never a
-half-written one.  Loading checks the md5 and raises `FileIntegrityError` when it differs.
+root and the md5 of the file.  A file is written to a temporary name in its final folder
+(``.<name>.<random>.tmp``, see `TEMP_NAME`), flushed to disk with fsync and hard-linked under
+its final name, which is never replaced, so a reader sees no file or the complete one, never a
+half-written one.  A process killed meanwhile leaves at most a temporary file, or a complete
+file without a row; both are harmless (every product's name contains its own id, so nothing
+ever collides with them) and ``seechange db clean`` removes them (`models.maintenance`).
+Loading checks the md5 and raises `FileIntegrityError` when it differs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
+import string
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
+from models.faults import fault_point
 from util.config import ConfigError
 
 
 __all__ = ["FileStore", "FileIntegrityError", "FileBackedMixin", "md5_of", "content_md5", "safe_component",
-           "product_file_stem",
-           "FILE_STEM_FIELDS", "DEFAULT_CONVENTION"]
+           "product_file_stem", "convention_pattern",
+           "FILE_STEM_FIELDS", "DEFAULT_CONVENTION", "TEMP_NAME"]
 
 #: The default ``storage.file_name_convention`` (default_config.yaml documents it).
 DEFAULT_CONVENTION = ("{instrument}/{date}/{instrument}_{date}_{name}_{section}_{filter}_{type}_"
                       "{process}_{prov}")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+#: Names of temporary files: ``.<final name>.<8 random characters>.tmp`` (`FileStore.write`).
+TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Permissions of new product files: those of any file this process creates (mkstemp's are 0600).
+_FILE_MODE = 0o666 & ~_umask()
 
 
 class FileIntegrityError(OSError):
@@ -103,7 +123,8 @@ class FileStore:
             raise ValueError(f"path {relpath!r} leaves the data root {self.root}")
         return path
 
-    def write(self, relpath: str, writer: Callable[[Path], None], *, overwrite: bool = False) -> str:
+    def write(self, relpath: str, writer: Callable[[Path], None], *, overwrite: bool = False,
+              kind: str = "file") -> str:
         """Write a file atomically and return its md5.
 
         An existing file is never replaced unless ``overwrite`` is set: product files are
@@ -117,6 +138,8 @@ class FileStore:
             ``writer(tmp_path)`` writes the whole file at ``tmp_path``.
         overwrite : bool
             Replace an existing file.
+        kind : str
+            What the file holds (a product's class name), for `models.faults.fault_point`.
 
         Returns
         -------
@@ -135,19 +158,27 @@ class FileStore:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(tmp_name)
+        placed = False
         try:
             writer(tmp)
+            os.chmod(tmp, _FILE_MODE)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             md5 = md5_of(tmp)
+            fault_point("temp_written", kind)
             if overwrite:
                 os.replace(tmp, final)
             else:
                 # link() fails if the name was taken meanwhile, so two writers never clobber.
                 os.link(tmp, final)
+                placed = True
                 tmp.unlink()
-        except BaseException:
+            _fsync_folder(final.parent)
+            fault_point("file_in_place", kind)
+        except BaseException:       # also KeyboardInterrupt, SIGTERM (pipeline.cli): leave nothing
             tmp.unlink(missing_ok=True)
+            if placed:
+                final.unlink(missing_ok=True)
             raise
         return md5
 
@@ -165,6 +196,35 @@ class FileStore:
     def delete(self, relpath: str) -> None:
         """Delete a stored file (no error if it is already gone)."""
         self.absolute(relpath).unlink(missing_ok=True)
+
+    def walk(self) -> Iterator[str]:
+        """Every regular file below the root, as a path relative to it (symlinks are not followed
+        and not listed: nothing outside the data root is ever looked at)."""
+        for folder, dirs, files in os.walk(self.root, followlinks=False):
+            here = Path(folder)
+            dirs[:] = sorted(d for d in dirs if not (here / d).is_symlink())
+            for name in sorted(files):
+                path = here / name
+                if not path.is_symlink() and path.is_file():
+                    yield path.relative_to(self.root).as_posix()
+
+    def matches_convention(self, relpath: str) -> bool:
+        """Whether ``relpath`` (any extension) is a name this store's convention can give."""
+        return convention_pattern(self.convention).match(relpath) is not None
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a new name in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class FileBackedMixin:
@@ -204,7 +264,7 @@ class FileBackedMixin:
     def save_file(self, store: FileStore) -> Path:
         """Write the product's file atomically; set ``filepath`` and ``md5sum``; return the path."""
         relpath = self.file_stem(store) + self.file_extension
-        self.md5sum = store.write(relpath, self._write)
+        self.md5sum = store.write(relpath, self._write, kind=type(self).__name__)
         self.filepath = relpath
         return store.absolute(relpath)
 
@@ -225,7 +285,6 @@ class FileBackedMixin:
         """Delete the product's file, if it has one."""
         if self.filepath is not None:
             (store or self.file_store()).delete(self.filepath)
-
 
 
 #: Fields a ``storage.file_name_convention`` may use.
@@ -254,10 +313,15 @@ def product_file_stem(*, instrument: str, mjd: float | None, section: str | None
     ------
     ConfigError
         If the convention uses an unknown field or gives an empty name.
+    ValueError
+        If ``mjd`` is not a calendar date.
     """
     from astropy.time import Time
 
-    date = "nodate" if mjd is None else Time(mjd, format="mjd").strftime("%Y%m%d")
+    try:
+        date = "nodate" if mjd is None else Time(mjd, format="mjd").strftime("%Y%m%d")
+    except (ValueError, ArithmeticError) as exc:     # ERFA refuses dates beyond its calendar
+        raise ValueError(f"observation time MJD {mjd} is not a calendar date ({exc})") from None
     fields = {"instrument": instrument, "date": date, "section": section or "all",
               "filter": filter or "nofilter", "type": type, "process": process,
               "prov": (prov or "noprov")[:10], "name": name}
@@ -271,3 +335,20 @@ def product_file_stem(*, instrument: str, mjd: float | None, section: str | None
     if not parts:
         raise ConfigError(f"storage.file_name_convention {convention!r} gives an empty file name")
     return "/".join(parts)
+
+
+@functools.lru_cache(maxsize=32)
+def convention_pattern(convention: str) -> re.Pattern:
+    """A regular expression matching the relative paths (with any extension) a convention gives.
+
+    Every field becomes a run of the characters `safe_component` keeps, literal text stays
+    literal; `models.maintenance` uses it to tell product files from other files in the data root.
+    """
+    parts = []
+    for literal, field, _spec, _conversion in string.Formatter().parse(convention):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(r"[A-Za-z0-9._+-]+")
+    components = "".join(parts).split("/")
+    kept = "/".join(c for c in components if c not in ("", re.escape("."), re.escape("..")))
+    return re.compile(rf"^{kept}\.[A-Za-z0-9.]+$")

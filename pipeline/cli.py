@@ -3,9 +3,11 @@
 ::
 
     seechange db upgrade                      # create or migrate the schema
+    seechange db check [--quick] [--min-age S] # rows without files, orphan files, md5s, temp files
+    seechange db clean [--dry-run]            # remove those, so that a re-run remakes what is gone
     seechange ingest FILE... [--instrument N] [--weight W --flags F]
     seechange images [--ra --dec --filter]    # find images
-    seechange run [IMAGE_OR_EXPOSURE_ID...]   # the pipeline, then tag the provenances
+    seechange run [IMAGE_OR_EXPOSURE_ID...]   # the pipeline, then tag the provenances [--verify]
     seechange provenance list | tag TAG       # provenances and tags
     seechange demo                            # synthetic images through the pipeline
 
@@ -14,13 +16,19 @@ or after the command's name.  The command line is an entry point: it reads the c
 makes the `models.context.Context` every command works in, and sets sep's pixel buffer from
 ``pipeline.sep_pixel_stack`` (a process-wide setting of sep, so only a program's entry point
 may choose it).
+
+Errors are reported once, on one line (`pipeline.runner.error_line`: no traceback, no SQL);
+``-v`` shows the log and the traceback.  SIGTERM (a pre-empted worker) stops the command as
+Ctrl-C does: the save in progress is rolled back and its files removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
@@ -33,29 +41,62 @@ def _setup(args: argparse.Namespace, *, migrate: bool = True):
 
     from models.context import Context, use_context
     from models.schema import upgrade
-    from util.config import Config
+    from util.config import Config, ConfigError
 
+    root = logging.getLogger()
+    configured = bool(root.handlers)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose and not configured:
+        root.handlers[0].addFilter(_warnings_only)
     context = use_context(Context.from_config(Config.load(args.config)))
-    sep.set_extract_pixstack(int(context.config.get("pipeline.sep_pixel_stack")))
+    pixel_stack = context.config.get("pipeline.sep_pixel_stack")
+    if isinstance(pixel_stack, bool) or not isinstance(pixel_stack, int) or pixel_stack <= 0:
+        raise ConfigError(f"pipeline.sep_pixel_stack must be a positive integer, got {pixel_stack!r}")
+    sep.set_extract_pixstack(pixel_stack)
     if migrate:
         upgrade(context.engine)
     return context
 
 
+def _warnings_only(record: logging.LogRecord) -> bool:
+    """Without -v, errors are not logged: the command reports each one itself, on one line."""
+    return record.levelno < logging.ERROR
+
+
 def _cmd_db(args: argparse.Namespace) -> int:
+    from models import maintenance
     from models.schema import current_revision, upgrade
 
     context = _setup(args, migrate=False)
     upgrade(context.engine)
-    print(f"database {context.engine.url.render_as_string(hide_password=True)} at revision "
-          f"{current_revision(context.engine)}")
+    where = (f"database {context.engine.url.render_as_string(hide_password=True)}, "
+             f"data root {context.store.root}")
+    if args.action == "upgrade":
+        print(f"database {context.engine.url.render_as_string(hide_password=True)} at revision "
+              f"{current_revision(context.engine)}")
+        return 0
+    if args.action == "check":
+        report = maintenance.check(context, md5=not args.quick, min_age=args.min_age)
+        print(where)
+        for problem in report.problems:
+            print(problem.line())
+        print(report.summary())
+        return 0 if report.ok else 1
+    report = maintenance.clean(context, dry_run=args.dry_run, md5=not args.quick, min_age=args.min_age)
+    print(where)
+    for action in report.actions:
+        print(action)
+    print(report.summary() + ("; nothing done (--dry-run)" if args.dry_run else
+                              f"; {len(report.actions) or 'nothing'} repair(s) done"))
     return 0
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from models.image import ingest_file
+    from pipeline.runner import error_line
 
     context = _setup(args)
     if (args.weight or args.flags) and len(args.files) != 1:
@@ -63,22 +104,27 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
         try:
+            if Path(path).is_dir():
+                raise IsADirectoryError(f"{path} is a directory, not a FITS file")
             exposure, images = ingest_file(path, instrument=args.instrument, weight=args.weight,
                                            flags=args.flags, context=context)
         except Exception as exc:  # a batch goes on past a bad file
-            if len(args.files) == 1:
+            if args.verbose:
                 raise
-            print(f"{path}: error: {exc}", file=sys.stderr)
+            message = error_line(exc)
+            if Path(path).name not in message:
+                message = f"{path}: {message}"
+            print(f"seechange ingest: error: {message}" if len(args.files) == 1 else
+                  f"{path}: error: {message}", file=sys.stderr)
             failed += 1
             continue
         print(f"{path}: exposure {exposure.id} ({exposure.instrument}, {exposure.filter}, "
               f"{exposure.exp_time:g} s), {len(images)} image(s)")
         for image in images:
             print(f"  image {image.id} section {image.section_id}")
-    if failed:
+    if failed and len(args.files) > 1:
         print(f"{failed} of {len(args.files)} file(s) could not be ingested", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
@@ -132,7 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_all
 
     context = _setup(args)
-    run_all(context, ids=args.ids, tag=args.tag)
+    run_all(context, ids=args.ids, tag=args.tag, verify=args.verify)
     return 0
 
 
@@ -157,13 +203,22 @@ def _common(*, suppress: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``seechange`` command."""
+    from models.maintenance import DEFAULT_MIN_AGE
+
     common = _common(suppress=True)
     parser = argparse.ArgumentParser(prog="seechange", parents=[_common(suppress=False)],
                                      description="SeeChange: find what changed on the sky.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    db = sub.add_parser("db", parents=[common], help="database schema")
-    db.add_argument("action", choices=["upgrade"], help="upgrade: apply all migrations")
+    db = sub.add_parser("db", parents=[common], help="database schema, checks and repairs")
+    db.add_argument("action", choices=["upgrade", "check", "clean"],
+                    help="upgrade: apply all migrations; check: compare rows and files (exit 1 if "
+                         "anything is wrong); clean: repair what check finds")
+    db.add_argument("--dry-run", action="store_true", help="clean: only say what would be done")
+    db.add_argument("--quick", action="store_true", help="check, clean: do not compare md5s")
+    db.add_argument("--min-age", type=float, default=DEFAULT_MIN_AGE, metavar="SECONDS",
+                    help="check, clean: leave out files younger than this, which may belong to a "
+                         f"save in progress (default {DEFAULT_MIN_AGE:g}; 0 when nothing is running)")
     db.set_defaults(func=_cmd_db)
 
     ingest = sub.add_parser("ingest", parents=[common], help="ingest FITS files")
@@ -187,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the pipeline on images or exposures")
     run.add_argument("ids", nargs="*", help="image or exposure ids (default: every exposure and image)")
     run.add_argument("--tag", help="tag the provenances used with this name")
+    run.add_argument("--verify", action="store_true",
+                     help="md5-check the files of the products that would be skipped; make damaged ones again")
     run.set_defaults(func=_cmd_run)
 
     prov = sub.add_parser("provenance", parents=[common], help="provenances and tags")
@@ -204,17 +261,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so that the save in progress cleans up."""
+
+
+def _terminate(signum, _frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``seechange`` command."""
+    from pipeline.runner import error_line
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
+    except (Terminated, KeyboardInterrupt) as exc:
+        name = str(exc) or "SIGINT"
+        print(f"seechange {args.command}: interrupted by {name}; nothing half-saved, run it again "
+              "to go on", file=sys.stderr)
+        return 128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
     except Exception as exc:  # one clear line for the user; --verbose shows the traceback
         if getattr(args, "verbose", False):
             raise
-        print(f"seechange {args.command}: error: {exc}", file=sys.stderr)
+        print(f"seechange {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

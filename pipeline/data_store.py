@@ -82,6 +82,10 @@ class DataStore:
         self.tag: str | None = None
         self.products: dict[str, Any] = {}
         self.stats: dict[str, dict] = {}
+        #: Names of products another process saved first, whose rows this DataStore took instead.
+        self.adopted: list[str] = []
+        #: Kinds of stored products whose damaged files made them be made again (``verify``).
+        self.remade: list[str] = []
         self._image_process: str | None = None
         if isinstance(target, Image):
             self.image = target
@@ -422,13 +426,17 @@ class DataStore:
     def save_and_commit(self, *, before_commit: Callable | None = None) -> list[Any]:
         """Save every new product: files first, then all rows in one transaction.
 
-        Provenances of the tree are saved first (saving one twice is a no-op).  If anything
-        fails, no new row stays in the database and no new file on disk.
+        The provenances of the new products are saved first, with their upstreams (saving one
+        twice is a no-op).  If anything fails, no new row stays in the database and no new file
+        on disk.  If another process saved one of these products first (same parents and
+        provenance), its row is used instead of this DataStore's (whose file is deleted), and
+        the product's name is added to ``adopted``: both processes go on with the one stored
+        product.
 
         Returns
         -------
         list
-            The products that were saved.
+            The stored products: those saved, or the other process's rows in their place.
 
         Raises
         ------
@@ -441,7 +449,34 @@ class DataStore:
         if not new:
             return []
         self._name_files(new)
+        needed = {p.provenance_id for p in new}
         with self.context.session() as session:
             for prov in self.prov_tree.values():
-                prov.save(session)
-        return save_products(new, context=self.context, before_commit=before_commit)
+                if prov.id in needed:
+                    prov.save(session)      # with its upstreams
+        stored = save_products(new, context=self.context, before_commit=before_commit,
+                               on_conflict="adopt")
+        for mine, theirs in zip(new, stored):
+            if theirs is not mine:
+                self._adopt(mine, theirs)
+        return stored
+
+    def _adopt(self, mine: Any, theirs: Any) -> None:
+        """Hold another process's stored product instead of the equal one made here."""
+        if mine is self.exposure:
+            self.exposure, name = theirs, "exposure"
+        elif mine is self.image:
+            self.image, name = theirs, "image"
+        else:
+            name = next(n for n, p in self.products.items() if p is mine)
+            self.products[name] = theirs
+        self.adopted.append(name)
+
+    def forget(self, ids: Iterable[Any]) -> None:
+        """Drop the held products whose ids are given (rows removed from the database), so that
+        ``get_<name>()`` looks them up again and the steps that make them run again."""
+        gone = set(ids)
+        for name in [n for n, p in self.products.items() if p is not None and p.id in gone]:
+            del self.products[name]
+        if self.exposure is not None and self.image is not None and self.image.id in gone:
+            self.image = None

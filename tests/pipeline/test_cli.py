@@ -220,3 +220,46 @@ def test_after_the_demo_its_config_runs_the_pipeline_offline(tmp_path):
     result = _seechange("--config", str(demo_config), "images", "--tag", "again", "--order-by", "quality",
                         home=tmp_path / "elsewhere")
     assert "1 image(s)" in result.stdout
+
+
+def test_db_check_and_clean(tmp_path, capsys):
+    """``db check`` exits 1 naming each problem; ``db clean --dry-run`` only says; ``db clean`` repairs."""
+    config = _user_config(tmp_path)
+    from tests.models.synthetic_files import write_synthetic
+
+    image = write_synthetic(tmp_path / "t.fits")
+    assert main(["--config", config, "ingest", str(image)]) == 0
+    assert main(["--config", config, "db", "check", "--min-age", "0"]) == 0
+    assert "no problem(s)" in capsys.readouterr().out
+    stored = next((tmp_path / "root").rglob("*_preprocessing_*.fits"))
+    orphan = stored.with_name("x" + stored.name)
+    orphan.write_bytes(b"left by a kill")
+    assert main(["--config", config, "db", "check"]) == 0            # young: may be a save in progress
+    assert "younger than the minimum age" in capsys.readouterr().out
+    assert main(["--config", config, "db", "check", "--min-age", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "orphan file" in out and orphan.name in out and "1 problem(s)" in out
+    assert main(["--config", config, "db", "clean", "--dry-run", "--min-age", "0"]) == 0
+    assert "would delete orphan file" in capsys.readouterr().out and orphan.exists()
+    assert main(["--config", config, "db", "clean", "--min-age", "0"]) == 0
+    assert "deleted orphan file" in capsys.readouterr().out and not orphan.exists()
+    assert main(["--config", config, "db", "check", "--min-age", "0", "--quick"]) == 0
+
+
+def test_database_errors_are_one_line_without_sql():
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from pipeline.runner import error_line
+    from pipeline.step import StepError
+
+    class UniqueViolation(Exception):
+        pass
+
+    cause = UniqueViolation('duplicate key value violates unique constraint "uq_images"\n'
+                            "DETAIL:  Key (exposure_id)=(1) already exists.")
+    error = IntegrityError("INSERT INTO images (id, data) VALUES (%(id)s, %(data)s)", {"id": 1, "data": "x"}, cause)
+    assert error_line(error) == ('database error (UniqueViolation): duplicate key value violates unique '
+                                 'constraint "uq_images"')
+    step = StepError("astrocal", "image X", OperationalError("SELECT 1", {}, Exception("database is locked")))
+    assert error_line(step) == "astrocal failed on image X: database error (Exception): database is locked"
+    assert error_line(ValueError("two\nlines")) == "two; lines"
