@@ -77,6 +77,36 @@ def _celestial_wcs(header: fits.Header, where: str) -> WCS:
     return wcs.celestial
 
 
+#: Largest footprint radius accepted, degrees (wider-field cameras exist; this catches nonsense).
+MAX_FOOTPRINT_RADIUS_DEG = 30.0
+
+
+def _check_footprint(wcs: WCS, shape: tuple[int, int], where: str) -> None:
+    """The WCS maps the image to a small, finite patch of sky, and back (BadInputError if not)."""
+    from improc import footprint
+
+    ny, nx = shape
+    x = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5, (nx - 1) / 2.0])
+    y = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5, (ny - 1) / 2.0])
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        try:
+            ra, dec = wcs.all_pix2world(x, y, 0)
+            back_x, back_y = wcs.all_world2pix(ra, dec, 0, tolerance=1e-6, maxiter=50, quiet=False)
+        except Exception as exc:  # astropy's NoConvergence and friends: a WCS that does not invert
+            raise BadInputError(f"{where}: the WCS does not map the image's corners to the sky and "
+                                f"back ({type(exc).__name__})") from None
+    if not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))):
+        raise BadInputError(f"{where}: the WCS puts the image's corners nowhere on the sky (not finite)")
+    if np.max(np.hypot(back_x - x, back_y - y)) > 0.5:
+        raise BadInputError(f"{where}: the WCS does not invert (corners come back "
+                            f"{np.max(np.hypot(back_x - x, back_y - y)):.3g} pixels off)")
+    radius = float(footprint.polygon_radii(ra[:4], dec[:4], np.array([ra[4]]), np.array([dec[4]]))[0])
+    if not radius <= MAX_FOOTPRINT_RADIUS_DEG:
+        raise BadInputError(f"{where}: the WCS makes the image {radius:.3g} degrees in radius (more than "
+                            f"{MAX_FOOTPRINT_RADIUS_DEG:g}): a wrong scale or reference pixel")
+
+
 def _select_hdu(sections: dict[str, int], hdul: fits.HDUList, *, hdu: int | str | None,
                 section_id: str | None, filename: str) -> tuple[str, int]:
     if hdu is not None:
@@ -163,6 +193,7 @@ def _build_image(path: Path, hdul: fits.HDUList, inst: Instrument, *, section_id
         raise BadInputError(f"{where}: no finite pixel (all NaN or infinite)")
     header = merged_header(hdul[0].header, hdul[index].header if index else None)
     wcs = _celestial_wcs(hdul[index].header if index else hdul[0].header, where)
+    _check_footprint(wcs, data.shape, where)
     obs = inst.observation(header, filename=name)
     info = inst.section_info(header, section_id)
     companions = inst.companions(path)

@@ -88,6 +88,20 @@ class Observation:
     target: str | None = None
     project: str | None = None
 
+    #: Observation times accepted, MJD: 1900-01-01 to 2100-01-01 (a header outside is wrong).
+    MJD_RANGE = (15020.0, 88069.0)
+
+    def implausible(self) -> str | None:
+        """What is physically impossible in these values (a sentence), or None."""
+        low, high = self.MJD_RANGE
+        if not (math.isfinite(self.mjd) and low <= self.mjd <= high):
+            return f"observation time MJD {self.mjd} is outside {low:g}..{high:g} (years 1900-2100)"
+        if not (math.isfinite(self.exp_time) and self.exp_time > 0):
+            return f"exposure time {self.exp_time} s is not positive"
+        if self.dec is not None and not -90.0 <= self.dec <= 90.0:
+            return f"pointing declination {self.dec} is not in [-90, 90]"
+        return None
+
 
 @dataclass(frozen=True)
 class AmplifierInfo:

@@ -15,7 +15,10 @@ from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Input, Output, Step
 
-__all__ = ["BackgroundingParams", "Backgrounder"]
+__all__ = ["BackgroundingParams", "Backgrounder", "MIN_IMAGE_SIDE"]
+
+#: Smallest image side, pixels, that a background (and a PSF stamp) can be made of.
+MIN_IMAGE_SIDE = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +56,10 @@ class Backgrounder(Step):
 
     def run(self, ds: DataStore) -> None:
         image = ds.get_image()
+        if min(image.ny, image.nx) < MIN_IMAGE_SIDE:
+            raise BadDataError(f"the image is {image.nx} x {image.ny} pixels; a background, and the "
+                               f"products after it, need at least {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}",
+                               figures={"nx": image.nx, "ny": image.ny})
         mask = image.flags != 0
         usable, need = int(np.count_nonzero(~mask)), min(self.params.box_size, *mask.shape) ** 2 // 2
         if usable < need:

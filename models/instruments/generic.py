@@ -275,7 +275,7 @@ class GenericInstrument(Instrument):
             A required quantity (time, exposure time, filter) has no keyword and no default,
             or a keyword's value cannot be read; the message names the file and keyword.
         """
-        return Observation(
+        observation = Observation(
             mjd=self._mjd(header, filename),
             exp_time=self._number(header, "exp_time", filename, required=True),
             filter=self._filter(header, filename),
@@ -285,6 +285,10 @@ class GenericInstrument(Instrument):
             target=self._text(header, "target"),
             project=self._text(header, "project"),
         )
+        problem = observation.implausible()
+        if problem:
+            raise MissingHeaderError(f"{filename}: {problem}")
+        return observation
 
     def _header_mjd(self, header: fits.Header, filename: str) -> float:
         keyword, value = self._find(header, "mjd")
@@ -342,6 +346,9 @@ class GenericInstrument(Instrument):
         if keyword is None:
             return None
         if isinstance(value, (int, float)):
+            if quantity == "dec" and not -90.0 <= float(value) <= 90.0:
+                raise MissingHeaderError(f"{filename}: {keyword}={value!r} is not a declination "
+                                         "(degrees in [-90, 90])")
             return float(value) % 360.0 if quantity == "ra" else float(value)
         text = str(value).strip()
         sexagesimal = ":" in text or " " in text
