@@ -6,7 +6,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from astropy.table import Table
-from sqlalchemy import ForeignKey, Index, select
+from sqlalchemy import ForeignKey, Index, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.base import Base, TimestampMixin, UUIDMixin, session_scope
@@ -22,7 +22,11 @@ class CatalogExcerpt(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     """
 
     __tablename__ = "catalog_excerpts"
-    __table_args__ = (Index("ix_catalog_excerpts_catalog_box", "catalog", "mindec", "maxdec"),)
+    __table_args__ = (
+        Index("ix_catalog_excerpts_catalog_box", "catalog", "mindec", "maxdec"),
+        # one excerpt per key and box: processes that fetch the same field at once agree on one
+        UniqueConstraint("catalog", "minra", "maxra", "mindec", "maxdec", name="uq_catalog_excerpts_catalog_box"),
+    )
 
     catalog: Mapped[str] = mapped_column(sa.String(64))
     origin: Mapped[str] = mapped_column(sa.String(512))

@@ -175,7 +175,7 @@ def reference_catalog(image, source: CatalogSource, *, context: Context | None =
                              minra=box[0], maxra=box[1], mindec=box[2], maxdec=box[3])
     if not cache:
         return excerpt
-    save_products([excerpt], context=context)
+    excerpt = save_products([excerpt], context=context, on_conflict="adopt")[0]
     log.info("cached %d %s stars for %s", len(table), key, image)
     return excerpt
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-04 20:17:50.694865
+Create Date: 2026-12-04 22:01:52.312074
 """
 from alembic import op
 import sqlalchemy as sa
@@ -46,7 +46,8 @@ def upgrade() -> None:
     sa.Column('filepath', sa.String(length=512), nullable=True),
     sa.Column('md5sum', sa.String(length=32), nullable=True),
     sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_catalog_excerpts_provenance_id_provenances'), ondelete='RESTRICT'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_catalog_excerpts'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_catalog_excerpts')),
+    sa.UniqueConstraint('catalog', 'minra', 'maxra', 'mindec', 'maxdec', name='uq_catalog_excerpts_catalog_box')
     )
     with op.batch_alter_table('catalog_excerpts', schema=None) as batch_op:
         batch_op.create_index('ix_catalog_excerpts_catalog_box', ['catalog', 'mindec', 'maxdec'], unique=False)
