@@ -92,7 +92,7 @@ from improc.psf import PixelPSF, monomials, n_terms
 from improc.zogy_tile import (median_sigma, read_window, relative_power, subtract_window,
                               tile_bounds, tile_filters, window_shape)
 
-__all__ = ["ZogyResult", "zogy_subtract", "detect_peaks", "tile_bounds"]
+__all__ = ["TiledPSF", "ZogyResult", "zogy_subtract", "detect_peaks", "tile_bounds"]
 
 #: A PSF given as a callable: ``psf(x, y)`` -> odd square stamp, star at the central pixel's centre.
 PSFLike = PixelPSF | Callable[[float, float], np.ndarray]
@@ -141,13 +141,12 @@ class ZogyResult:
 
     def tile_index(self, x: np.ndarray | float, y: np.ndarray | float) -> np.ndarray:
         """Index of the tile whose core holds each position (clipped to the image)."""
-        x = np.atleast_1d(np.asarray(x, dtype=float))
-        y = np.atleast_1d(np.asarray(y, dtype=float))
-        ys = np.unique(self.tiles[:, 0])
-        xs = np.unique(self.tiles[:, 2])
-        iy = np.clip(np.searchsorted(ys, np.floor(y + 0.5), side="right") - 1, 0, ys.size - 1)
-        ix = np.clip(np.searchsorted(xs, np.floor(x + 0.5), side="right") - 1, 0, xs.size - 1)
-        return iy * xs.size + ix
+        return self.tiled_psf.tile_index(x, y)
+
+    @property
+    def tiled_psf(self) -> TiledPSF:
+        """P_D per tile as a callable PSF."""
+        return TiledPSF(stamps=self.psf_d, tiles=self.tiles)
 
     def psf_at(self, x: float, y: float) -> np.ndarray:
         """P_D of the tile holding image position (x, y): a stamp summing to 1."""
@@ -190,6 +189,42 @@ class ZogyResult:
         coeffs, *_ = np.linalg.lstsq(design, self.psf_d[valid].reshape(len(tiles), -1), rcond=None)
         return PixelPSF(basis=coeffs.reshape(-1, size, size), degree=degree, x0=x0, y0=y0,
                         xscale=xs, yscale=ys, image_shape=(ny, nx))
+
+
+@dataclass(frozen=True, eq=False)
+class TiledPSF:
+    """A PSF given per tile (P_D of a tiled subtraction): ``psf(x, y)`` is the stamp of the tile
+    whose core holds (x, y).  Usable wherever a `PSFLike` callable is (`improc.measurements`).
+
+    Attributes
+    ----------
+    stamps : numpy.ndarray
+        (n_tiles, size, size) stamps, each summing to 1 (zeros for a tile without data).
+    tiles : numpy.ndarray
+        (n_tiles, 4) int cores ``y0, y1, x0, x1`` in row-major order (`tile_bounds`).
+    """
+
+    stamps: np.ndarray
+    tiles: np.ndarray
+
+    def tile_index(self, x: np.ndarray | float, y: np.ndarray | float) -> np.ndarray:
+        """Index of the tile whose core holds each position (clipped to the image)."""
+        x = np.atleast_1d(np.asarray(x, dtype=float))
+        y = np.atleast_1d(np.asarray(y, dtype=float))
+        ys = np.unique(self.tiles[:, 0])
+        xs = np.unique(self.tiles[:, 2])
+        iy = np.clip(np.searchsorted(ys, np.floor(y + 0.5), side="right") - 1, 0, ys.size - 1)
+        ix = np.clip(np.searchsorted(xs, np.floor(x + 0.5), side="right") - 1, 0, xs.size - 1)
+        return iy * xs.size + ix
+
+    def __call__(self, x: float, y: float) -> np.ndarray:
+        stamp = np.asarray(self.stamps[int(self.tile_index(x, y)[0])], dtype=float)
+        if not stamp.any():     # a tile without data: the nearest tile that has some
+            valid = np.flatnonzero(self.stamps.reshape(len(self.stamps), -1).any(axis=1))
+            cy = (self.tiles[valid, 0] + self.tiles[valid, 1]) / 2.0
+            cx = (self.tiles[valid, 2] + self.tiles[valid, 3]) / 2.0
+            stamp = np.asarray(self.stamps[valid[np.argmin(np.hypot(cx - x, cy - y))]], dtype=float)
+        return stamp
 
 
 def _stamp(psf: PSFLike, x: float, y: float, what: str) -> np.ndarray:

@@ -73,6 +73,15 @@ class ImageBadness(enum.IntFlag):
     BAD_PSF = 8           #: PSF could not be measured
     BAD_SUBTRACTION = 16  #: the difference image is dominated by artefacts
     NO_STARS = 32         #: too few stars were found
+    NO_REFERENCE = 64     #: no usable reference covers the image (subtraction cannot run)
+
+
+def components_key(image_ids) -> str:
+    """The key of a set of component images: md5 of their sorted ids (order-independent)."""
+    import hashlib
+
+    text = ",".join(sorted(str(i) for i in image_ids))
+    return hashlib.md5(text.encode()).hexdigest()
 
 
 def ingest_provenance() -> Provenance:
@@ -104,6 +113,9 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     __table_args__ = (
         UniqueConstraint("exposure_id", "section_id", "provenance_id",
                          name="uq_images_exposure_id_section_id_provenance_id"),
+        UniqueConstraint("new_image_id", "reference_id", "provenance_id",
+                         name="uq_images_new_image_id_reference_id_provenance_id"),
+        UniqueConstraint("components_key", "provenance_id", name="uq_images_components_key_provenance_id"),
         Index("ix_images_mjd", "mjd"),
         Index("ix_images_filter", "filter"),
         Index("ix_images_instrument_section_id", "instrument", "section_id"),
@@ -120,6 +132,17 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     exposure_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("exposures.id", ondelete="CASCADE"), index=True, default=None)
     section_id: Mapped[str | None] = mapped_column(sa.String(32), default=None)
+    new_image_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), index=True, default=None,
+        doc="A difference image's new image (on whose grid and in whose ADU it is).")
+    reference_id: Mapped[uuid.UUID | None] = mapped_column(
+        # use_alter: references point at images too; the constraint is added after both tables
+        ForeignKey("refs.id", ondelete="CASCADE", use_alter=True), index=True, default=None,
+        doc="A difference image's reference.")
+    components: Mapped[list | None] = mapped_column(
+        sa.JSON, default=None, doc="A coadd's component image ids (strings), in the order combined.")
+    components_key: Mapped[str | None] = mapped_column(
+        sa.String(32), default=None, doc="md5 of a coadd's sorted component ids: one coadd per set and provenance.")
     instrument: Mapped[str] = mapped_column(sa.String(64))
     type: Mapped[ImageType] = mapped_column(
         sa.Enum(ImageType, native_enum=False, length=16, create_constraint=True, name="image_type",
@@ -170,6 +193,7 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
         super().__init__(**columns)
         self._provenance = provenance
         self._data = self._weight = self._flags = None
+        self._extras: dict[str, np.ndarray] = {}
         if data is not None:
             self.data = data
         if weight is not None:
@@ -220,6 +244,19 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     @flags.setter
     def flags(self, value: np.ndarray) -> None:
         self._flags = np.asarray(value, dtype=FLAGS_DTYPE)
+
+    def extra(self, name: str) -> np.ndarray | None:
+        """An extra plane stored with the pixels (a difference image's ``SCORE``, ``PSF_D``,
+        ``PSF_TILES``; see `pipeline.subtraction`), or None if the image has none by that name."""
+        if getattr(self, "_data", None) is None and self.filepath is not None:
+            self.load_file()
+        return getattr(self, "_extras", {}).get(name.upper())
+
+    def set_extra(self, name: str, values: np.ndarray) -> None:
+        """Attach an extra plane (saved as an image HDU of that name after FLAGS)."""
+        if getattr(self, "_extras", None) is None:
+            self._extras = {}
+        self._extras[name.upper()] = np.asarray(values)
 
     @property
     def wcs(self) -> WCS | None:
@@ -339,6 +376,7 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
             fits.ImageHDU(np.asarray(data, dtype=np.float32), header=wcs_header, name="DATA"),
             fits.ImageHDU(np.asarray(weight, dtype=np.float32), name="WEIGHT"),
             fits.ImageHDU(np.asarray(flags, dtype=FLAGS_DTYPE), name="FLAGS"),
+            *(fits.ImageHDU(values, name=name) for name, values in sorted(getattr(self, "_extras", {}).items())),
         ])
         hdul.writeto(path, overwrite=True, output_verify="silentfix")
 
@@ -347,6 +385,7 @@ class Image(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
             self._data = hdul["DATA"].data.astype(np.float32)
             self._weight = hdul["WEIGHT"].data.astype(np.float32)
             self._flags = hdul["FLAGS"].data.astype(FLAGS_DTYPE)
+            self._extras = {hdu.name: hdu.data for hdu in hdul[4:]}
 
     # -- queries and constructors (bodies live in their own modules) -------------------------------
 

@@ -29,12 +29,13 @@ class SourceList(UUIDMixin, TimestampMixin, FileBackedMixin, Base):
     """
 
     __tablename__ = "source_lists"
-    __table_args__ = (UniqueConstraint("image_id", "background_id", "provenance_id",
-                                       name="uq_source_lists_image_background_prov"),)
+    # One list per image and provenance: the provenance fixes the background it was made with.
+    __table_args__ = (UniqueConstraint("image_id", "provenance_id", name="uq_source_lists_image_prov"),)
 
     image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
-    background_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("backgrounds.id", ondelete="CASCADE"),
-                                                     index=True)
+    background_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("backgrounds.id", ondelete="CASCADE"), index=True, default=None,
+        doc="The background subtracted before extraction (None for detections on a difference image).")
     provenance_id: Mapped[str] = mapped_column(ForeignKey("provenances.id", ondelete="RESTRICT"), index=True)
     num_sources: Mapped[int]
     aper_radii: Mapped[list] = mapped_column(sa.JSON, default=list)

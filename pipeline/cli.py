@@ -7,6 +7,7 @@
     seechange db clean [--dry-run]            # remove those, so that a re-run remakes what is gone
     seechange ingest FILE... [--instrument N] [--weight W --flags F]
     seechange images [--ra --dec --filter]    # find images
+    seechange make-ref --ra RA --dec DEC --filter F [--start-mjd --end-mjd --max-seeing --images ID...]
     seechange run [IMAGE_OR_EXPOSURE_ID...]   # the pipeline, then tag the provenances [--verify]
     seechange provenance list | tag TAG       # provenances and tags
     seechange demo                            # synthetic images through the pipeline
@@ -182,6 +183,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_ref(args: argparse.Namespace) -> int:
+    from pipeline.make_ref import make_reference
+
+    context = _setup(args)
+    made = make_reference(context, ra=args.ra, dec=args.dec, filter=args.filter, start_mjd=args.start_mjd,
+                          end_mjd=args.end_mjd, max_seeing=args.max_seeing, image_ids=args.images, tag=args.tag,
+                          valid_from_mjd=args.valid_from, valid_until_mjd=args.valid_until)
+    print(f"components: {len(made.components)} image(s)")
+    for image in made.components:
+        print(f"  image {image.id} {image.instrument} {image.section_id} {image.filter} mjd {image.mjd:.5f}")
+    print(made.describe())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -245,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verify", action="store_true",
                      help="md5-check the files of the products that would be skipped; make damaged ones again")
     run.set_defaults(func=_cmd_run)
+
+    make_ref = sub.add_parser("make-ref", parents=[common],
+                              help="coadd images of a field, calibrate the coadd and register it as a reference")
+    make_ref.add_argument("--ra", type=float, help="RA (deg) the component images must contain")
+    make_ref.add_argument("--dec", type=float, help="Dec (deg) the component images must contain")
+    make_ref.add_argument("--filter", help="filter of the component images")
+    make_ref.add_argument("--start-mjd", type=float, help="earliest component image (MJD)")
+    make_ref.add_argument("--end-mjd", type=float, help="latest component image (MJD)")
+    make_ref.add_argument("--max-seeing", type=float, help="worst seeing of a component, arcsec (needs --tag)")
+    make_ref.add_argument("--tag", help="tag whose PSFs give the components' seeing")
+    make_ref.add_argument("--images", nargs="+", metavar="ID", help="the component image ids (instead of a search)")
+    make_ref.add_argument("--valid-from", type=float, metavar="MJD", help="first MJD the reference applies to")
+    make_ref.add_argument("--valid-until", type=float, metavar="MJD", help="last MJD the reference applies to")
+    make_ref.set_defaults(func=_cmd_make_ref)
 
     prov = sub.add_parser("provenance", parents=[common], help="provenances and tags")
     prov_sub = prov.add_subparsers(dest="action", required=True)

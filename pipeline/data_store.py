@@ -45,7 +45,8 @@ class DataStoreError(Exception):
 def _image_makers() -> set[str]:
     from pipeline.step import step_classes
 
-    return {process for process, cls in step_classes().items() if "image" in cls.output_names()}
+    return {process for process, cls in step_classes().items()
+            if "image" in cls.output_names() or cls.makes_images}
 
 
 def _stored(obj: Any) -> bool:
@@ -86,6 +87,13 @@ class DataStore:
         self.adopted: list[str] = []
         #: Kinds of stored products whose damaged files made them be made again (``verify``).
         self.remade: list[str] = []
+        #: Processes whose products this DataStore finds by a query (`pipeline.step.Output.found_by`)
+        #: rather than by its own products' ids: those made for other images (a reference).
+        self.found_by_query: set[str] = set()
+        #: Intermediate arrays steps share within this DataStore (never saved; e.g. the aligned reference).
+        self.scratch: dict[str, Any] = {}
+        #: Steps that cannot run for this DataStore, with the reason (e.g. no reference set yet).
+        self.unavailable: dict[str, str] = {}
         self._image_process: str | None = None
         if isinstance(target, Image):
             self.image = target
@@ -162,17 +170,58 @@ class DataStore:
         root = self._root_provenance()
         tree: dict[str, Provenance] = {}
         self._image_process = None
+        self.found_by_query, self.unavailable = set(), {}
         if root is not None:
             tree[root.process] = root
             if self.image is not None:
                 self._image_process = root.process
+        made = {name for step in steps for name in step.output_names()}
         for step in steps:
-            upstreams = [self._input_provenance(tree, inp.name, step) for inp in step.inputs]
-            tree[step.process] = step.make_provenance(upstreams)
-            if "image" in step.output_names():
-                self._image_process = step.process
+            upstreams = []
+            for inp in step.inputs:
+                if inp.tag_param and inp.name not in made:
+                    found = self._tagged_provenance(tree, inp, step)
+                    if found is None:
+                        break
+                    upstreams.append(found)
+                    continue
+                if self._input_process(inp.name) in self.unavailable:
+                    self.unavailable[step.process] = self.unavailable[self._input_process(inp.name)]
+                    break
+                upstreams.append(self._input_provenance(tree, inp.name, step))
+            else:
+                tree[step.process] = step.make_provenance(upstreams)
+                if "image" in step.output_names():
+                    self._image_process = step.process
         self.prov_tree, self.tag = tree, None
         return tree
+
+    def _input_process(self, name: str) -> str | None:
+        if name == "image":
+            return self._image_process
+        if name in ("exposure", "section_id"):
+            return name
+        return product_spec(name).process
+
+    def _tagged_provenance(self, tree: dict[str, Provenance], inp, step: Step) -> Provenance | None:
+        """The provenance of a product found by a query (``inp.tag_param``), from the tag the
+        step's parameter names; None (the step marked unavailable) when the tag has none."""
+        spec = product_spec(inp.name)
+        tag = getattr(step.params, inp.tag_param)
+        with self.context.session() as session:
+            found = [p for p in ProvenanceTag.provenances(tag, session=session) if p.process == spec.process]
+        if not found:
+            self.unavailable[spec.process] = self.unavailable[step.process] = (
+                f"no {spec.process} provenance carries the tag '{tag}' ({step.process}.{inp.tag_param}) yet: "
+                f"make one with `seechange make-ref`")
+            return None
+        if len(found) > 1:
+            raise DataStoreError(f"tag '{tag}' holds {len(found)} {spec.process} provenances "
+                                 f"({', '.join(p.id for p in found)}); {step.process} needs one: give "
+                                 f"{step.process}.{inp.tag_param} a tag that holds one")
+        tree[spec.process] = found[0]
+        self.found_by_query.add(spec.process)
+        return found[0]
 
     def _input_provenance(self, tree: dict[str, Provenance], name: str, step: Step) -> Provenance:
         if name == "image":
@@ -190,10 +239,12 @@ class DataStore:
     def load_prov_tree(self, tag: str) -> dict[str, Provenance]:
         """Use the provenances of a tag that apply to this DataStore's image.
 
-        The image's own provenance (and its ancestors) is the root.  A tagged provenance applies
-        when all its upstreams are in the tree, so of two provenances of one process in the tag
-        (the extraction of coadds and that of single exposures) the one made from this image's
-        own products is taken.
+        The image's own provenance is the root.  A tagged provenance applies when all its
+        upstreams are in the tree, so of two provenances of one process in the tag (the
+        extraction of coadds and that of single exposures) the one made from this image's own
+        products is taken.  Provenances that make images (preprocessing, coaddition) apply only
+        to the root.  Upstreams of products found by a query (a reference, made from another
+        image) join the tree with the provenance that reads them.
 
         Raises
         ------
@@ -209,32 +260,35 @@ class DataStore:
                 raise UnknownTagError(f"no provenance carries the tag '{tag}'; tags: "
                                       f"{', '.join(known) if known else 'none yet'}")
             root = self._root_provenance()
-            tree: dict[str, Provenance] = {}
-            fixed: set[str] = set()
-            pending = [root] if root is not None else []
-            while pending:          # the root and its ancestors
-                prov = pending.pop()
-                if prov.id not in {p.id for p in tree.values()}:
-                    tree.setdefault(prov.process, prov)
-                    fixed.add(prov.process)
-                    pending.extend(prov.upstreams)
+            tree: dict[str, Provenance] = {root.process: root} if root is not None else {}
             self._image_process = root.process if (root is not None and self.image is not None) else None
+            self.found_by_query, self.unavailable = set(), {}
+            makers = _image_makers()
+            foreign = {spec.process for spec in products().values() if spec.output.found_by is not None}
             ids = {p.id for p in tree.values()}
+            root_ids = set(ids)
             added = True
             while added:
                 added = False
                 for prov in tagged:
-                    if prov.id in ids or prov.process in fixed or not prov.upstream_ids:
+                    if prov.id in ids or prov.process in makers and (
+                            self.image is not None or not set(prov.upstream_ids) <= root_ids):
+                        continue    # images of this tree come from its root only
+                    if not prov.upstream_ids or (root is not None and prov.process == root.process):
                         continue
-                    if set(prov.upstream_ids) <= ids:
-                        held = tree.get(prov.process)
-                        if held is not None and held.id != prov.id:
+                    missing = [u for u in prov.upstreams if u.id not in ids]
+                    if any(u.process not in foreign for u in missing):
+                        continue
+                    for u in [*missing, prov]:
+                        held = tree.get(u.process)
+                        if held is not None and held.id != u.id:
                             raise DataStoreError(
-                                f"tag '{tag}' has two {prov.process} provenances that apply to "
-                                f"{self.describe()}: {held.id} and {prov.id}")
-                        tree[prov.process] = prov
-                        ids.add(prov.id)
-                        added = True
+                                f"tag '{tag}' has two {u.process} provenances that apply to "
+                                f"{self.describe()}: {held.id} and {u.id}")
+                        tree[u.process] = u
+                        ids.add(u.id)
+                    self.found_by_query.update(u.process for u in missing)
+                    added = True
         if self.image is None:      # an exposure section: the tag's step that makes images
             makers = [p for p in tree if p in _image_makers()]
             self._image_process = makers[0] if makers else None
@@ -304,6 +358,8 @@ class DataStore:
         """The stored product ``name`` for the ids of its parents and the tree's provenance."""
         spec = product_spec(name)
         prov = self.provenance(spec.process)
+        if spec.process in self.found_by_query:
+            return spec.output.found_by(self, prov)
         conditions = [spec.model.provenance_id == prov.id]
         for column, parent in spec.output.parents.items():
             value = self._parent_value(parent)
@@ -340,6 +396,30 @@ class DataStore:
         """The photometric zero point (ZeroPoint), or None."""
         return self.get_product("zp")
 
+    def get_reference(self):
+        """The Reference this image is compared with (chosen as `models.reference.Reference.find_for`
+        documents), or None.  It reads like the reference image, not aligned to this one."""
+        return self.get_product("reference")
+
+    # The user guide spells it so once; users paste it.
+    get_referenece = get_reference
+
+    def get_sub_image(self):
+        """The difference image (an Image of type difference, on this image's grid and in its ADU)."""
+        return self.get_product("sub_image")
+
+    def get_detections(self):
+        """The SourceList of detections on the difference image."""
+        return self.get_product("detections")
+
+    def get_cutouts(self):
+        """The Cutouts (new / ref / sub stamps) of the detections."""
+        return self.get_product("cutouts")
+
+    def get_measurement_set(self):
+        """The MeasurementSet of the detections kept by the measurement cuts."""
+        return self.get_product("measurement_set")
+
     def new_product(self, step: Step, name: str, **columns: Any):
         """Build the product ``name`` of ``step`` with its provenance and parents, and attach it.
 
@@ -358,7 +438,7 @@ class DataStore:
             values.setdefault(column, value)
         prov = self.provenance(step.process)
         product = output.model(provenance_id=prov.id, **values)
-        if name == "image":
+        if hasattr(product, "_provenance"):     # images name their files after their process
             product._provenance = prov
         self.set_product(name, product)
         return product

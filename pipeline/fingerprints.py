@@ -78,13 +78,26 @@ def compute_fingerprints(workdir: str | Path) -> dict[str, dict[str, Any]]:
     from models.image import ingest_file
     from models.instruments.synthetic import write_simulated_file
     from models.schema import upgrade
+    from pipeline.step import step_class
     from pipeline.top import Pipeline
     from util.config import Config
     from util.gaia import write_gaia_folder
 
+    from astropy.table import Table
+
+    from pipeline.make_ref import make_reference
+
     workdir = Path(workdir)
     sim = simulate_image(SimulationParams(**FIELD))
+    # a later epoch of the same field, with a few transients, for the difference-imaging steps
+    later = SimulationParams(**{**FIELD, "seed": FIELD["seed"] + 1, "mjd": FIELD["mjd"] + 30.0,
+                                "fwhm_arcsec": 1.3})
+    transients = Table({"ra": sim.params.ra + np.array([-8.0, 0.0, 9.0]) / 3600.0,
+                        "dec": sim.params.dec + np.array([5.0, -12.0, 14.0]) / 3600.0,
+                        "mag": [19.5, 20.5, 21.5]})
+    new = simulate_image(later, stars=sim.star_catalog, galaxies=sim.galaxies, transients=transients)
     raw = write_simulated_file(sim, workdir / "field.fits", raw=True, seed=1)
+    raw_new = write_simulated_file(new, workdir / "field_new.fits", raw=True, seed=2)
     write_gaia_folder(sim.gaia, workdir / "gaia")
     catalog = {"catalog": "gaia_folder", "catalog_folder": str(workdir / "gaia")}
     config = Config.load(**{"db.url": f"sqlite:///{workdir / 'fingerprints.sqlite'}",
@@ -95,9 +108,28 @@ def compute_fingerprints(workdir: str | Path) -> dict[str, dict[str, Any]]:
     exposure, _ = ingest_file(raw, context=context)
     pipeline = Pipeline(context)
     ds = pipeline.run(exposure, exposure.section_ids[0])
-    return {step.process: {"version": major_minor(step.version),
-                           "figures": {k: rounded(v) for k, v in step.fingerprint_figures(ds).items()}}
-            for step in pipeline.steps}
+    made = make_reference(context, image_ids=[str(ds.image.id)])
+    exposure_new, _ = ingest_file(raw_new, context=context)
+    ds_new = pipeline.run(exposure_new, exposure_new.section_ids[0])
+    found = {}
+    for step in pipeline.steps:
+        on = ds_new if step.process in _DIFFERENCE_PROCESSES else ds
+        found[step.process] = {"version": major_minor(step.version),
+                               "figures": {k: rounded(v) for k, v in step.fingerprint_figures(on).items()}}
+    coadd = made.coadd
+    good = coadd.flags == 0
+    found["coaddition"] = {"version": major_minor(step_class("coaddition").version), "figures": {
+        "data_sum": rounded(float(np.sum(coadd.data[good], dtype=np.float64))),
+        "weight_median": rounded(float(np.median(coadd.weight[good]))), "flagged": int(np.sum(~good))}}
+    ref = made.reference
+    found["referencing"] = {"version": major_minor(step_class("referencing").version), "figures": {
+        "lim_mag": rounded(ref.lim_mag), "fwhm_arcsec": rounded(ref.fwhm_arcsec),
+        "corners": rounded([*ref.corners[0], *ref.corners[1]])}}
+    return found
+
+
+#: Steps fingerprinted on the later epoch (they need a reference).
+_DIFFERENCE_PROCESSES = ("subtraction", "detection", "cutting", "measuring")
 
 
 def stored_fingerprints() -> dict[str, dict[str, Any]]:

@@ -42,7 +42,7 @@ import pkgutil
 import resource
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -98,6 +98,10 @@ class Input:
 
     name: str
     doc: str = ""
+    #: For a product that another image's DataStore makes and this one finds by a query (the
+    #: reference of a new image): the parameter of the reading step that names the tag holding
+    #: the product's provenance (e.g. ``"reference_tag"``).
+    tag_param: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,12 +118,17 @@ class Output:
         Foreign-key column -> the product (DataStore name) it points at, or ``"section_id"``.
         A product is looked up by these columns and its provenance, and `DataStore.new_product`
         fills them in.
+    found_by : callable, optional
+        ``found_by(ds, provenance)``: how the DataStore of *another* image finds this product
+        (a query, e.g. the reference that covers a new image), returning it or None.  In the
+        DataStore that makes it, it is looked up by its parents as usual.
     """
 
     name: str
     model: type
     parents: Mapping[str, str] = field(default_factory=dict)
     doc: str = ""
+    found_by: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,9 @@ class Step:
     inputs: ClassVar[tuple[Input, ...]] = ()
     #: Products this step makes.
     outputs: ClassVar[tuple[Output, ...]] = ()
+    #: True for a step that makes images outside the product registry (coaddition: an image from
+    #: many); its provenance is an image's root, never an upstream found in a tag.
+    makes_images: ClassVar[bool] = False
     #: The `models.image.ImageBadness` bit set on the image when the data make this step fail
     #: (a `BadDataError` without a bit of its own); cleared when the step succeeds.
     badness: ClassVar[str | None] = None
@@ -244,6 +256,9 @@ class Step:
         return self.badness
 
     def __call__(self, ds: DataStore) -> None:
+        if self.process in ds.unavailable:
+            log.info("%s: nothing to do for %s: %s", self.process, ds.describe(), ds.unavailable[self.process])
+            raise NothingToDo(ds.unavailable[self.process])
         if all(ds.get_product(name) is not None for name in self.output_names()):
             log.info("%s: products exist for %s, skipping", self.process, ds.describe())
             ds.stats[self.process] = StepStats(seconds=0.0, skipped=True)

@@ -55,7 +55,7 @@ def check_step_order(steps: list[Step]) -> None:
     made = set(ROOT_PRODUCTS)
     for step in steps:
         for inp in step.inputs:
-            if inp.name not in made:
+            if inp.name not in made and not inp.tag_param:     # (found by a query: no maker here)
                 try:
                     maker = product_spec(inp.name).process
                 except KeyError:
@@ -63,6 +63,7 @@ def check_step_order(steps: list[Step]) -> None:
                 raise ConfigError(f"pipeline step '{step.process}' reads '{inp.name}', made by {maker}, "
                                   "which does not come before it in pipeline.steps")
         made.update(step.output_names())
+        made.update(inp.name for inp in step.inputs if inp.tag_param)
 
 
 class Pipeline:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-04 22:01:52.312074
+Create Date: 2026-12-04 22:27:02.928952
 """
 from alembic import op
 import sqlalchemy as sa
@@ -111,6 +111,10 @@ def upgrade() -> None:
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
     sa.Column('exposure_id', sa.Uuid(), nullable=True),
     sa.Column('section_id', sa.String(length=32), nullable=True),
+    sa.Column('new_image_id', sa.Uuid(), nullable=True),
+    sa.Column('reference_id', sa.Uuid(), nullable=True),
+    sa.Column('components', sa.JSON(), nullable=True),
+    sa.Column('components_key', sa.String(length=32), nullable=True),
     sa.Column('instrument', sa.String(length=64), nullable=False),
     sa.Column('type', sa.Enum('science', 'coadd', 'difference', name='image_type', native_enum=False, create_constraint=True, length=16), nullable=False),
     sa.Column('filter', sa.String(length=64), nullable=False),
@@ -145,9 +149,13 @@ def upgrade() -> None:
     sa.Column('filepath', sa.String(length=512), nullable=True),
     sa.Column('md5sum', sa.String(length=32), nullable=True),
     sa.ForeignKeyConstraint(['exposure_id'], ['exposures.id'], name=op.f('fk_images_exposure_id_exposures'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['new_image_id'], ['images.id'], name=op.f('fk_images_new_image_id_images'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_images_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['reference_id'], ['refs.id'], name=op.f('fk_images_reference_id_refs'), ondelete='CASCADE', use_alter=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_images')),
-    sa.UniqueConstraint('exposure_id', 'section_id', 'provenance_id', name='uq_images_exposure_id_section_id_provenance_id')
+    sa.UniqueConstraint('components_key', 'provenance_id', name='uq_images_components_key_provenance_id'),
+    sa.UniqueConstraint('exposure_id', 'section_id', 'provenance_id', name='uq_images_exposure_id_section_id_provenance_id'),
+    sa.UniqueConstraint('new_image_id', 'reference_id', 'provenance_id', name='uq_images_new_image_id_reference_id_provenance_id')
     )
     with op.batch_alter_table('images', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_images_exposure_id'), ['exposure_id'], unique=False)
@@ -158,8 +166,10 @@ def upgrade() -> None:
         batch_op.create_index('ix_images_mindec', ['mindec'], unique=False)
         batch_op.create_index('ix_images_minra', ['minra'], unique=False)
         batch_op.create_index('ix_images_mjd', ['mjd'], unique=False)
+        batch_op.create_index(batch_op.f('ix_images_new_image_id'), ['new_image_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_images_provenance_id'), ['provenance_id'], unique=False)
         batch_op.create_index('ix_images_radius', ['radius'], unique=False)
+        batch_op.create_index(batch_op.f('ix_images_reference_id'), ['reference_id'], unique=False)
         batch_op.create_index('ix_images_target', ['target'], unique=False)
 
     op.create_table('backgrounds',
@@ -184,7 +194,7 @@ def upgrade() -> None:
 
     op.create_table('source_lists',
     sa.Column('image_id', sa.Uuid(), nullable=False),
-    sa.Column('background_id', sa.Uuid(), nullable=False),
+    sa.Column('background_id', sa.Uuid(), nullable=True),
     sa.Column('provenance_id', sa.String(length=24), nullable=False),
     sa.Column('num_sources', sa.Integer(), nullable=False),
     sa.Column('aper_radii', sa.JSON(), nullable=False),
@@ -197,12 +207,30 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_source_lists_image_id_images'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_source_lists_provenance_id_provenances'), ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_source_lists')),
-    sa.UniqueConstraint('image_id', 'background_id', 'provenance_id', name='uq_source_lists_image_background_prov')
+    sa.UniqueConstraint('image_id', 'provenance_id', name='uq_source_lists_image_prov')
     )
     with op.batch_alter_table('source_lists', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_source_lists_background_id'), ['background_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_source_lists_image_id'), ['image_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_source_lists_provenance_id'), ['provenance_id'], unique=False)
+
+    op.create_table('cutouts',
+    sa.Column('sources_id', sa.Uuid(), nullable=False),
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('size', sa.Integer(), nullable=False),
+    sa.Column('num_cutouts', sa.Integer(), nullable=False),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('filepath', sa.String(length=512), nullable=True),
+    sa.Column('md5sum', sa.String(length=32), nullable=True),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_cutouts_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['sources_id'], ['source_lists.id'], name=op.f('fk_cutouts_sources_id_source_lists'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_cutouts')),
+    sa.UniqueConstraint('sources_id', 'provenance_id', name='uq_cutouts_sources_prov')
+    )
+    with op.batch_alter_table('cutouts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_cutouts_provenance_id'), ['provenance_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_cutouts_sources_id'), ['sources_id'], unique=False)
 
     op.create_table('psfs',
     sa.Column('sources_id', sa.Uuid(), nullable=False),
@@ -253,6 +281,24 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_world_coordinates_provenance_id'), ['provenance_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_world_coordinates_sources_id'), ['sources_id'], unique=False)
 
+    op.create_table('measurement_sets',
+    sa.Column('cutouts_id', sa.Uuid(), nullable=False),
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('num_detections', sa.Integer(), nullable=False),
+    sa.Column('num_kept', sa.Integer(), nullable=False),
+    sa.Column('num_bad', sa.Integer(), nullable=False),
+    sa.Column('aper_radii', sa.JSON(), nullable=False),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['cutouts_id'], ['cutouts.id'], name=op.f('fk_measurement_sets_cutouts_id_cutouts'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_measurement_sets_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_measurement_sets')),
+    sa.UniqueConstraint('cutouts_id', 'provenance_id', name='uq_measurement_sets_cutouts_prov')
+    )
+    with op.batch_alter_table('measurement_sets', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_measurement_sets_cutouts_id'), ['cutouts_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_measurement_sets_provenance_id'), ['provenance_id'], unique=False)
+
     op.create_table('zero_points',
     sa.Column('image_id', sa.Uuid(), nullable=False),
     sa.Column('wcs_id', sa.Uuid(), nullable=False),
@@ -287,11 +333,99 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_zero_points_psf_id'), ['psf_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_zero_points_wcs_id'), ['wcs_id'], unique=False)
 
+    op.create_table('measurements',
+    sa.Column('measurement_set_id', sa.Uuid(), nullable=False),
+    sa.Column('index_in_sources', sa.Integer(), nullable=False),
+    sa.Column('x', sa.Double(), nullable=False),
+    sa.Column('y', sa.Double(), nullable=False),
+    sa.Column('ra', sa.Double(), nullable=False),
+    sa.Column('dec', sa.Double(), nullable=False),
+    sa.Column('sign', sa.Integer(), nullable=False),
+    sa.Column('flux_psf', sa.Double(), nullable=False),
+    sa.Column('flux_psf_err', sa.Double(), nullable=False),
+    sa.Column('mag_psf', sa.Double(), nullable=True),
+    sa.Column('mag_psf_err', sa.Double(), nullable=True),
+    sa.Column('snr', sa.Double(), nullable=False),
+    sa.Column('flux_apertures', sa.JSON(), nullable=False),
+    sa.Column('flux_apertures_err', sa.JSON(), nullable=False),
+    sa.Column('centroid_offset', sa.Double(), nullable=True),
+    sa.Column('elongation', sa.Double(), nullable=True),
+    sa.Column('width_ratio', sa.Double(), nullable=True),
+    sa.Column('n_bad_pixels', sa.Integer(), nullable=False),
+    sa.Column('negative_fraction', sa.Double(), nullable=True),
+    sa.Column('dipole_ratio', sa.Double(), nullable=True),
+    sa.Column('is_bad', sa.Boolean(), nullable=False),
+    sa.Column('bad_reasons', sa.String(length=256), nullable=True),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.ForeignKeyConstraint(['measurement_set_id'], ['measurement_sets.id'], name=op.f('fk_measurements_measurement_set_id_measurement_sets'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_measurements')),
+    sa.UniqueConstraint('measurement_set_id', 'index_in_sources', name='uq_measurements_set_index')
+    )
+    with op.batch_alter_table('measurements', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_measurements_measurement_set_id'), ['measurement_set_id'], unique=False)
+
+    op.create_table('refs',
+    sa.Column('provenance_id', sa.String(length=24), nullable=False),
+    sa.Column('image_id', sa.Uuid(), nullable=False),
+    sa.Column('background_id', sa.Uuid(), nullable=False),
+    sa.Column('sources_id', sa.Uuid(), nullable=False),
+    sa.Column('psf_id', sa.Uuid(), nullable=False),
+    sa.Column('wcs_id', sa.Uuid(), nullable=False),
+    sa.Column('zp_id', sa.Uuid(), nullable=False),
+    sa.Column('instrument', sa.String(length=64), nullable=False),
+    sa.Column('filter', sa.String(length=64), nullable=False),
+    sa.Column('section_id', sa.String(length=32), nullable=True),
+    sa.Column('target', sa.String(length=256), nullable=True),
+    sa.Column('ra_corner_00', sa.Double(), nullable=False),
+    sa.Column('ra_corner_10', sa.Double(), nullable=False),
+    sa.Column('ra_corner_11', sa.Double(), nullable=False),
+    sa.Column('ra_corner_01', sa.Double(), nullable=False),
+    sa.Column('dec_corner_00', sa.Double(), nullable=False),
+    sa.Column('dec_corner_10', sa.Double(), nullable=False),
+    sa.Column('dec_corner_11', sa.Double(), nullable=False),
+    sa.Column('dec_corner_01', sa.Double(), nullable=False),
+    sa.Column('minra', sa.Double(), nullable=False),
+    sa.Column('maxra', sa.Double(), nullable=False),
+    sa.Column('mindec', sa.Double(), nullable=False),
+    sa.Column('maxdec', sa.Double(), nullable=False),
+    sa.Column('lim_mag', sa.Double(), nullable=True),
+    sa.Column('fwhm_arcsec', sa.Double(), nullable=True),
+    sa.Column('valid_from_mjd', sa.Double(), nullable=True),
+    sa.Column('valid_until_mjd', sa.Double(), nullable=True),
+    sa.Column('is_bad', sa.Boolean(), nullable=False),
+    sa.Column('bad_reason', sa.String(length=512), nullable=True),
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['background_id'], ['backgrounds.id'], name=op.f('fk_refs_background_id_backgrounds'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_refs_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['provenance_id'], ['provenances.id'], name=op.f('fk_refs_provenance_id_provenances'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['psf_id'], ['psfs.id'], name=op.f('fk_refs_psf_id_psfs'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['sources_id'], ['source_lists.id'], name=op.f('fk_refs_sources_id_source_lists'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['wcs_id'], ['world_coordinates.id'], name=op.f('fk_refs_wcs_id_world_coordinates'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['zp_id'], ['zero_points.id'], name=op.f('fk_refs_zp_id_zero_points'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_refs')),
+    sa.UniqueConstraint('image_id', 'provenance_id', name='uq_refs_image_prov')
+    )
+    with op.batch_alter_table('refs', schema=None) as batch_op:
+        batch_op.create_index('ix_refs_filter_dec', ['filter', 'mindec', 'maxdec'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refs_image_id'), ['image_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refs_provenance_id'), ['provenance_id'], unique=False)
+
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('refs', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_refs_provenance_id'))
+        batch_op.drop_index(batch_op.f('ix_refs_image_id'))
+        batch_op.drop_index('ix_refs_filter_dec')
+
+    op.drop_table('refs')
+    with op.batch_alter_table('measurements', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_measurements_measurement_set_id'))
+
+    op.drop_table('measurements')
     with op.batch_alter_table('zero_points', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_zero_points_wcs_id'))
         batch_op.drop_index(batch_op.f('ix_zero_points_psf_id'))
@@ -300,6 +434,11 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_zero_points_background_id'))
 
     op.drop_table('zero_points')
+    with op.batch_alter_table('measurement_sets', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_measurement_sets_provenance_id'))
+        batch_op.drop_index(batch_op.f('ix_measurement_sets_cutouts_id'))
+
+    op.drop_table('measurement_sets')
     with op.batch_alter_table('world_coordinates', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_world_coordinates_sources_id'))
         batch_op.drop_index(batch_op.f('ix_world_coordinates_provenance_id'))
@@ -311,6 +450,11 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_psfs_provenance_id'))
 
     op.drop_table('psfs')
+    with op.batch_alter_table('cutouts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_cutouts_sources_id'))
+        batch_op.drop_index(batch_op.f('ix_cutouts_provenance_id'))
+
+    op.drop_table('cutouts')
     with op.batch_alter_table('source_lists', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_source_lists_provenance_id'))
         batch_op.drop_index(batch_op.f('ix_source_lists_image_id'))
@@ -324,8 +468,10 @@ def downgrade() -> None:
     op.drop_table('backgrounds')
     with op.batch_alter_table('images', schema=None) as batch_op:
         batch_op.drop_index('ix_images_target')
+        batch_op.drop_index(batch_op.f('ix_images_reference_id'))
         batch_op.drop_index('ix_images_radius')
         batch_op.drop_index(batch_op.f('ix_images_provenance_id'))
+        batch_op.drop_index(batch_op.f('ix_images_new_image_id'))
         batch_op.drop_index('ix_images_mjd')
         batch_op.drop_index('ix_images_minra')
         batch_op.drop_index('ix_images_mindec')

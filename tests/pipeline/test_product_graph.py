@@ -163,6 +163,8 @@ def test_one_provenance_gives_the_same_bytes_whatever_ran_before(database, field
     for step in steps[1:]:
         for ds in stores.values():
             ds.make_prov_tree(steps)
+            if step.process in ds.unavailable:      # (no reference set in this database)
+                continue
             step(ds)
             ds.save_and_commit()
     for image_id, ds in stores.items():

@@ -1,0 +1,122 @@
+"""Measuring: PSF-fit and aperture fluxes, shapes and artefact indicators of every detection on the
+difference image (`improc.measurements`), and the cuts that mark or drop them.
+
+Each detection is measured on D with its PSF P_D (`pipeline.subtraction.difference_psf`): the
+flux is in the new image's ADU (the magnitude uses the new image's zero point), the sky position
+comes from the new image's fitted WCS at the PSF-fit position.  Two sets of thresholds
+``{column: [min, max]}`` (None for no bound; columns of `improc.measurements.COLUMNS`) apply:
+a detection failing ``drop_cuts`` is not stored, one failing ``bad_cuts`` is stored with
+``is_bad`` and the names of the cuts in ``bad_reasons``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from improc.measurements import COLUMNS, apply_cuts, measure_detections
+from models.measurements import Measurements, MeasurementSet
+from pipeline.data_store import DataStore
+from pipeline.parameters import ParameterError, StepParams, param
+from pipeline.step import Input, Output, Step
+from pipeline.subtraction import difference_psf
+
+__all__ = ["MeasuringParams", "Measurer"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuringParams(StepParams):
+    """What is measured, and which measurements are kept."""
+
+    step_name = "measuring"
+
+    aperture_radii: tuple[float, ...] = param((3.0, 5.0, 8.0), "Radii of the aperture fluxes, pixels.")
+    fit_radius_fwhm: float = param(2.0, "Radius of the PSF fit and of the pixel statistics, in FWHM of P_D.")
+    max_shift: float = param(1.0, "Largest move of the PSF-fit position from the detection, pixels.")
+    drop_cuts: dict = param(
+        {"width_ratio": [0.4, None], "n_bad_pixels": [None, 25]},
+        "Detections failing any of these {column: [min, max]} are not stored (cosmic-ray-like spikes, "
+        "detections mostly on bad pixels).")
+    bad_cuts: dict = param(
+        {"elongation": [None, 2.0], "width_ratio": [0.6, 1.6], "dipole_ratio": [None, 0.4],
+         "negative_fraction": [None, 0.4], "centroid_offset": [None, 1.5]},
+        "Detections failing any of these are stored with is_bad (elongated, too narrow or broad for "
+        "the PSF, dipoles of misaligned or mismatched stars).")
+
+    def validate(self) -> None:
+        for name in ("drop_cuts", "bad_cuts"):
+            for column, bounds in getattr(self, name).items():
+                if column not in COLUMNS:
+                    raise ParameterError(f"measuring {name}: unknown column {column!r}; columns: "
+                                         f"{', '.join(COLUMNS)}")
+                if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2):
+                    raise ParameterError(f"measuring {name}[{column!r}] must be [min, max], got {bounds!r}")
+        if self.fit_radius_fwhm <= 0 or self.max_shift < 0:
+            raise ParameterError("measuring fit_radius_fwhm must be > 0 and max_shift >= 0")
+
+
+class Measurer(Step):
+    """Make the MeasurementSet of the detections kept by the cuts."""
+
+    process = "measuring"
+    version = "1.0.0"
+    Params = MeasuringParams
+    inputs = (Input("sub_image"), Input("detections"), Input("cutouts"), Input("wcs"), Input("zp"))
+    outputs = (Output("measurement_set", MeasurementSet, parents={"cutouts_id": "cutouts"}),)
+
+    def run(self, ds: DataStore) -> None:
+        sub, detections, wcs, zp = ds.get_sub_image(), ds.get_detections(), ds.get_wcs(), ds.get_zp()
+        p = self.params
+        psf = difference_psf(sub)
+        fwhm = _fwhm(psf(sub.nx / 2.0, sub.ny / 2.0))
+        table = measure_detections(sub.data, detections.x, detections.y, psf, weight=sub.weight, flags=sub.flags,
+                                   aperture_radii=tuple(p.aperture_radii), fit_radius=p.fit_radius_fwhm * fwhm,
+                                   max_shift=p.max_shift)
+        n = len(table)
+        drop = apply_cuts(table, {k: tuple(v) for k, v in p.drop_cuts.items()}) if n else None
+        bad = apply_cuts(table, {k: tuple(v) for k, v in p.bad_cuts.items()}) if n else None
+        ra, dec = wcs.wcs.pixel_to_world_values(np.asarray(table["x_psf"]), np.asarray(table["y_psf"]))
+        rows = []
+        for i in range(n):
+            if drop.is_bad[i]:
+                continue
+            flux, err = float(table["flux_psf"][i]), float(table["flux_psf_err"][i])
+            mag = mag_err = None
+            if zp.zp is not None and flux != 0 and np.isfinite(flux):
+                mag = float(-2.5 * np.log10(abs(flux)) + zp.zp)
+                mag_err = float(1.0857362 * err / abs(flux))
+            rows.append(Measurements(
+                index_in_sources=i, x=float(table["x_psf"][i]), y=float(table["y_psf"][i]),
+                ra=float(ra[i]) % 360.0, dec=float(dec[i]), sign=int(table["sign"][i]), flux_psf=flux,
+                flux_psf_err=err, mag_psf=mag, mag_psf_err=mag_err, snr=float(table["snr_psf"][i]),
+                flux_apertures=[float(table[f"apflux_{k}"][i]) for k in range(len(p.aperture_radii))],
+                flux_apertures_err=[float(table[f"apfluxerr_{k}"][i]) for k in range(len(p.aperture_radii))],
+                centroid_offset=_finite(table["centroid_offset"][i]), elongation=_finite(table["elongation"][i]),
+                width_ratio=_finite(table["width_ratio"][i]), n_bad_pixels=int(table["n_bad_pixels"][i]),
+                negative_fraction=_finite(table["negative_fraction"][i]),
+                dipole_ratio=_finite(table["dipole_ratio"][i]), is_bad=bool(bad.is_bad[i]),
+                bad_reasons=",".join(bad.reasons(i)) or None))
+        ds.new_product(self, "measurement_set", num_detections=n, num_kept=len(rows),
+                       num_bad=sum(m.is_bad for m in rows), aper_radii=list(p.aperture_radii),
+                       measurements=rows)
+
+    def fingerprint_figures(self, ds: DataStore) -> dict[str, Any]:
+        ms = ds.get_measurement_set()
+        return {"num_detections": ms.num_detections, "num_kept": ms.num_kept, "num_bad": ms.num_bad,
+                "flux_sum": float(sum(m.flux_psf for m in ms.measurements))}
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _fwhm(stamp: np.ndarray) -> float:
+    """FWHM of a stamp from its second moments (a Gaussian's), pixels."""
+    h = stamp.shape[0] // 2
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    total = stamp.sum()
+    var = float(np.sum(stamp * (xx**2 + yy**2)) / total / 2.0)
+    return 2.3548 * np.sqrt(max(var, 0.25))

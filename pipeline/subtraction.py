@@ -1,0 +1,140 @@
+"""Subtraction: the ZOGY difference of a new image and its reference (`improc.zogy`).
+
+The reference (`pipeline.referencing`: found by a query among the references whose provenance
+carries the tag ``reference_tag``) is warped onto the new image's grid with both fitted WCSs
+(`pipeline.reference_alignment`), its PSF expressed on that grid, and the pair subtracted in
+tiles, each with its own PSFs.  The product is an `Image` of type difference on the new image's
+grid and in its ADU -- a PSF fit of P_D on it gives a transient's flux in the new image, so the
+new image's WCS and zero point apply to it -- with extra planes ``SCORE`` (S_corr, in standard
+deviations; detection reads it, so it can be redone without subtracting again), ``PSF_D`` and
+``PSF_TILES`` (P_D per tile, `improc.zogy.TiledPSF`) and ``FLUX_D`` (F_D per tile).
+
+The flux ratio F_r / F_n comes from the PSF fluxes of the stars both images measured (zero points
+from a catalog are far less precise), else from the zero points (`pipeline.reference_alignment`).
+The registration noise entering S_corr is the two fitted WCSs' stated uncertainties, added in
+quadrature (per axis, in pixels of the new image).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from improc.alignment import local_jacobian, psf_on_grid, warp_noise_power
+from improc.errors import BadDataError
+from improc.zogy import TiledPSF, ZogyResult, zogy_subtract
+from models.image import Image, ImageType
+from pipeline.data_store import DataStore
+from pipeline.parameters import ParameterError, StepParams, param
+from pipeline.reference_alignment import aligned_reference
+from pipeline.referencing import NoReferenceError, why_no_reference
+from pipeline.step import Input, Output, Step
+
+__all__ = ["SubtractionParams", "Subtractor", "difference_psf"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubtractionParams(StepParams):
+    """How the difference image is made."""
+
+    step_name = "subtraction"
+
+    reference_tag: str = param(
+        "references", "Tag of the referencing provenance whose references new images are compared with "
+        "(`seechange make-ref` tags it); the provenance itself enters the subtraction's.", affects_result=False)
+    tile_size: int = param(256, "Largest side of a ZOGY tile's core, pixels; each tile has its own PSFs.")
+    mask_dilation_fwhm: float = param(1.0, "Half-side, in FWHM of the broader PSF, over which bad pixels "
+                                      "spread their flags in the difference.")
+    hidden_light_nsigma: float = param(3.0, "Bad pixels hiding light spread their flags to where that light, "
+                                       "spread by the broader PSF, falls below this many sigma.")
+    min_registration_sigma_px: float = param(0.0, "Least registration noise per axis in S_corr, pixels "
+                                             "(added to what the WCS uncertainties give).")
+
+    def validate(self) -> None:
+        if self.tile_size < 16:
+            raise ParameterError(f"subtraction tile_size must be >= 16, got {self.tile_size}")
+        if self.mask_dilation_fwhm < 0 or self.hidden_light_nsigma <= 0 or self.min_registration_sigma_px < 0:
+            raise ParameterError("subtraction mask_dilation_fwhm and min_registration_sigma_px must be >= 0 "
+                                 "and hidden_light_nsigma > 0")
+
+
+def _pixel_scale_arcsec(wcs) -> float:
+    return float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
+
+
+def difference_psf(image: Image) -> TiledPSF:
+    """P_D of a difference image made by `Subtractor`, from its extra planes."""
+    stamps, tiles = image.extra("PSF_D"), image.extra("PSF_TILES")
+    if stamps is None or tiles is None:
+        raise ValueError(f"image {image.describe()} has no PSF_D planes: it is not a ZOGY difference")
+    return TiledPSF(stamps=np.asarray(stamps, dtype=float), tiles=np.asarray(tiles, dtype=int))
+
+
+class Subtractor(Step):
+    """Make the difference image of the DataStore's image and its reference."""
+
+    process = "subtraction"
+    version = "1.0.0"
+    Params = SubtractionParams
+    inputs = (Input("image"), Input("background"), Input("psf"), Input("wcs"), Input("zp"),
+              Input("reference", tag_param="reference_tag"))
+    outputs = (Output("sub_image", Image, parents={"new_image_id": "image", "reference_id": "reference"}),)
+    badness = "BAD_SUBTRACTION"
+    badness_for = {NoReferenceError: "NO_REFERENCE"}
+
+    def compute(self, new: tuple[np.ndarray, np.ndarray, np.ndarray], new_psf, aligned, new_wcs,
+                astrometric_sigma: tuple[float, float]) -> ZogyResult:
+        """ZOGY of the new image's (sky-subtracted data, weight, flags) and the aligned reference."""
+        p = self.params
+        ref_wcs, target_wcs = aligned.wcs.wcs, new_wcs
+        ny, nx = new[0].shape
+        jacobian = local_jacobian(nx / 2.0, ny / 2.0, source_wcs=ref_wcs, target_wcs=target_wcs)
+        ref_model = aligned.psf.model
+        return zogy_subtract(
+            new[0], aligned.warped.data, new_weight=new[1], ref_weight=aligned.warped.white_weight,
+            new_flags=new[2], ref_flags=aligned.warped.flags, new_psf=new_psf,
+            ref_psf=lambda x, y: psf_on_grid(ref_model, x, y, source_wcs=ref_wcs, target_wcs=target_wcs),
+            flux_ratio=aligned.flux_ratio, ref_noise_power=functools.partial(warp_noise_power, jacobian=jacobian),
+            astrometric_sigma=astrometric_sigma, tile_size=p.tile_size, mask_dilation_fwhm=p.mask_dilation_fwhm,
+            hidden_light_nsigma=p.hidden_light_nsigma)
+
+    def run(self, ds: DataStore) -> None:
+        image, bg, psf, wcs = ds.get_image(), ds.get_background(), ds.get_psf(), ds.get_wcs()
+        if ds.get_reference() is None:
+            raise NoReferenceError(f"no reference for image {image.describe()} in filter {image.filter}: "
+                                   f"{why_no_reference(ds, ds.provenance('referencing'))}")
+        aligned = aligned_reference(ds)
+        new_flags = image.flags
+        if not np.any((new_flags == 0) & (image.weight > 0) & (aligned.warped.weight > 0)):
+            raise BadDataError(f"new image {image.describe()} and reference image {aligned.image.describe()}: "
+                               "no pixel is good in both")
+        scale = _pixel_scale_arcsec(wcs.wcs)
+        sigma = float(np.hypot(wcs.uncertainty_arcsec or 0.0, aligned.wcs.uncertainty_arcsec or 0.0)) / scale
+        sigma = float(np.hypot(sigma, self.params.min_registration_sigma_px))
+        try:
+            result = self.compute((image.data - bg.counts, image.weight, new_flags), psf.model, aligned, wcs.wcs,
+                                  (sigma, sigma))
+        except ValueError as exc:
+            raise BadDataError(f"new image {image.describe()} and reference image {aligned.image.describe()}: "
+                               f"{exc}") from exc
+        sub = ds.new_product(self, "sub_image", data=result.data, weight=result.weight, flags=result.flags,
+                             wcs=wcs.wcs, instrument=image.instrument, type=ImageType.DIFFERENCE,
+                             section_id=image.section_id, filter=image.filter, mjd=image.mjd,
+                             end_mjd=image.end_mjd, exp_time=image.exp_time, airmass=image.airmass,
+                             target=image.target, project=image.project,
+                             header={"SKYSUB": True, "FLUXRAT": aligned.flux_ratio,
+                                     "FLUXRATF": aligned.flux_ratio_from, "REGSIGMA": sigma,
+                                     "REFIMAGE": str(aligned.image.id)})
+        sub.set_extra("SCORE", result.score_corr)
+        sub.set_extra("PSF_D", result.psf_d.astype(np.float32))
+        sub.set_extra("PSF_TILES", result.tiles.astype(np.int32))
+        sub.set_extra("FLUX_D", result.flux_d.astype(np.float64))
+
+    def fingerprint_figures(self, ds: DataStore) -> dict[str, Any]:
+        sub = ds.get_sub_image()
+        good = sub.flags == 0
+        return {"flagged": int(np.sum(~good)), "data_std": float(np.std(sub.data[good] * np.sqrt(sub.weight[good]))),
+                "score_std": float(np.std(sub.extra("SCORE")[good]))}
