@@ -168,7 +168,7 @@ class DataStore:
                 self._image_process = root.process
         for step in steps:
             upstreams = [self._input_provenance(tree, inp.name, step) for inp in step.inputs]
-            tree[step.process] = step.make_provenance(upstreams)
+            tree[step.process] = step.make_provenance(upstreams, context=self.context)
             if "image" in step.output_names():
                 self._image_process = step.process
         self.prov_tree, self.tag = tree, None
