@@ -11,9 +11,13 @@ image's epoch (e.g. isolated Gaia stars, `improc.matching.neighbor_free`, moved 
 2. matches them to the catalog (`improc.matching.match_sky`, nearest star within
    ``match_radius_arcsec``) and drops catalog stars brighter than ``bright_limit_g`` (saturated
    or non-linear);
-3. predicts the stars' magnitudes in the image's band from G, BP, RP
-   (`improc.color_transforms.gaia_to_band`) and fits the zero point, optionally with a colour
-   term in BP - RP (`improc.photometry.fit_zero_point`);
+3. predicts the stars' magnitudes in the image's band from G, BP, RP with the camera's
+   transformation for the band (`improc.color_transforms.BandTransform`) and fits the zero point,
+   optionally with a colour term in BP - RP (`improc.photometry.fit_zero_point`).  A band
+   without a transformation (``transform=None``) is calibrated on G itself with a fitted colour
+   term, ``G = -2.5 log10(flux) + zp + color_term * (BP - RP)``, and the result says so
+   (``band_calibrated`` False): another camera's polynomial would be wrong by tenths of a
+   magnitude with nothing but an excess scatter to show for it;
 4. measures aperture corrections from the PSF fluxes of the stars that calibrate the zero point
    (`improc.photometry.aperture_corrections`), when there are at least ``min_apcor_stars``;
    with fewer, too few to measure them or to reject a bad one, they come from the PSF model:
@@ -43,7 +47,7 @@ from typing import Literal
 
 import numpy as np
 
-from improc.color_transforms import gaia_to_band
+from improc.color_transforms import BandTransform, gaia_to_band
 from improc.matching import match_sky
 from improc.photometry import (ColorTermMode, PhotometryError, ZeroPointFit, aperture_corrections, fit_zero_point,
                                limiting_magnitude)
@@ -93,6 +97,11 @@ class PhotometricCalibration:
         The fluxes the zero point was measured on (see the module docstring).
     psf_check : PSFPhotometryCheck or None
         The comparison of PSF and aperture fluxes (``flux_type`` "auto").
+    instrumental_mag : numpy.ndarray
+        Shape (k,) their ``-2.5 log10(flux)`` on the fluxes the zero point was measured on.
+    band_calibrated : bool
+        Whether a band transformation gave ``catalog_mag``; False: ``catalog_mag`` is Gaia G and
+        a colour term was fitted (with ``min_stars`` calibrators or more).
     """
 
     fit: ZeroPointFit
@@ -105,15 +114,43 @@ class PhotometricCalibration:
     color: np.ndarray
     residuals: np.ndarray
     used: np.ndarray
+    instrumental_mag: np.ndarray
     n_candidates: int
     few_stars: bool = False
     flux_from: Literal["psf", "aperture"] = "psf"
     psf_check: object | None = None
+    band_calibrated: bool = True
 
     @property
     def calibrators(self) -> np.ndarray:
         """Rows of the source arrays of the stars that calibrate the zero point."""
         return self.source_index[self.used]
+
+    def star_records(self, *, decimals: int = 5) -> dict[str, list]:
+        """The matched stars as plain JSON columns, so that a user can see (and plot) the fit.
+
+        Parameters
+        ----------
+        decimals : int
+            Magnitudes and colours are rounded to this many decimals (10 micromag by default:
+            far below any error, and a third of the text).
+
+        Returns
+        -------
+        dict
+            ``source_row``, ``catalog_row`` (int), ``bp_rp``, ``catalog_mag``,
+            ``instrumental_mag``, ``residual`` (floats, None where not finite), ``used``
+            (bool: calibrates the zero point; False: clipped or unusable), one entry per
+            matched star.
+        """
+        def floats(values: np.ndarray) -> list[float | None]:
+            return [round(float(v), decimals) if np.isfinite(v) else None for v in values]
+
+        return {"source_row": [int(i) for i in self.source_index],
+                "catalog_row": [int(i) for i in self.catalog_index],
+                "bp_rp": floats(self.color), "catalog_mag": floats(self.catalog_mag),
+                "instrumental_mag": floats(self.instrumental_mag), "residual": floats(self.residuals),
+                "used": [bool(u) for u in self.used]}
 
 
 def _check(ok: bool, name: str, expected: str, value) -> None:
@@ -164,7 +201,8 @@ def _candidates(flux: np.ndarray, err: np.ndarray, flags: np.ndarray, size: np.n
 def calibrate_photometry(psf_flux: np.ndarray, psf_flux_err: np.ndarray, apfluxes: np.ndarray, *,
                          flags: np.ndarray, size: np.ndarray, ra: np.ndarray, dec: np.ndarray, fwhm_pixels: float,
                          catalog_ra: np.ndarray, catalog_dec: np.ndarray, catalog_g: np.ndarray,
-                         catalog_bp: np.ndarray, catalog_rp: np.ndarray, band: str, sky_rms: float,
+                         catalog_bp: np.ndarray, catalog_rp: np.ndarray, transform: BandTransform | None,
+                         sky_rms: float,
                          psf_stamp: np.ndarray,
                          model_fractions: Callable[[np.ndarray], np.ndarray] | None = None,
                          match_radius_arcsec: float = 1.0, min_snr: float = 20.0, max_size_fwhm: float = 2.0,
@@ -196,8 +234,10 @@ def calibrate_photometry(psf_flux: np.ndarray, psf_flux_err: np.ndarray, apfluxe
         the image's epoch, degrees.
     catalog_g, catalog_bp, catalog_rp : numpy.ndarray
         Shape (m,) their Gaia G, BP and RP magnitudes (NaN BP or RP: no colour).
-    band : str
-        The image's band, for `improc.color_transforms.gaia_to_band`.
+    transform : BandTransform or None
+        The camera's transformation from Gaia to the image's band; None: the band has none, so
+        the zero point is of G with a fitted colour term (``color_term`` is then "fit" whatever
+        its value; ``band_calibrated`` False).
     sky_rms : float
         Sky noise per pixel, ADU, for the limiting magnitude.
     psf_stamp : numpy.ndarray
@@ -216,7 +256,8 @@ def calibrate_photometry(psf_flux: np.ndarray, psf_flux_err: np.ndarray, apfluxe
     bright_limit_g : float
         Catalog stars brighter than this Gaia G (saturated, non-linear) are left out, mag.
     color_term : {"none", "fit"}
-        "fit" also fits a linear term in Gaia BP - RP on top of the band transformation.
+        "fit" also fits a linear term in Gaia BP - RP on top of the band transformation (always
+        fitted without a transformation).
     clip_sigma : float
         Outlier rejection threshold of the zero-point fit, in robust standard deviations.  > 0.
     min_stars : int
@@ -296,7 +337,10 @@ def calibrate_photometry(psf_flux: np.ndarray, psf_flux_err: np.ndarray, apfluxe
                      "n_matched": len(isrc), "n_catalog": len(g)})
     isrc, icat = isrc[keep], icat[keep]
     bp, rp = cat["catalog_bp"][icat], cat["catalog_rp"][icat]
-    cat_mag = gaia_to_band(g[icat], bp, rp, band)
+    if transform is None:       # G itself: the colour term absorbs what a transformation would
+        cat_mag, color_term = g[icat].copy(), "fit"
+    else:
+        cat_mag = gaia_to_band(g[icat], bp, rp, transform)
     color = bp - rp
     few = len(isrc) < min_stars
     if few:
@@ -314,11 +358,14 @@ def calibrate_photometry(psf_flux: np.ndarray, psf_flux_err: np.ndarray, apfluxe
                                                   model_fractions, min_apcor_stars)
     lim = limiting_magnitude(sky_noise_adu=sky_rms, zero_point=fit.zp, psf=psf_stamp, snr=limit_snr)
     colour_mag = fit.color_term * color if color_term == "fit" else 0.0     # NaN colours count when fitted
-    residuals = cat_mag - (-2.5 * np.log10(flux[isrc]) + fit.zp + colour_mag)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        instrumental = -2.5 * np.log10(flux[isrc])
+    residuals = cat_mag - (instrumental + fit.zp + colour_mag)
     return PhotometricCalibration(fit=fit, aper_cors=np.asarray(apcor), aper_cors_from=apcor_from,
                                   lim_mag=float(lim), source_index=isrc, catalog_index=icat, catalog_mag=cat_mag,
-                                  color=color, residuals=residuals, used=fit.used, n_candidates=int(good.sum()),
-                                  few_stars=few, flux_from=flux_from, psf_check=check)
+                                  color=color, residuals=residuals, used=fit.used, instrumental_mag=instrumental,
+                                  n_candidates=int(good.sum()), few_stars=few, flux_from=flux_from, psf_check=check,
+                                  band_calibrated=transform is not None)
 
 
 def _few_star_fit(flux: np.ndarray, err: np.ndarray, catalog_mag: np.ndarray, *, error_floor: float,

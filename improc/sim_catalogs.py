@@ -27,7 +27,7 @@ import numpy as np
 import astropy.units as u
 from astropy.table import Table
 
-from improc.color_transforms import gaia_to_band
+from improc.color_transforms import BandTransform, gaia_to_band
 from improc.sim_wcs import tangent_offsets_to_radec
 
 __all__ = [
@@ -170,26 +170,28 @@ def propagate_positions(ra: np.ndarray, dec: np.ndarray, pmra: np.ndarray, pmdec
     return new_ra % 360.0, new_dec
 
 
-def band_magnitudes(g: np.ndarray, bp: np.ndarray, rp: np.ndarray, band: str, *,
+def band_magnitudes(g: np.ndarray, bp: np.ndarray, rp: np.ndarray, transform: BandTransform | None, *,
                     color_term: float) -> np.ndarray:
-    """True magnitudes in the image band: ``gaia_to_band(G, BP, RP) + color_term (BP - RP - 1)``.
+    """True magnitudes in the image band: ``transform(G, BP, RP) + color_term (BP - RP - 1)``.
 
     Parameters
     ----------
     g, bp, rp : numpy.ndarray
         Gaia magnitudes.
-    band : str
-        Image band (see `improc.color_transforms.band_coefficients`).
+    transform : BandTransform or None
+        The simulated camera's Gaia-to-band transformation (`improc.color_transforms`); None:
+        ``m = G`` (a band no transformation describes).
     color_term : float
         Extra linear color term of the instrument, mag per mag of BP - RP.
 
     Returns
     -------
     numpy.ndarray
-        Magnitudes in ``band``.
+        Magnitudes in the band.
     """
     bp, rp = np.asarray(bp, dtype=float), np.asarray(rp, dtype=float)
-    return gaia_to_band(g, bp, rp, band) + color_term * (bp - rp - 1.0)
+    base = np.asarray(g, dtype=float) if transform is None else gaia_to_band(g, bp, rp, transform)
+    return base + color_term * (bp - rp - 1.0)
 
 
 def make_gaia_catalog(stars: Table, *, epoch: float, missing_fraction: float,

@@ -8,11 +8,15 @@ with the image its true TAN-SIP WCS, a wrong header WCS (`improc.sim_wcs`), trut
 Gaia-like reference catalog whose positions are at the catalog epoch (`improc.sim_catalogs`).
 
 Photometric truth: a star of Gaia magnitudes G, BP, RP has the band magnitude
-``mag = gaia_to_band(G, BP, RP, band) + color_term * (BP - RP - 1)`` and adds exactly
+``mag = transform(G, BP, RP) + color_term * (BP - RP - 1)`` and adds exactly
 ``flux_adu = 10**(-0.4 * (mag - zero_point))`` ADU to the image (total over the exposure).
 Astrometric truth: its position at the image epoch is the catalog position moved by its proper
 motion (`improc.sim_catalogs.propagate_positions`), and its centroid ``x, y`` (0-based) is that
-position through the true WCS.
+position through the true WCS.  ``transform`` is the simulated camera's Gaia-to-band
+transformation (`improc.color_transforms.BandTransform`); by default the ``Synthetic``
+instrument's, DECam's published one (``decam_zhou2020``) for g, r, i, z and ``m = G`` for other
+bands.  Give another to simulate another camera (``SimulatedImage.params.band_transform`` is the
+one used).
 
 Two images of the same sky with different noise, PSF, pointing or epoch: give them the same
 ``scene_seed`` (and footprint), or pass ``stars=first.star_catalog, galaxies=first.galaxies``.
@@ -37,6 +41,7 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from improc import sim_catalogs, sim_detector, sim_galaxies, sim_wcs
+from improc.color_transforms import DECAM_ZHOU2020, BandTransform
 from improc.sim_psf import PsfField, render_point_sources
 
 __all__ = ["SimulationParams", "SimulatedImage", "simulate_image", "make_star_catalog",
@@ -67,7 +72,10 @@ class SimulationParams:
     pixel_scale: float = _param(0.26, "Pixel scale at the image centre, arcsec/pixel.")
     ra: float = _param(150.0, "True RA of the image centre, degrees.")
     dec: float = _param(2.0, "True Dec of the image centre, degrees (|dec| < 89).")
-    band: str = _param("r", "Band; sets the Gaia color transformation and FILTER.")
+    band: str = _param("r", "Band (FILTER); with transform None, also picks the Gaia color transformation.")
+    transform: BandTransform | None = _param(None, "Gaia-to-band transformation of the simulated camera; "
+                                                   "None: the Synthetic instrument's (DECam's published one "
+                                                   "for g, r, i, z, m = G otherwise).")
     exp_time: float = _param(60.0, "Exposure time, s (header only: counts are per exposure).")
     mjd: float = _param(60000.0, "MJD of the exposure; sets the image epoch.")
     catalog_epoch: float = _param(2016.0, "Epoch of the reference catalog, Julian years.")
@@ -145,11 +153,19 @@ class SimulationParams:
         _check_range("sip_amplitude_pix", self.sip_amplitude_pix, 0.0, 20.0)
         if self.n_stars is not None:
             _check_range("n_stars", self.n_stars, 0, np.inf)
+        if self.transform is not None and not isinstance(self.transform, BandTransform):
+            raise ValueError(f"transform must be an improc.color_transforms.BandTransform or None, "
+                             f"got {type(self.transform).__name__}")
         for name in ("star_mag_range", "galaxy_mag_range"):
             lo, hi = getattr(self, name)
             if not lo < hi:
                 raise ValueError(f"{name} must be (bright, faint) with bright < faint, "
                                  f"got {(lo, hi)}")
+
+    @property
+    def band_transform(self) -> BandTransform | None:
+        """The transformation the stars are rendered with (None: ``m = G``)."""
+        return self.transform if self.transform is not None else DECAM_ZHOU2020.get(self.band)
 
     @property
     def epoch(self) -> float:
@@ -396,7 +412,7 @@ def _render_stars(catalog: Table, in_gaia: np.ndarray, params: SimulationParams,
                                                catalog["pmdec"],
                                                params.epoch - params.catalog_epoch)
     x, y = sim_wcs.world_to_pixel(wcs, ra, dec)
-    mag = sim_catalogs.band_magnitudes(catalog["G"], catalog["BP"], catalog["RP"], params.band,
+    mag = sim_catalogs.band_magnitudes(catalog["G"], catalog["BP"], catalog["RP"], params.band_transform,
                                        color_term=params.color_term)
     flux = 10.0 ** (-0.4 * (mag - params.zero_point))
     truth = Table({"source_id": np.asarray(catalog["source_id"], dtype=np.int64),

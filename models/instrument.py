@@ -5,7 +5,10 @@ An `Instrument` knows, for one camera, which header keywords hold the observatio
 amplifiers, named by a section id such as DECam's ``N6``), and each section's detector
 properties (`SectionInfo`: gain, read noise, saturation, pixel scale, data and overscan
 sections).  Raw frames are told apart from reduced products, and reduced products may come with
-companion weight and mask files.
+companion weight and mask files.  An instrument also declares, per band, the transformation from
+Gaia magnitudes to that band (`Instrument.transforms`, `improc.color_transforms.BandTransform`)
+that photometric calibration uses; `transform_digests` is what the calibration's provenance
+records of them.
 
 Built-in instruments (see ``docs/instruments.md``):
 
@@ -27,13 +30,16 @@ import math
 import re
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from astropy.io import fits
 
+from improc.color_transforms import BandTransform, table_digest
 from improc.errors import BadDataError
 from improc.flags import FLAGS_DTYPE, PixelFlag
 from util.config import ConfigError
@@ -42,7 +48,7 @@ __all__ = [
     "BadInputError", "MissingHeaderError", "UnknownInstrumentError",
     "Observation", "SectionInfo", "AmplifierInfo", "Companions", "Instrument",
     "register_instrument", "load_instrument_file", "get_instrument", "guess_instrument",
-    "instrument_names", "reset_instruments",
+    "instrument_names", "reset_instruments", "transform_digests",
     "open_fits", "header_to_dict", "dict_to_header", "merged_header",
 ]
 
@@ -198,9 +204,21 @@ class Instrument(abc.ABC):
 
     name: str = ""
     pixel_scale: float = 1.0  #: nominal arcsec per pixel
+    #: Gaia-to-band transformations by filter name (as `Observation.filter` gives it); a band
+    #: without one is calibrated on G with a fitted colour term and flagged BAND_UNCALIBRATED.
+    transforms: Mapping[str, BandTransform] = MappingProxyType({})
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+    def band_transform(self, band: str) -> BandTransform | None:
+        """This camera's transformation from Gaia to ``band``, or None if it declares none."""
+        return self.transforms.get(band)
+
+    def transforms_digest(self) -> str | None:
+        """Content digest of the transformation table (`improc.color_transforms.table_digest`);
+        None when the instrument declares no transformation."""
+        return table_digest(self.transforms) if self.transforms else None
 
     @abc.abstractmethod
     def matches(self, header: fits.Header) -> bool:
@@ -345,6 +363,19 @@ def get_instrument(name: str | Instrument, *, context=None) -> Instrument:
     except KeyError:
         raise UnknownInstrumentError(f"unknown instrument {name!r}; known instruments: "
                                      f"{', '.join(instrument_names())}") from None
+
+
+def transform_digests(context=None) -> dict[str, str]:
+    """Instrument name -> digest of its band-transformation table, for every known instrument
+    that declares one (built in, registered, and those of a context's ``instruments.extra_files``;
+    default: the current context's).
+
+    This is how transformations enter the photometric calibration's provenance: one provenance
+    covers the images of every instrument, so it records every instrument's table by content.
+    Instruments without a table are left out (adding one changes nothing that was calibrated).
+    """
+    digests = {inst.name: inst.transforms_digest() for inst in _known(context).values()}
+    return {name: digest for name, digest in sorted(digests.items()) if digest is not None}
 
 
 def guess_instrument(header: fits.Header, *, filename: str | Path | None = None) -> Instrument:

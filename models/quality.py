@@ -22,6 +22,7 @@ class QualityFlag(enum.IntFlag):
     PHOTOMETRY_APERTURE = 16   #: PSF fluxes untrusted: the zero point rests on aperture fluxes
     ZP_FEW_STARS = 32          #: one calibrator: the zero point rests on a single star
     ZP_UNCALIBRATED = 64       #: no calibrator: no zero point (NaN)
+    BAND_UNCALIBRATED = 128    #: the instrument has no Gaia transformation for the band: zp of G, colour term fitted
 
 
 def quality_names(bits: int | None) -> list[str]:

@@ -21,6 +21,14 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
     pixels) to bring it onto the PSF-flux (total) scale.  ``lim_mag`` is the point-source
     magnitude at the photocal ``limit_snr`` (the image's depth).  Made from the image's sources
     (through their WCS), PSF and background, whose ids it records.
+
+    ``band_transform`` is the instrument's Gaia-to-band transformation the catalog magnitudes
+    came from (`improc.color_transforms.BandTransform.as_dict`), None when the instrument has
+    none for the band: then ``zp`` and ``color_term`` calibrate ``mag = -2.5 log10(adu) + zp +
+    color_term * (BP - RP)`` onto Gaia G, and ``quality_flags`` has BAND_UNCALIBRATED.
+    ``calibrators`` lists the stars matched to the catalog, as JSON columns of equal length
+    (`calibrator_table`): which calibrate the zero point and which were clipped, with their
+    colours and residuals, so that the fit can be seen.
     """
 
     __tablename__ = "zero_points"
@@ -47,6 +55,12 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
     quality_flags: Mapped[int] = mapped_column(default=0, doc="models.quality.QualityFlag bits.")
     note: Mapped[str | None] = mapped_column(sa.String(512), default=None,
                                              doc="Why the zero point is what it is, when degraded.")
+    band_transform: Mapped[dict | None] = mapped_column(
+        sa.JSON, default=None, doc="The Gaia-to-band transformation used (coefficients, color_range, "
+                                   "average_color); None: the band has none (BAND_UNCALIBRATED).")
+    calibrators: Mapped[dict | None] = mapped_column(
+        sa.JSON, default=None, doc="The matched stars as columns: source_row, gaia_source_id, bp_rp, "
+                                   "catalog_mag, instrumental_mag, residual, used (None: no calibrator).")
 
     def __init__(self, *, image=None, wcs=None, psf=None, background=None, **kwargs):
         for name, parent in (("image", image), ("wcs", wcs), ("psf", psf), ("background", background)):
@@ -67,6 +81,19 @@ class ZeroPoint(UUIDMixin, TimestampMixin, Base):
     def aper_cor_radii(self) -> list:
         """The pixel radii of the apertures with known corrections (the user guide's name)."""
         return list(self.aper_radii)
+
+    def calibrator_table(self):
+        """The stars matched to the catalog (`calibrators`) as an `astropy.table.Table`, one row
+        per star (missing values masked); an empty table when none was recorded."""
+        from astropy.table import MaskedColumn, Table
+
+        columns = self.calibrators or {}
+        table = Table()
+        for name, values in columns.items():
+            missing = np.array([v is None for v in values], dtype=bool)
+            filled = [0 if v is None else v for v in values]
+            table[name] = MaskedColumn(filled, mask=missing) if missing.any() else filled
+        return table
 
     def mag(self, flux_adu: np.ndarray, aperture: int | None = None) -> np.ndarray:
         """Calibrated magnitudes of fluxes in ADU (PSF fluxes, or aperture ``aperture``)."""

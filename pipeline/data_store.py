@@ -190,7 +190,7 @@ class DataStore:
                     break
                 upstreams.append(self._input_provenance(tree, inp.name, step))
             else:
-                tree[step.process] = step.make_provenance(upstreams)
+                tree[step.process] = step.make_provenance(upstreams, context=self.context)
                 if "image" in step.output_names():
                     self._image_process = step.process
         self.prov_tree, self.tag = tree, None

@@ -52,6 +52,7 @@ from pipeline.parameters import StepParams
 from util.config import Config
 
 if TYPE_CHECKING:
+    from models.context import Context
     from pipeline.data_store import DataStore
 
 __all__ = ["Step", "StepError", "StepStats", "NothingToDo", "Input", "Output", "ProductSpec",
@@ -218,11 +219,18 @@ class Step:
         names = ([cls.badness] if cls.badness else []) + list(cls.badness_for.values())
         return tuple(dict.fromkeys(names))
 
-    def make_provenance(self, upstreams: list[Provenance]) -> Provenance:
-        """This step's provenance given its upstream provenances (pure, no database)."""
+    def make_provenance(self, upstreams: list[Provenance], *, context: Context | None = None) -> Provenance:
+        """This step's provenance given its upstream provenances (pure, no database); ``context``
+        is the one whose data the step will run in (see `provenance_parameters`)."""
         unique = list({u.id: u for u in upstreams}.values())
         return Provenance(process=self.process, code_version=self.version,
-                          parameters=self.params.hashed(), upstreams=unique)
+                          parameters=self.provenance_parameters(context), upstreams=unique)
+
+    def provenance_parameters(self, context: Context | None = None) -> dict[str, Any]:
+        """What the provenance hashes besides code version and upstreams: the parameters that
+        change the result.  A step whose result also depends on definitions the context knows
+        (e.g. photocal on the instruments' band transformations) adds them here, by content."""
+        return self.params.hashed()
 
     def run(self, ds: DataStore) -> None:
         """Read the inputs from ``ds``, compute, attach the outputs (`DataStore.new_product`)."""

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-04 22:27:02.928952
+Create Date: 2026-12-04 22:45:24.779991
 """
 from alembic import op
 import sqlalchemy as sa
@@ -316,6 +316,8 @@ def upgrade() -> None:
     sa.Column('flux_from', sa.String(length=16), nullable=False),
     sa.Column('quality_flags', sa.Integer(), nullable=False),
     sa.Column('note', sa.String(length=512), nullable=True),
+    sa.Column('band_transform', sa.JSON(), nullable=True),
+    sa.Column('calibrators', sa.JSON(), nullable=True),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['background_id'], ['backgrounds.id'], name=op.f('fk_zero_points_background_id_backgrounds'), ondelete='CASCADE'),

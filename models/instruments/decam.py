@@ -61,6 +61,7 @@ _DEFINITION = {
     "defaults": {**DECAM_DEFAULTS, "section_id": None},
     "filter_pattern": r"^(\S+)",
     "ra_unit": "hourangle",
+    "transforms": "decam_zhou2020",     # R. Zhou (2020), as the Legacy Surveys calibrate
 }
 
 

@@ -23,6 +23,13 @@ Reading rules, in order:
 - weight and mask files next to a reduced image (as SWarp and many reductions write them):
   ``companions: {weight: '{stem}.weight.fits', flags: '{stem}.mask.fits'}``, ``{stem}`` being
   the image's file name without its FITS ending.  Such files are then refused as images.
+- photometric transformations from Gaia to the camera's bands (`Instrument.transforms`):
+  ``transforms: decam_zhou2020`` names a published table
+  (`improc.color_transforms.PUBLISHED_TRANSFORMS`), or a mapping gives one per filter name,
+  ``{r: {coefficients: [c0, c1, ...], color_range: [-0.5, 3.5], average_color: 1.2}}``
+  (``m_r = G + sum c_k (BP-RP)^k``).  A band without one is calibrated on G with a fitted colour
+  term and flagged; none is the default.  The whole table is replaced, never merged, by a
+  definition that gives one.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -41,6 +49,7 @@ import yaml
 from astropy.coordinates import Angle
 from astropy.io import fits
 
+from improc.color_transforms import transform_table
 from improc.flags import FLAGS_DTYPE, PixelFlag, flag_value
 from models.instrument import (BadInputError, Companions, Instrument, MissingHeaderError,
                                Observation, SectionInfo)
@@ -85,6 +94,7 @@ GENERIC_DEFINITION: dict[str, Any] = {
     "flags_hdus": [],
     "flag_bits": {},
     "companions": {"weight": None, "flags": None},
+    "transforms": None,
 }
 
 #: Endings of FITS file names, stripped to give the ``{stem}`` of a companion template.
@@ -195,6 +205,10 @@ class GenericInstrument(Instrument):
         self.weight_hdus = [str(n).upper() for n in d["weight_hdus"]]
         self.flags_hdus = [str(n).upper() for n in d["flags_hdus"]]
         self.pixel_scale = float(d["defaults"]["pixel_scale"])
+        try:
+            self.transforms = MappingProxyType(transform_table(d["transforms"], where=f"{source}: transforms"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> GenericInstrument:

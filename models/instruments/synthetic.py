@@ -50,6 +50,9 @@ SYNTHETIC_DEFINITION = {
     "weight_hdus": ["WEIGHT"],
     "flags_hdus": ["FLAGS", BPM_EXTNAME],
     "flag_bits": {1: "BAD", 2: "SATURATED", 4: "CR", 8: "BLEED"},
+    # the simulator renders g, r, i, z with DECam's transformation unless told another
+    # (improc.simulator.SimulationParams.transform)
+    "transforms": "decam_zhou2020",
 }
 
 

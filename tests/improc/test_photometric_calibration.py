@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
-from improc.color_transforms import gaia_to_band
+from improc.color_transforms import DECAM_ZHOU2020, BandTransform, gaia_to_band
+
+R_BAND = DECAM_ZHOU2020["r"]
 from improc.photometric_calibration import PhotometricCalibration, calibrate_photometry
 from improc.photometry import PhotometryError, noise_equivalent_area
 
@@ -36,20 +39,21 @@ class Field:
     too_bright: np.ndarray
 
     def kwargs(self, **extra) -> dict:
-        return {**self.sources, **self.catalog, "band": "r", "sky_rms": SKY_RMS, "fwhm_pixels": FWHM,
+        return {**self.sources, **self.catalog, "transform": R_BAND, "sky_rms": SKY_RMS, "fwhm_pixels": FWHM,
                 "psf_stamp": _gaussian_stamp(FWHM), **extra}
 
 
-def _field(seed: int = 1, n: int = 200, color_term: float = 0.0) -> Field:
+def _field(seed: int = 1, n: int = 200, color_term: float = 0.0, transform: BandTransform = R_BAND) -> Field:
     """n catalog stars around (RA, Dec) = (359.95, 2) (across RA = 0), each detected as a source
-    at ~50 mas from it, plus 100 catalog stars without a source and 20 sources without a star."""
+    at ~50 mas from it, plus 100 catalog stars without a source and 20 sources without a star;
+    their true band magnitudes follow ``transform``."""
     rng = np.random.default_rng(seed)
     g = rng.uniform(14.0, 20.0, n)
     color = rng.uniform(0.3, 2.5, n)
     bp, rp = g + 0.4 * color, g - 0.6 * color
     bp[:5] = np.nan                                            # no colour: the average one
     # catalog_mag = -2.5 log10(flux) + ZP + color_term * (BP - RP)
-    inst = gaia_to_band(g, bp, rp, "r") - ZP - color_term * np.where(np.isfinite(bp - rp), bp - rp, 0.0)
+    inst = gaia_to_band(g, bp, rp, transform) - ZP - color_term * np.where(np.isfinite(bp - rp), bp - rp, 0.0)
     flux = 10 ** (-0.4 * inst)
     err = np.sqrt(flux / GAIN + noise_equivalent_area(fwhm_pixels=FWHM) * SKY_RMS**2)
     size = rng.normal(1.2, 0.03, n) * FWHM
@@ -121,12 +125,51 @@ def test_per_star_records(field, result):
     c = field.catalog
     bp, rp = c["catalog_bp"][rows], c["catalog_rp"][rows]
     np.testing.assert_array_equal(result.color, bp - rp)
-    np.testing.assert_array_equal(result.catalog_mag, gaia_to_band(c["catalog_g"][rows], bp, rp, "r"))
+    np.testing.assert_array_equal(result.catalog_mag, gaia_to_band(c["catalog_g"][rows], bp, rp, R_BAND))
     flux = field.sources["psf_flux"][rows]
     np.testing.assert_allclose(result.residuals, result.catalog_mag + 2.5 * np.log10(flux) - result.fit.zp)
     pull = result.residuals[result.used] / (1.0857 * field.sources["psf_flux_err"][rows][result.used] / flux[result.used])
     assert 0.7 < np.std(pull) < 1.3
     assert np.sqrt(np.mean(result.residuals[result.used] ** 2)) == pytest.approx(result.fit.scatter)
+
+
+def test_star_records_are_json_columns_of_the_matched_stars(field, result):
+    records = result.star_records()
+    json.dumps(records, allow_nan=False)            # plain JSON: NaN becomes None
+    assert all(len(column) == len(result.source_index) for column in records.values())
+    assert records["source_row"] == result.source_index.tolist()
+    assert records["catalog_row"] == result.catalog_index.tolist()
+    assert records["used"] == result.used.tolist()
+    no_color = ~np.isfinite(result.color)
+    assert no_color.any() and all(records["bp_rp"][i] is None for i in np.flatnonzero(no_color))
+    np.testing.assert_allclose(np.array(records["residual"], float), result.residuals, atol=1e-5)
+    np.testing.assert_allclose(np.array(records["instrumental_mag"], float),
+                               -2.5 * np.log10(field.sources["psf_flux"][result.source_index]), atol=1e-5)
+    # what a plot of the fit shows: catalog - instrumental = zp + residual
+    np.testing.assert_allclose(np.array(records["catalog_mag"], float) - np.array(records["instrumental_mag"], float),
+                               result.fit.zp + result.residuals, atol=2e-5)
+
+
+def test_a_band_without_transformation_is_calibrated_on_g_with_a_fitted_colour_term():
+    """True band magnitudes m = G + 0.2 - 0.45 (BP - RP); with no transformation the zero point is
+    of G: G + 2.5 log10(flux) = ZP - 0.2 + 0.45 (BP - RP), so zp = ZP - 0.2 and colour term +0.45,
+    and the result says the band is uncalibrated."""
+    linear = BandTransform(coefficients=(0.2, -0.45), color_range=(-1.0, 5.0), average_color=1.4)
+    field = _field(transform=linear)
+    result = calibrate_photometry(**field.kwargs(transform=None))       # color_term "none" asked
+    assert not result.band_calibrated
+    assert result.fit.zp == pytest.approx(ZP - 0.2, abs=0.005)
+    assert result.fit.color_term == pytest.approx(0.45, abs=0.005)
+    np.testing.assert_array_equal(result.catalog_mag, field.catalog["catalog_g"][result.catalog_index])
+    no_color = ~np.isfinite(result.color)          # they cannot constrain a colour term
+    assert no_color.any() and not result.used[no_color].any()
+    assert np.sqrt(np.mean(result.residuals[result.used] ** 2)) < 0.02
+    # DECam's r polynomial in its place would be off by tenths of a magnitude
+    wrong = calibrate_photometry(**field.kwargs(transform=R_BAND))
+    assert wrong.band_calibrated and abs(wrong.fit.zp - ZP) > 0.1
+    # with few stars: the unclipped mean of G (no colour term), both degradations said
+    few = calibrate_photometry(**field.kwargs(transform=None, min_stars=500, fewest_stars=1))
+    assert few.few_stars and not few.band_calibrated and few.fit.color_term == 0.0
 
 
 def test_aperture_corrections_and_limiting_magnitude(result):

@@ -10,7 +10,7 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table
 from scipy.optimize import curve_fit
 
-from improc.color_transforms import gaia_to_band
+from improc.color_transforms import DECAM_ZHOU2020, BandTransform, gaia_to_band
 from improc.sim_detector import (FLAG_BAD_COLUMN, FLAG_BLEED, FLAG_COSMIC_RAY, FLAG_SATURATED,
                                  sky_model)
 from improc.sim_psf import PsfField
@@ -92,11 +92,26 @@ def test_star_magnitudes_and_fluxes_follow_gaia_color_transform():
     params = dataclasses.replace(QUIET, n_stars=50, band="g", color_term=0.07, zero_point=30.5)
     sim = simulate_image(params)
     s = sim.stars
-    expected = gaia_to_band(s["G"], s["BP"], s["RP"], "g") + 0.07 * (s["BP"] - s["RP"] - 1.0)
+    expected = gaia_to_band(s["G"], s["BP"], s["RP"], DECAM_ZHOU2020["g"]) + 0.07 * (s["BP"] - s["RP"] - 1.0)
     np.testing.assert_allclose(s["mag"], expected, atol=1e-12)
     np.testing.assert_allclose(s["flux_adu"], 10 ** (-0.4 * (s["mag"] - 30.5)), rtol=1e-12)
     color = s["BP"] - s["RP"]
     assert color.min() >= 0.5 and color.max() <= 3.0
+
+
+def test_stars_follow_the_camera_transform_given():
+    """Another camera: the simulator renders its band with the transformation it is given (and
+    with none for a band DECam's table lacks: m = G)."""
+    made_up = BandTransform(coefficients=(0.25, -0.4, 0.05), color_range=(-0.3, 3.2), average_color=1.0)
+    params = dataclasses.replace(QUIET, n_stars=50, band="r", transform=made_up, zero_point=30.5)
+    assert params.band_transform is made_up
+    s = simulate_image(params).stars
+    np.testing.assert_allclose(s["mag"], made_up.magnitudes(s["G"], s["BP"], s["RP"]), atol=1e-12)
+    assert dataclasses.replace(QUIET, band="r").band_transform is DECAM_ZHOU2020["r"]
+    plain = simulate_image(dataclasses.replace(QUIET, n_stars=20, band="VR")).stars
+    np.testing.assert_allclose(plain["mag"], plain["G"], atol=1e-12)
+    with pytest.raises(ValueError, match="transform must be an improc.color_transforms.BandTransform"):
+        SimulationParams(transform=(0.1, 0.2))
 
 
 def test_star_counts_rise_with_magnitude():

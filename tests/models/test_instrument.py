@@ -8,11 +8,12 @@ import pytest
 from astropy.io import fits
 from astropy.time import Time
 
+from improc.color_transforms import DECAM_ZHOU2020, BandTransform, table_digest
 from improc.flags import PixelFlag
 from improc.preprocessing import parse_fits_section
 from models.instrument import (MissingHeaderError, UnknownInstrumentError, get_instrument,
                                guess_instrument, instrument_names, load_instrument_file,
-                               merged_header, open_fits, reset_instruments)
+                               merged_header, open_fits, reset_instruments, transform_digests)
 from models.instruments.decam import CP_MASK_CODES, DECAM_CCDNUM, DECAM_DEFAULTS
 from models.context import Context
 from models.instruments.generic import GenericInstrument, basename_datetime, mjd_from_datetime
@@ -234,6 +235,43 @@ def test_yaml_errors_name_file_and_key(tmp_path, fresh_registry):
     with pytest.raises(ValueError, match="already registered"):
         from models.instrument import register_instrument
         register_instrument(GenericInstrument({"name": "DECam"}))
+
+
+MADE_UP_YAML = """
+name: MadeUpCam
+match: {INSTRUME: '^MADEUP$'}
+transforms:
+  r: {coefficients: [0.2, -0.45, 0.06], color_range: [-0.3, 3.2], average_color: 1.1}
+"""
+
+
+def test_transformations_belong_to_instruments(tmp_path, fresh_registry):
+    """DECam (and the cameras rendered or resampled from it) keep R. Zhou's table; other cameras
+    have none unless their definition gives one; a YAML table is read, digested and validated."""
+    decam = get_instrument("DECam")
+    assert decam.band_transform("r") is DECAM_ZHOU2020["r"] and decam.band_transform("VR") is None
+    for name in ("Synthetic", "DECamResampled"):
+        assert get_instrument(name).transforms_digest() == table_digest(DECAM_ZHOU2020)
+    for name in ("SAAO-STE3", "Generic"):
+        assert get_instrument(name).transforms == {} and get_instrument(name).transforms_digest() is None
+    definition = tmp_path / "madeup.yaml"
+    definition.write_text(MADE_UP_YAML)
+    context = Context.from_config(Config.load(**{"instruments.extra_files": [str(definition)],
+                                                 "storage.data_root": str(tmp_path / "data")}))
+    cam = get_instrument("MadeUpCam", context=context)
+    assert cam.band_transform("r") == BandTransform((0.2, -0.45, 0.06), (-0.3, 3.2), 1.1)
+    assert cam.band_transform("g") is None
+    digests = transform_digests(context)
+    assert digests["MadeUpCam"] == table_digest({"r": cam.band_transform("r")})
+    assert set(digests) == {"DECam", "DECamResampled", "MadeUpCam", "Synthetic"}   # no table, no entry
+    assert "MadeUpCam" not in transform_digests(Context.from_config(Config.load(
+        **{"storage.data_root": str(tmp_path / "data")})))
+    definition.write_text(MADE_UP_YAML.replace("[-0.3, 3.2]", "[3.2, -0.3]"))
+    with pytest.raises(ConfigError, match=r"madeup\.yaml: transforms\.r: color_range must be finite"):
+        load_instrument_file(definition)
+    definition.write_text("name: X\ntransforms: sdss\n")
+    with pytest.raises(ConfigError, match=r"unknown published transformation table 'sdss'; known: decam_zhou2020"):
+        load_instrument_file(definition)
 
 
 def _swarp_like(folder, *, weight_value: float = 0.25):

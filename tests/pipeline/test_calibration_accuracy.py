@@ -90,7 +90,7 @@ def _photometric_calibration(sources: Table, wcs, gaia: Table, mesh, psf,
         flags=np.asarray(sources["flags"]), size=np.asarray(sources["fwhm"], float), ra=ra, dec=dec,
         fwhm_pixels=float(sources.meta["fwhm"]), catalog_ra=cat_ra, catalog_dec=cat_dec,
         catalog_g=np.asarray(gaia["phot_g_mean_mag"], float), catalog_bp=np.asarray(gaia["phot_bp_mean_mag"], float),
-        catalog_rp=np.asarray(gaia["phot_rp_mean_mag"], float), band=PARAMS.band, sky_rms=mesh.median_rms,
+        catalog_rp=np.asarray(gaia["phot_rp_mean_mag"], float), transform=PARAMS.band_transform, sky_rms=mesh.median_rms,
         psf_stamp=psf.get_clip(PARAMS.nx / 2.0, PARAMS.ny / 2.0),
         **{**params.kwargs_for(calibrate_photometry), **options})
     return result, result.source_index
