@@ -134,11 +134,12 @@ def _cmd_images(args: argparse.Namespace) -> int:
     context = _setup(args)
     with context.session() as session:
         images = Image.find_images(tag=args.tag, ra=args.ra, dec=args.dec, filter=args.filter,
-                                   instrument=args.instrument, order_by=args.order_by,
+                                   instrument=args.instrument, type=args.type, order_by=args.order_by,
                                    max_number=args.max_number, session=session)
-    print(f"{'id':36}  {'instrument':10} {'section':7} {'filter':8} {'mjd':>11} {'ra':>9} {'dec':>9}")
+    print(f"{'id':36}  {'type':10} {'instrument':10} {'section':7} {'filter':8} {'mjd':>11} {'ra':>9} {'dec':>9}")
     for im in images:
-        print(f"{str(im.id):36}  {im.instrument:10} {str(im.section_id):7} {str(im.filter):8} "
+        kind = getattr(im.type, "value", im.type)
+        print(f"{str(im.id):36}  {kind:10} {im.instrument:10} {str(im.section_id):7} {str(im.filter):8} "
               f"{im.mjd:11.5f} {im.ra:9.4f} {im.dec:9.4f}")
     print(f"{len(images)} image(s)")
     return 0
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--dec", type=float, help="Dec (deg) that the image must contain")
     images.add_argument("--filter")
     images.add_argument("--instrument")
+    images.add_argument("--type", choices=["science", "coadd", "difference"],
+                        help="only images of this kind (default: all)")
     images.add_argument("--tag", help="only images whose provenance is in this tag")
     images.add_argument("--order-by", default="earliest", choices=["earliest", "latest", "quality"],
                         help="'quality' (deepest, then sharpest) needs --tag")

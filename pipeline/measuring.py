@@ -40,8 +40,10 @@ class MeasuringParams(StepParams):
         "Detections failing any of these {column: [min, max]} are not stored (cosmic-ray-like spikes, "
         "detections mostly on bad pixels).")
     bad_cuts: dict = param(
+        # (negative_fraction is not among them: within 2 FWHM a faint source's outer pixels are
+        # noise, and half of them negative, as for a dipole)
         {"elongation": [None, 2.0], "width_ratio": [0.6, 1.6], "dipole_ratio": [None, 0.4],
-         "negative_fraction": [None, 0.4], "centroid_offset": [None, 1.5]},
+         "centroid_offset": [None, 1.5]},
         "Detections failing any of these are stored with is_bad (elongated, too narrow or broad for "
         "the PSF, dipoles of misaligned or mismatched stars).")
 
@@ -61,7 +63,8 @@ class Measurer(Step):
     """Make the MeasurementSet of the detections kept by the cuts."""
 
     process = "measuring"
-    version = "1.0.0"
+    # 1.1: negative_fraction no longer among the default bad cuts (it marked faint sources bad)
+    version = "1.1.0"
     Params = MeasuringParams
     inputs = (Input("sub_image"), Input("detections"), Input("cutouts"), Input("wcs"), Input("zp"))
     outputs = (Output("measurement_set", MeasurementSet, parents={"cutouts_id": "cutouts"}),)

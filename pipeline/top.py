@@ -105,6 +105,9 @@ class Pipeline:
         steps = [s for s in self.steps if not (ds.image is not None and "image" in s.output_names())]
         ds.make_prov_tree(steps)
         for step in steps:
+            if step.process in ds.unavailable:     # e.g. no reference set yet: stop here, say why
+                ds.stats[step.process] = {"seconds": 0.0, "nothing_to_do": ds.unavailable[step.process]}
+                break
             if verify and ds.persist:     # (a DataStore that never saves removes nothing either)
                 _remove_damaged(ds, step)
             try:

@@ -18,7 +18,7 @@ from tests.models.synthetic_files import tan_wcs
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("argv", [[], ["db"], ["ingest"], ["images"], ["run"], ["provenance"],
+@pytest.mark.parametrize("argv", [[], ["db"], ["ingest"], ["images"], ["run"], ["make-ref"], ["provenance"],
                                   ["provenance", "tag"], ["demo"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -216,10 +216,17 @@ def test_after_the_demo_its_config_runs_the_pipeline_offline(tmp_path):
     assert f"--config {demo_config}" in result.stdout
     result = _seechange("--config", str(demo_config), "run", "--tag", "again", home=tmp_path / "elsewhere")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("skipped") == 5            # every step existed already
-    result = _seechange("--config", str(demo_config), "images", "--tag", "again", "--order-by", "quality",
+    # every step existed already, but the reference epoch's subtraction: when the demo ran that
+    # epoch no reference existed yet; now its own coadd is one
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[1].count("skipped") == 9, result.stdout
+    assert lines[0].count("skipped") == 5 and "measuring" in lines[0], result.stdout
+    result = _seechange("--config", str(demo_config), "images", "--tag", "again", "--type", "science",
+                        "--order-by", "quality", home=tmp_path / "elsewhere")
+    assert "2 image(s)" in result.stdout          # the reference epoch and the new one
+    result = _seechange("--config", str(demo_config), "images", "--tag", "again", "--type", "difference",
                         home=tmp_path / "elsewhere")
-    assert "1 image(s)" in result.stdout
+    assert "2 image(s)" in result.stdout and result.stdout.count("difference") == 2
 
 
 def test_db_check_and_clean(tmp_path, capsys):

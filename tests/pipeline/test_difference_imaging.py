@@ -162,3 +162,32 @@ def test_an_image_without_a_covering_reference_is_marked_and_named(database, fie
     with context.session() as session:
         stored = session.get(Image, images[1].id)
     assert "NO_REFERENCE" in stored.badness
+
+
+def test_make_ref_through_the_command_line(field, tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    paths, refs, _ = field
+    gaia = str(paths[0].parent / "gaia")
+    config = tmp_path / "user.yaml"
+    config.write_text(yaml.safe_dump({
+        "db": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"}, "storage": {"data_root": str(tmp_path / "root")},
+        "astrocal": {"catalog": "gaia_folder", "catalog_folder": gaia},
+        "photocal": {"catalog": "gaia_folder", "catalog_folder": gaia}}))
+    assert main(["ingest", *map(str, paths[:2]), "--config", str(config)]) == 0
+    assert main(["run", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("subtraction: nothing to do") == 2 and "seechange make-ref" in out
+    ra, dec = f"{refs[0].params.ra:.5f}", f"{refs[0].params.dec:.5f}"
+    assert main(["make-ref", "--ra", ra, "--dec", dec, "--filter", "g", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no science image contains" in err[0] and "filter g" in err[0]
+    assert main(["make-ref", "--ra", ra, "--dec", dec, "--filter", "r", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "components: 2 image(s)" in out and "tagged 'references'" in out
+    # the images that made the reference now have one (their own coadd): the chain runs through
+    assert main(["run", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("measuring") == 2 and "nothing to do" not in out

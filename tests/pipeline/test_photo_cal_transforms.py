@@ -152,6 +152,9 @@ def test_transformations_enter_the_photocal_provenance_by_content(calibrated, tm
     # a configuration without MadeUpCam makes another photocal provenance ...
     image = calibrated.ds["MadeUpCam"].get_image()
     other = Context.from_config(Config.load(**{"storage.data_root": str(tmp_path / "data")}))
+    from models.schema import upgrade
+
+    upgrade(other.engine)       # (the tree looks up the reference set's tag in it)
     tree = DataStore(image, context=other, persist=False).make_prov_tree()
     assert tree["photocal"].id != prov.id and tree["extraction"].id == calibrated.ds["MadeUpCam"].provenance(
         "extraction").id
