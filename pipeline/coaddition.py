@@ -181,11 +181,11 @@ class Coadder(Step):
         BadDataError
             A component shares too few sources with the grid image.
         """
-        from pipeline.reference_alignment import MIN_RATIO_STARS, _fitted, source_shift, star_flux_ratio
+        from pipeline.reference_alignment import MIN_RATIO_STARS, fitted_to_catalog, moved, source_shift, star_flux_ratio
 
         mode = self.params.registration
         calibrated = all(p[4].zp is not None for p in products)
-        fitted = all(_fitted(p[3]) for p in products)
+        fitted = all(fitted_to_catalog(p[3]) for p in products)
         solutions = [p[3].wcs for p in products]
         zero_points = [p[4].zp for p in products]
         if calibrated and (mode == "wcs" or (mode == "auto" and fitted)):
@@ -197,13 +197,12 @@ class Coadder(Step):
                 zero_points[k] = base if not calibrated else zp.zp
                 continue
             pair = f"images {grid_image.describe()} and {image.describe()}"
-            if mode == "sources" or not (_fitted(wcs) and _fitted(grid_wcs)):
+            if mode == "sources" or not (fitted_to_catalog(wcs) and fitted_to_catalog(grid_wcs)):
                 shift = source_shift(grid_sources, grid_wcs.wcs, sources, wcs.wcs)
                 if shift.n < MIN_RATIO_STARS:
                     raise BadDataError(f"{pair}: only {shift.n} sources both measured register them (a WCS was "
                                        f"not fitted to a catalog; at least {MIN_RATIO_STARS} needed)")
-                solutions[k] = wcs.wcs.deepcopy()
-                solutions[k].wcs.crpix = [solutions[k].wcs.crpix[0] + shift.dx, solutions[k].wcs.crpix[1] + shift.dy]
+                solutions[k] = moved(wcs.wcs, shift)
             if not calibrated:
                 ratio = star_flux_ratio(grid_sources, grid_wcs.wcs, sources, solutions[k])
                 if ratio.n_stars < MIN_RATIO_STARS:

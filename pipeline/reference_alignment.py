@@ -21,7 +21,7 @@ import numpy as np
 from improc.alignment import Warped, warp_image
 from improc.errors import BadDataError
 
-__all__ = ["AlignedReference", "aligned_reference", "reference_products", "source_shift", "star_flux_ratio"]
+__all__ = ["AlignedReference", "aligned_reference", "reference_products", "source_shift", "star_flux_ratio", "moved", "fitted_to_catalog"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,7 +71,7 @@ RATIO_MIN_SNR = 10.0
 MATCH_RADIUS_ARCSEC = 0.5
 
 
-def _fitted(wcs) -> bool:
+def fitted_to_catalog(wcs) -> bool:
     """Whether a WorldCoordinates was fitted to a catalog (not the header's, moved or not)."""
     from models.quality import QualityFlag
 
@@ -108,6 +108,13 @@ def source_shift(sources, solution, other_sources, other_solution):
     ra, dec = solution.pixel_to_world_values(sources.x[use], sources.y[use])
     x_pred, y_pred = other_solution.world_to_pixel_values(ra, dec)
     return fit_shift(x_pred, y_pred, other_sources.x[other_use], other_sources.y[other_use])
+
+
+def moved(solution, shift):
+    """A copy of an astropy WCS whose pixel positions are moved by a `fit_shift` offset."""
+    solution = solution.deepcopy()
+    solution.wcs.crpix = [solution.wcs.crpix[0] + shift.dx, solution.wcs.crpix[1] + shift.dy]
+    return solution
 
 
 def star_flux_ratio(sources, solution, other_sources, other_solution):
@@ -167,14 +174,13 @@ def aligned_reference(ds) -> AlignedReference:
     pair = f"new image {image.describe()} and reference image {ref_image.describe()}"
     ref_solution, shift = ref_wcs.wcs, None
     mode = _registration_mode(ds)
-    if mode == "sources" or (mode == "auto" and not (_fitted(wcs) and _fitted(ref_wcs))):
+    if mode == "sources" or (mode == "auto" and not (fitted_to_catalog(wcs) and fitted_to_catalog(ref_wcs))):
         shift = _registration_shift(ds, reference, wcs, ref_wcs)
         if shift.n < MIN_RATIO_STARS:
             raise BadDataError(f"{pair}: a WCS was not fitted to a catalog and only {shift.n} sources both "
                                f"measured register them (at least {MIN_RATIO_STARS} needed)",
                                badness="BAD_SUBTRACTION", figures={"n_registration": shift.n})
-        ref_solution = ref_solution.deepcopy()
-        ref_solution.wcs.crpix = [ref_solution.wcs.crpix[0] + shift.dx, ref_solution.wcs.crpix[1] + shift.dy]
+        ref_solution = moved(ref_solution, shift)
     ratio, origin = _flux_ratio(ds, reference, wcs, ref_solution)
     if origin == "zero_points":
         for which, z in (("new image", zp), ("reference", ref_zp)):
