@@ -115,3 +115,63 @@ def test_alternating_fit_recovers_an_exact_low_rank_model():
     phi_n, coef_n = normalized(fitted_phi.reshape(3, size, size), fitted_coef, monos, np.ones(n))
     sums = np.tensordot(monos, to_basis(phi_n, coef_n), axes=1).sum(axis=(1, 2))
     assert np.allclose(sums, 1.0, atol=1e-9)
+
+
+# --- the wings: beyond 3 FWHM the model is its azimuthal mean profile -------------------------
+
+def _moffat_basis(size: int = 31, fwhm: float = 4.0, beta: float = 3.0) -> np.ndarray:
+    """A degree-1 basis: a round Moffat (sum 1) and two zero-sum gradient terms."""
+    off = np.arange(size) - size // 2
+    r2 = off[None, :] ** 2 + off[:, None] ** 2
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    moffat = (1.0 + r2 / alpha**2) ** -beta
+    moffat /= moffat.sum()
+    gx = np.gradient(moffat, axis=1) * 0.3
+    gy = np.gradient(moffat, axis=0) * 0.2
+    return np.stack([moffat, gx - gx.sum() * moffat, gy - gy.sum() * moffat])
+
+
+def test_radial_wings_replace_noisy_wings_by_the_profile_and_keep_the_core():
+    from improc.psf_modes import radial_wings
+
+    clean = _moffat_basis()
+    noisy = clean.copy()
+    rng = np.random.default_rng(3)
+    size = clean.shape[1]
+    off = np.arange(size) - size // 2
+    r = np.hypot(off[None, :], off[:, None])
+    wing = r > 12.0
+    noisy[:, wing] += rng.normal(0.0, 3e-4, (3, wing.sum()))     # 100x the true wing per pixel
+    noisy[0] /= noisy[0].sum()
+    tamed = radial_wings(noisy, 12.0)
+    assert tamed[0].sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(tamed[1:].sum(axis=(1, 2)), 0.0, atol=1e-12)
+    # the wing's pixels follow the truth's profile, not the noise
+    noisy_rms = np.sqrt(np.mean((noisy[0][wing] - clean[0][wing]) ** 2))
+    tamed_rms = np.sqrt(np.mean((tamed[0][wing] - clean[0][wing]) ** 2))
+    assert noisy_rms > 2e-4 and tamed_rms < 0.1 * noisy_rms
+    # the other terms keep no wing beyond the multiple of the profile that makes them sum to 0
+    assert np.all(tamed[0][wing] >= 0) and np.abs(tamed[1:, wing]).max() < 1e-6
+    # inside, the stamps are the given ones up to the renormalization
+    inside = r <= 12.0
+    np.testing.assert_allclose(tamed[0][inside], noisy[0][inside], rtol=0.02)
+    np.testing.assert_allclose(tamed[1][inside], noisy[1][inside], atol=1e-5)
+    # a clean Moffat's wings are (nearly) its own: annuli of rounded distance
+    assert radial_wings(clean, 12.0)[0][wing].sum() == pytest.approx(clean[0][wing].sum(), rel=0.1)
+    # a radius beyond the stamp changes nothing
+    np.testing.assert_array_equal(radial_wings(noisy, 100.0), noisy)
+
+
+@pytest.mark.parametrize("radius", [0.0, -1.0, float("nan")])
+def test_radial_wings_rejects_a_bad_radius(radius):
+    from improc.psf_modes import radial_wings
+
+    with pytest.raises(ValueError, match="radius must be > 0"):
+        radial_wings(_moffat_basis(), radius)
+
+
+def test_radial_wings_rejects_a_basis_that_is_not_odd_square_stamps():
+    from improc.psf_modes import radial_wings
+
+    with pytest.raises(ValueError, match="odd size"):
+        radial_wings(np.zeros((3, 30, 30)), 5.0)

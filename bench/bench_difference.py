@@ -1,0 +1,348 @@
+"""Benchmark: issue 10's acceptance lines measured through the configured pipeline.
+
+A simulated field (`improc.simulator`, 0.263"/px, galaxies, a Gaia catalog folder): three
+reference epochs, coadded and registered by `pipeline.make_ref.make_reference`, and a new epoch
+pointed 3.3" away and turned by 0.5 degree (the simulator has no rotation parameter: its true
+WCS is turned here) with 200 transients of S/N 3 to 50 in the new image (log-uniform; half in
+galaxies by `place_transients_in_hosts`, 20 of those on the nucleus).  Each direction:
+
+``new 1.4" / ref 0.9"``  reference epochs of seeing 0.85, 0.90, 0.95"; the new image 1.4".
+``new 0.9" / ref 1.4"``  reference epochs of 1.35, 1.40, 1.45"; the new image 0.9".
+
+Everything runs on SQLite in a temporary directory, one process pinned to one CPU (with
+OMP/OPENBLAS/MKL threads = 1).  Reported, against the injected truth (a transient is recovered
+by a kept -- not ``is_bad`` -- measurement within 1.5 pixels; transients whose 7 x 7 pixels
+touch a flagged pixel of the difference are left out and counted):
+
+* completeness in bins of the transient's S/N in the new image (its Poisson noise and the sky's
+  over the true PSF's effective area ``1 / sum P^2``), at S/N 5-6 ("5.5") and S/N >= 10;
+* spurious detections: kept measurements farther than 3 pixels from every transient;
+* PSF-flux bias for S/N > 20 on calibrated fluxes: median of ``10**(-0.4 (mag_psf - mag))``
+  (the new image's zero point against the simulator's magnitudes);
+* flux pulls ``(flux_psf - 10**(-0.4 (mag - zp))) / flux_psf_err`` of every recovered
+  transient: their standard deviation and a robust one (1.4826 MAD);
+* S_corr's standard deviation per ZOGY tile (the difference's ``PSF_TILES``) in transient-free
+  areas: unflagged, 12 pixels or more from any |S_corr| > 4 and 15 from any transient;
+  the smallest and largest over the tiles, and the four corner tiles;
+* the seconds of subtraction (warp of the reference included), detection, cutting and
+  measuring from ``ds.stats``, and the process's peak RSS.
+
+Then the same pipeline on a 2048 x 4096 pair (new 1.4" / ref 0.9", a one-epoch reference, to
+keep the run short) for the issue's speed lines: alignment + ZOGY + detection + cutouts +
+measurements <= 4 s on one core, ZOGY <= 2 s (`bench/bench_subtraction.py` times the ZOGY
+alone and the peers), peak memory <= 2 GB.
+
+Usage::
+
+    python bench/bench_difference.py [--quick] [--size 2048] [--no-timing] [--keep DIR]
+
+``--quick``: 1024 x 1024 (100 transients), no 2048 x 4096 timing.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PIXEL_SCALE = 0.263
+SHIFT_ARCSEC = (2.7, -1.9)
+ROTATION_DEG = 0.5
+SNR_RANGE = (3.0, 50.0)
+SNR_BINS = (3, 4, 5, 6, 8, 10, 20, 50)
+MATCH_PX = 1.5
+SPURIOUS_PX = 3.0
+DIRECTIONS = {"new 1.4\" / ref 0.9\"": (1.4, (0.85, 0.90, 0.95)),
+              "new 0.9\" / ref 1.4\"": (0.9, (1.35, 1.40, 1.45))}
+STEPS = ("subtraction", "detection", "cutting", "measuring")
+
+
+@dataclass
+class Outcome:
+    """The figures of one run (see the module docstring)."""
+
+    label: str
+    shape: tuple[int, int]
+    bins: list = field(default_factory=list)          # (lo, hi, n, found)
+    n_flagged: int = 0
+    spurious: int = 0
+    n_kept: int = 0
+    n_bad: int = 0
+    bias: float = float("nan")
+    n_bias: int = 0
+    pull_std: float = float("nan")
+    pull_robust: float = float("nan")
+    tile_std: list = field(default_factory=list)      # per tile, nan without enough free pixels
+    corners: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+
+    def completeness(self, lo: float, hi: float) -> tuple[int, int]:
+        n = sum(b[2] for b in self.bins if b[0] >= lo and b[1] <= hi)
+        return sum(b[3] for b in self.bins if b[0] >= lo and b[1] <= hi), n
+
+
+@contextlib.contextmanager
+def rotated_true_wcs(rotation_deg: float):
+    """Make the simulator's true WCSs with their sky axes turned by ``rotation_deg``."""
+    from improc import sim_wcs
+
+    original = sim_wcs.make_true_wcs
+
+    def make(nx, ny, **kwargs):
+        wcs = original(nx, ny, **kwargs)
+        theta = np.deg2rad(rotation_deg)
+        wcs.wcs.cd = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]) @ wcs.wcs.cd
+        wcs.wcs.set()
+        return wcs
+
+    sim_wcs.make_true_wcs = make
+    try:
+        yield make
+    finally:
+        sim_wcs.make_true_wcs = original
+
+
+def _mags_for_snr(snr: np.ndarray, params, n_eff: float) -> np.ndarray:
+    """Magnitudes whose S/N in an image of ``params`` (sky and source Poisson noise, read noise,
+    a PSF of effective area ``n_eff`` pixels) is ``snr``."""
+    var = params.sky_adu / params.gain + (params.read_noise / params.gain) ** 2
+    g = params.gain
+    flux = 0.5 * (snr**2 / g + np.sqrt(snr**4 / g**2 + 4.0 * snr**2 * n_eff * var))
+    return params.zero_point - 2.5 * np.log10(flux)
+
+
+def simulate(folder: Path, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tuple[float, ...],
+             n_transients: int, seed: int):
+    """Write the raw reference epochs and the new epoch; their simulations and the Gaia folder."""
+    from astropy.table import Table
+
+    from improc.simulator import SimulationParams, place_transients_in_hosts, simulate_image
+    from models.instruments.synthetic import write_simulated_file
+    from util.gaia import write_gaia_folder
+
+    n_gal = int(60 * nx * ny / 1024**2)
+    common = dict(nx=nx, ny=ny, pixel_scale=PIXEL_SCALE, scene_seed=seed, detector_seed=seed,
+                  star_density=20000.0, n_galaxies=n_gal, pointing_error_arcsec=10.0, rotation_error_deg=0.3)
+    refs = [simulate_image(SimulationParams(seed=seed + 10 + k, mjd=60000.1 + k, fwhm_arcsec=f, **common))
+            for k, f in enumerate(ref_fwhms)]
+    first = refs[0]
+    rng = np.random.default_rng(seed)
+    east, north = SHIFT_ARCSEC
+    new_p = SimulationParams(seed=seed + 50, mjd=60010.1, fwhm_arcsec=new_fwhm,
+                             ra=first.params.ra + east / 3600.0 / np.cos(np.deg2rad(first.params.dec)),
+                             dec=first.params.dec + north / 3600.0, **common)
+    with rotated_true_wcs(ROTATION_DEG) as make:
+        wcs = make(nx, ny, ra=new_p.ra, dec=new_p.dec, pixel_scale=new_p.pixel_scale,
+                   sip_amplitude_pix=new_p.sip_amplitude_pix)
+        # S/N in the new image: the true PSF at the centre (the simulator's field, same seeing)
+        probe = simulate_image(SimulationParams(**{**common, "nx": 64, "ny": 64, "n_galaxies": 0,
+                                                   "star_density": 1.0, "fwhm_arcsec": new_fwhm,
+                                                   "fwhm_variation": 0.0, "seed": 1}))
+        stamp = probe.psf(32, 32)
+        n_eff = 1.0 / float(np.sum((stamp / stamp.sum()) ** 2))
+        snr = np.exp(rng.uniform(*np.log(SNR_RANGE), n_transients))
+        mags = _mags_for_snr(snr, new_p, n_eff)
+        n_host = n_transients // 2
+        hosted = place_transients_in_hosts(first.galaxies, mags[:n_host], rng)
+        ra_h, dec_h = np.asarray(hosted["ra"], float), np.asarray(hosted["dec"], float)
+        nuclei = min(20, n_host)
+        hosts = {int(g["galaxy_id"]): g for g in first.galaxies}
+        for k in range(nuclei):
+            g = hosts[int(hosted["host_id"][k])]
+            ra_h[k], dec_h[k] = float(g["ra"]), float(g["dec"])
+        x = rng.uniform(40, nx - 40, n_transients - n_host)
+        y = rng.uniform(40, ny - 40, n_transients - n_host)
+        ra_f, dec_f = wcs.all_pix2world(x, y, 0)
+        transients = Table({"ra": np.concatenate([ra_h, ra_f]), "dec": np.concatenate([dec_h, dec_f]),
+                            "mag": mags})
+        new = simulate_image(new_p, stars=first.star_catalog, galaxies=first.galaxies, transients=transients)
+    paths = [write_simulated_file(sim, folder / f"epoch_{k}.fits", raw=True, seed=k)
+             for k, sim in enumerate([*refs, new])]
+    write_gaia_folder(first.gaia, folder / "gaia")
+    return paths, refs, new, n_eff
+
+
+def run_pipeline(folder: Path, paths: list[Path], n_ref: int):
+    """Ingest, calibrate the reference epochs, make the reference of the first ``n_ref``, run the
+    new image through measuring; its DataStore."""
+    from models.context import Context, use_context
+    from models.image import ingest_file
+    from models.schema import upgrade
+    from pipeline.make_ref import make_reference
+    from pipeline.runner import run_all
+    from util.config import Config
+
+    catalog = {"catalog": "gaia_folder", "catalog_folder": str(folder / "gaia")}
+    config = Config.load(**{"db.url": f"sqlite:///{folder / 'db.sqlite'}",
+                            "storage.data_root": str(folder / "data")}, astrocal=catalog, photocal=catalog)
+    context = use_context(Context.from_config(config))
+    upgrade(context.engine)
+    exposures = [ingest_file(p, context=context)[0] for p in paths]
+    refs = run_all(context, ids=[str(e.id) for e in exposures[:n_ref]], tag="bench")
+    make_reference(context, image_ids=[str(ds.image.id) for ds in refs])
+    (ds,) = run_all(context, ids=[str(exposures[-1].id)], tag="bench")
+    return ds
+
+
+def evaluate(ds, new_sim, n_eff: float, label: str) -> Outcome:
+    """The acceptance figures of one run against the truth."""
+    from scipy import ndimage
+
+    sub = ds.get_sub_image()
+    ms = ds.get_measurement_set()
+    zp = ds.get_zp().zp
+    p = new_sim.params
+    kept = [m for m in ms.measurements if not m.is_bad]
+    xy = np.array([[m.x, m.y] for m in kept]).reshape(-1, 2)
+    truth = new_sim.transients
+    tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    var = p.sky_adu / p.gain + (p.read_noise / p.gain) ** 2
+    flux_true = np.asarray(truth["flux_adu"], float)
+    snr = flux_true / np.sqrt(flux_true / p.gain + n_eff * var)
+    out = Outcome(label=label, shape=sub.data.shape, n_kept=len(kept), n_bad=ms.num_bad)
+    ny, nx = sub.data.shape
+    found = np.zeros(len(truth), bool)
+    usable = np.zeros(len(truth), bool)
+    ratios, pulls = [], []
+    for i in range(len(truth)):
+        ix, iy = int(round(tx[i])), int(round(ty[i]))
+        if not (3 <= ix < nx - 3 and 3 <= iy < ny - 3) or sub.flags[iy - 3:iy + 4, ix - 3:ix + 4].any():
+            out.n_flagged += 1
+            continue
+        usable[i] = True
+        if not len(xy):
+            continue
+        d = np.hypot(xy[:, 0] - tx[i], xy[:, 1] - ty[i])
+        k = int(np.argmin(d))
+        if d[k] < MATCH_PX and kept[k].sign > 0:
+            found[i] = True
+            m = kept[k]
+            expected = 10 ** (-0.4 * (float(truth["mag"][i]) - zp))
+            pulls.append((m.flux_psf - expected) / m.flux_psf_err)
+            if snr[i] > 20 and m.mag_psf is not None:
+                ratios.append(10 ** (-0.4 * (m.mag_psf - float(truth["mag"][i]))))
+    for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):
+        sel = usable & (snr >= lo) & (snr < hi)
+        out.bins.append((lo, hi, int(sel.sum()), int((found & sel).sum())))
+    if len(xy):
+        dmin = np.min(np.hypot(xy[:, 0, None] - tx[None], xy[:, 1, None] - ty[None]), axis=1)
+        out.spurious = int(np.sum(dmin > SPURIOUS_PX))
+    if ratios:
+        out.bias, out.n_bias = float(np.median(ratios)) - 1.0, len(ratios)
+    if len(pulls) > 2:
+        pulls = np.asarray(pulls)
+        out.pull_std = float(np.std(pulls))
+        out.pull_robust = float(1.4826 * np.median(np.abs(pulls - np.median(pulls))))
+    score = sub.extra("SCORE")
+    free = ~ndimage.binary_dilation(np.abs(score) > 4, iterations=12) & (sub.flags == 0)
+    near = np.zeros_like(free)
+    near[np.clip(np.round(ty).astype(int), 0, ny - 1), np.clip(np.round(tx).astype(int), 0, nx - 1)] = True
+    free &= ~ndimage.binary_dilation(near, iterations=15)
+    tiles = np.asarray(sub.extra("PSF_TILES"), int)
+    for y0, y1, x0, x1 in tiles:
+        values = score[y0:y1, x0:x1][free[y0:y1, x0:x1]]
+        out.tile_std.append(float(np.std(values)) if values.size > 500 else float("nan"))
+    corner_ids = {int(np.argmin(tiles[:, 0] + tiles[:, 2])), int(np.argmin(tiles[:, 0] - tiles[:, 3])),
+                  int(np.argmin(-tiles[:, 1] + tiles[:, 2])), int(np.argmax(tiles[:, 1] + tiles[:, 3]))}
+    out.corners = [out.tile_std[i] for i in sorted(corner_ids)]
+    out.seconds = {s: float(ds.stats[s]["seconds"]) for s in STEPS if s in ds.stats}
+    out.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return out
+
+
+def print_table(outcomes: list[Outcome]) -> None:
+    """One column per run."""
+    width = 24
+    print("\n" + " " * 34 + "".join(f"{o.label:>{width}}" for o in outcomes))
+
+    def row(name, cells, target=""):
+        print(f"{name:<34}" + "".join(f"{c:>{width}}" for c in cells) + (f"   {target}" if target else ""))
+
+    row("image", [f"{o.shape[1]} x {o.shape[0]}" for o in outcomes])
+    for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):
+        cells = []
+        for o in outcomes:
+            f, n = o.completeness(lo, hi)
+            cells.append(f"{f}/{n} ({f / n:.0%})" if n else "-")
+        row(f"completeness S/N {lo}-{hi}", cells, ">= 50%" if lo == 5 else "")
+    cells = []
+    for o in outcomes:
+        f, n = o.completeness(10, 1e9)
+        cells.append(f"{f}/{n} ({f / n:.0%})" if n else "-")
+    row("completeness S/N >= 10", cells, ">= 95%")
+    row("transients on flagged pixels", [str(o.n_flagged) for o in outcomes], "(left out)")
+    row("kept measurements (not bad)", [str(o.n_kept) for o in outcomes])
+    row("measurements marked bad", [str(o.n_bad) for o in outcomes])
+    area = [o.shape[0] * o.shape[1] / 2048**2 for o in outcomes]
+    row("spurious kept (per 2048^2)", [f"{o.spurious} ({o.spurious / a:.1f})" for o, a in zip(outcomes, area)],
+        "<= 25")
+    row("PSF flux bias, S/N > 20", [f"{o.bias:+.2%} (n={o.n_bias})" for o in outcomes], "|bias| <= 2%")
+    row("flux pulls std (robust)", [f"{o.pull_std:.2f} ({o.pull_robust:.2f})" for o in outcomes], "0.9-1.1")
+    row("S_corr std per tile min..max",
+        [f"{np.nanmin(o.tile_std):.3f}..{np.nanmax(o.tile_std):.3f}" for o in outcomes], "1.00 +/- 0.05")
+    row("S_corr std, corner tiles", [" ".join(f"{v:.2f}" for v in o.corners) for o in outcomes])
+    row("tiles within 0.95-1.05",
+        [f"{np.sum(np.abs(np.asarray(o.tile_std) - 1) <= 0.05)}/{np.sum(np.isfinite(o.tile_std))}"
+         for o in outcomes])
+    for step in STEPS:
+        row(f"{step} s", [f"{o.seconds.get(step, float('nan')):.2f}" for o in outcomes])
+    row("sum of the four steps s", [f"{sum(o.seconds.values()):.2f}" for o in outcomes], "<= 4 s (2048x4096)")
+    row("peak RSS of the process, MB", [f"{o.peak_rss_mb:.0f}" for o in outcomes], "<= 2048")
+
+
+def one_run(label: str, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tuple[float, ...], n_transients: int,
+            keep: Path | None, seed: int) -> Outcome:
+    with tempfile.TemporaryDirectory(prefix="bench_difference_") as tmp:
+        folder = (keep / f"{nx}x{ny}_{new_fwhm}") if keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        paths, _, new, n_eff = simulate(folder, nx=nx, ny=ny, new_fwhm=new_fwhm, ref_fwhms=ref_fwhms,
+                                        n_transients=n_transients, seed=seed)
+        t1 = time.perf_counter()
+        ds = run_pipeline(folder, paths, len(ref_fwhms))
+        t2 = time.perf_counter()
+        out = evaluate(ds, new, n_eff, label)
+        print(f"{label} {nx} x {ny}: simulated in {t1 - t0:.0f} s, pipeline {t2 - t1:.0f} s", flush=True)
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1024 x 1024, 100 transients, no timing pair")
+    parser.add_argument("--size", type=int, default=2048, help="side of the acceptance pair, pixels")
+    parser.add_argument("--no-timing", action="store_true", help="skip the 2048 x 4096 timing run")
+    parser.add_argument("--keep", type=Path, help="keep the simulated files and databases here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    size = 1024 if args.quick else args.size
+    n_transients = 100 if args.quick else 200
+    outcomes = [one_run(label, nx=size, ny=size, new_fwhm=new, ref_fwhms=refs, n_transients=n_transients,
+                        keep=args.keep, seed=31)
+                for label, (new, refs) in DIRECTIONS.items()]
+    if not (args.quick or args.no_timing):
+        outcomes.append(one_run("2048x4096 timing", nx=2048, ny=4096, new_fwhm=1.4, ref_fwhms=(0.9,),
+                                n_transients=200, keep=args.keep, seed=37))
+    print_table(outcomes)
+
+
+if __name__ == "__main__":
+    main()
