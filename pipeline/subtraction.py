@@ -80,10 +80,10 @@ def _registration_sigma(ds: DataStore, aligned, wcs) -> tuple[float, str]:
     used (`improc.registration.registration_sigma`, the larger axis); "wcs" (fewer than
     `MIN_RATIO_STARS` such sources): both fitted WCSs' stated uncertainties in quadrature.
     """
-    from pipeline.reference_alignment import MIN_RATIO_STARS, _bright, _ref_sources
+    from pipeline.reference_alignment import MIN_RATIO_STARS, bright_sources
 
-    new_sources, ref_sources = ds.get_sources(), _ref_sources(ds, aligned.reference)
-    a, b = _bright(new_sources), _bright(ref_sources)
+    new_sources, ref_sources = ds.get_sources(), aligned.sources
+    a, b = bright_sources(new_sources), bright_sources(ref_sources)
     ra, dec = aligned.solution.pixel_to_world_values(ref_sources.x[b], ref_sources.y[b])
     x_pred, y_pred = wcs.wcs.world_to_pixel_values(ra, dec)
     new_data, ref_data = new_sources.data, ref_sources.data
