@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from improc.errors import BadDataError
-from improc.psf import PixelPSF, _fourier_shift, cut_stamps, n_terms, nearest_pixel
+from improc.psf import PixelPSF, cut_stamps, n_terms, nearest_pixel, shifted_stamps
 from improc.psf_modes import (denoised, embed_coefficients, fit_coefficients, fit_modes, normalized,
                               principal_modes, recentred, to_basis)
 
@@ -119,8 +119,7 @@ def _refine_stars(psf: PixelPSF, stars: _Stars, weight: np.ndarray, core: float)
     """Refit each active star's flux and position with the current model (one Gauss-Newton step)."""
     a = np.flatnonzero(stars.active)
     size = psf.size
-    spectra = np.tensordot(psf.coefficients(stars.x[a], stars.y[a]), psf._spectra, axes=1)
-    cols = [_fourier_shift(spectra, stars.dx[a], stars.dy[a], size, derivative=d) for d in (None, "x", "y")]
+    cols = shifted_stamps(psf.stamps_at(stars.x[a], stars.y[a]), stars.dx[a], stars.dy[a], derivatives=True)
     off = np.arange(size) - size // 2
     r2 = ((off[None, None, :] - stars.dx[a, None, None]) ** 2
           + (off[None, :, None] - stars.dy[a, None, None]) ** 2)

@@ -21,7 +21,7 @@ import numpy as np
 import sep
 from scipy.spatial import cKDTree
 
-from improc.psf import PixelPSF, _fourier_shift, cut_stamps, nearest_pixel
+from improc.psf import PixelPSF, cut_stamps, nearest_pixel, shifted_stamps
 
 __all__ = ["PSFFluxes", "checked_fit_inputs", "psf_fluxes", "psf_positions", "render_sources", "model_aperture_sums",
            "select_psf_stars"]
@@ -129,8 +129,7 @@ def _fit_chunk(data, x, y, psf: PixelPSF, background, variance, mask, radius: fl
     """Fluxes, errors and reduced chi-squares (3, n) of a chunk of stars."""
     finite = np.isfinite(x) & np.isfinite(y)
     xs, ys = np.where(finite, x, psf.x0), np.where(finite, y, psf.y0)
-    c = psf.size // 2
-    model = psf.get_clips(xs, ys)[:, c - half:c + half + 1, c - half:c + half + 1]
+    model = psf.get_clips(xs, ys, window=half)
     stamps, w = _weighted_stamps(data, xs, ys, psf, background, variance, mask, radius, half)
     w[~finite] = 0.0
     spp = (w * model**2).sum(axis=(1, 2))
@@ -207,13 +206,10 @@ def _position_chunk(data, x0, y0, own, psf: PixelPSF, background, variance, mask
     px, py = np.where(ok, x0, psf.x0), np.where(ok, y0, psf.y0)
     ix, iy, _, _ = nearest_pixel(px, py)
     stamps, w = _weighted_stamps(data, px, py, psf, background, variance, mask, radius, half)
-    cut = slice(psf.size // 2 - half, psf.size // 2 + half + 1)
-    stamps += own[:, None, None] * psf.get_clips(px, py)[:, cut, cut]
+    stamps += own[:, None, None] * psf.get_clips(px, py, window=half)
     xs, ys = px.copy(), py.copy()
     for _ in range(n_iter):
-        spectra = np.tensordot(psf.coefficients(xs, ys), psf._spectra, axes=1)
-        cols = [_fourier_shift(spectra, xs - ix, ys - iy, psf.size, derivative=d)[:, cut, cut]
-                for d in (None, "x", "y")]
+        cols = shifted_stamps(psf.stamps_at(xs, ys), xs - ix, ys - iy, window=half, derivatives=True)
         normal = np.stack([np.stack([(w * a * b).sum(axis=(1, 2)) for b in cols], -1) for a in cols], -2)
         rhs = np.stack([(w * a * stamps).sum(axis=(1, 2)) for a in cols], -1)
         solvable = ok & (np.abs(np.linalg.det(normal)) > 0)

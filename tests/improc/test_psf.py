@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from improc.psf import PixelPSF, monomials, n_terms
+from improc.psf import PixelPSF, monomials, n_terms, shift_matrices, shifted_stamps
 from improc.psf_fit import fit_psf
 
 BETA = 3.0
@@ -154,6 +154,52 @@ def test_get_clip_convention():
     assert big.shape == (41, 41) and np.allclose(big[5:-5, 5:-5], psf.get_clip(10.3, 20.45, 5.0))
     with pytest.raises(ValueError, match="size must be a positive odd integer, got 10"):
         psf.get_clip(1.0, 1.0, size=10)
+
+
+def _fft_shift(stamps, dx, dy):
+    """The Fourier phase shift the shift matrices stand for (full complex FFTs)."""
+    size = stamps.shape[-1]
+    f = np.fft.fftfreq(size)
+    ramp = np.exp(-2j * np.pi * (dy[:, None, None] * f[None, :, None] + dx[:, None, None] * f[None, None, :]))
+    return np.fft.ifft2(np.fft.fft2(stamps) * ramp).real
+
+
+def test_shift_matrices_are_the_fourier_shift():
+    rng = np.random.default_rng(3)
+    stamps = rng.normal(size=(4, 15, 15))
+    dx, dy = np.array([0.0, 0.3, -0.5, 1.7]), np.array([0.25, -0.49, 0.0, -2.2])
+    moved = shifted_stamps(stamps, dx, dy)
+    np.testing.assert_allclose(moved, _fft_shift(stamps, dx, dy), atol=1e-12)
+    np.testing.assert_allclose(moved[0], np.roll(shifted_stamps(stamps[:1], dx[:1] - 1, dy[:1])[0], 1, axis=1),
+                               atol=1e-12)        # a whole pixel is a (periodic) roll
+    assert np.allclose(shift_matrices(dx, 15).sum(axis=1), 1.0)       # a move keeps the sum
+    window = shifted_stamps(stamps, dx, dy, window=3)
+    np.testing.assert_array_equal(window.shape, (4, 7, 7))
+    np.testing.assert_allclose(window, moved[:, 4:11, 4:11], atol=1e-13)
+    np.testing.assert_allclose(shift_matrices(dx, 15, window=3, transposed=True),
+                               np.swapaxes(shift_matrices(dx, 15, window=3), 1, 2))
+
+
+def test_shifted_stamp_derivatives_are_those_of_the_position():
+    rng = np.random.default_rng(4)
+    stamps = rng.normal(size=(3, 11, 11))
+    dx, dy, eps = np.array([0.1, -0.4, 0.45]), np.array([-0.2, 0.0, 0.3]), 1e-6
+    value, ddx, ddy = shifted_stamps(stamps, dx, dy, window=4, derivatives=True)
+    np.testing.assert_allclose(value, shifted_stamps(stamps, dx, dy, window=4), atol=1e-14)
+    np.testing.assert_allclose(ddx, (shifted_stamps(stamps, dx + eps, dy, window=4)
+                                     - shifted_stamps(stamps, dx - eps, dy, window=4)) / (2 * eps), atol=1e-7)
+    np.testing.assert_allclose(ddy, (shifted_stamps(stamps, dx, dy + eps, window=4)
+                                     - shifted_stamps(stamps, dx, dy - eps, window=4)) / (2 * eps), atol=1e-7)
+
+
+def test_get_clips_window_is_the_centre_of_the_whole_clips():
+    psf = gaussian_psf()
+    x, y = np.array([10.3, 57.0, 99.6]), np.array([20.45, 3.5, 0.2])
+    whole = psf.get_clips(x, y, flux=[1.0, 2.0, 3.0])
+    c = psf.size // 2
+    np.testing.assert_allclose(psf.get_clips(x, y, flux=[1.0, 2.0, 3.0], window=5),
+                               whole[:, c - 5:c + 6, c - 5:c + 6], atol=1e-15)
+    np.testing.assert_allclose(whole.sum(axis=(1, 2)), [1.0, 2.0, 3.0], rtol=1e-12)
 
 
 def test_image_at_and_fwhm():
