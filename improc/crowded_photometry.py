@@ -30,6 +30,9 @@ from improc.psf_photometry import PSFFluxes, _render, checked_fit_inputs
 
 __all__ = ["deblended_psf_fluxes"]
 
+#: Stars whose whole float64 clips are rendered at a time.
+_CHUNK = 256
+
 
 class _Clips:
     """Every star's unit-flux clip, cut at the model radius, on the compact set of the pixels that
@@ -48,7 +51,10 @@ class _Clips:
         yy, xx = iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]
         inside = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1]) & self.ok[:, None, None]
         near = (off[None, None, :] - dx[:, None, None]) ** 2 + (off[None, :, None] - dy[:, None, None]) ** 2
-        self.unit = psf.get_clips(xs, ys).astype(np.float32)      # whole stamps, for the model image
+        self.unit = np.empty((xs.size, psf.size, psf.size), np.float32)      # whole stamps, for the model image
+        for start in range(0, xs.size, _CHUNK):        # few float64 clips at a time
+            part = slice(start, start + _CHUNK)
+            self.unit[part] = psf.get_clips(xs[part], ys[part])
         clips = self.unit[:, c - h:c + h + 1, c - h:c + h + 1]
         self.clip = np.where(inside & (near <= extent**2), clips, 0.0).astype(np.float32)
         self.disc = (near <= radius**2) & inside       # each star's own fit disc

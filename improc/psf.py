@@ -37,7 +37,12 @@ from functools import cached_property
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["PixelPSF", "n_terms", "exponents", "monomials", "nearest_pixel", "cut_stamps", "shift_matrices"]
+__all__ = ["PixelPSF", "n_terms", "exponents", "monomials", "nearest_pixel", "cut_stamps", "shift_matrices",
+           "shifted_stamps", "toeplitz_stack"]
+
+
+#: Stars whose clips are rendered together (bounds the temporaries of `PixelPSF.get_clips`).
+_CLIP_CHUNK = 256
 
 
 def n_terms(degree: int) -> int:
@@ -143,9 +148,16 @@ def shift_matrices(offsets: np.ndarray, size: int, *, window: int | None = None,
     kernel /= size
     c = size // 2
     h = c if window is None else min(int(window), c)
-    rows = slice(c - h, c + h + 1)
-    # S[q, p] = kernel[q - p + size - 1]: Toeplitz, each row a reversed window of the kernel and
-    # each column a window (strided views, then one contiguous copy for the matrix products)
+    return toeplitz_stack(kernel, size, rows=slice(c - h, c + h + 1), transposed=transposed)
+
+
+def toeplitz_stack(kernel: np.ndarray, size: int, *, rows: slice = slice(None),
+                   transposed: bool = False) -> np.ndarray:
+    """Matrices ``M[i, q, p] = kernel[i, q - p + size - 1]`` (n, size, size) from kernels given
+    at the lags q - p = -(size - 1) .. size - 1, shape (n, 2 size - 1); only the rows ``rows``
+    (and ``M.T``, contiguous, if ``transposed``)."""
+    # each row of M is a reversed window of the kernel and each column a window: strided views,
+    # then one contiguous copy, which matrix products need to be fast
     if transposed:
         return np.ascontiguousarray(sliding_window_view(kernel, size, axis=1)[:, ::-1, rows])
     return np.ascontiguousarray(sliding_window_view(kernel[:, ::-1], size, axis=1)[:, ::-1][:, rows])
@@ -267,12 +279,19 @@ class PixelPSF:
         """
         x = np.atleast_1d(np.asarray(x, dtype=float))
         y = np.atleast_1d(np.asarray(y, dtype=float))
+        flux = np.broadcast_to(np.asarray(flux, dtype=float), x.shape)
         _, _, dx, dy = nearest_pixel(x, y)
-        stamps = self.stamps_at(x, y)
-        # a move keeps a stamp's sum (every column of a shift matrix sums to 1)
-        scale = np.broadcast_to(np.asarray(flux, dtype=float), x.shape) / stamps.sum(axis=(1, 2))
-        clips = shifted_stamps(stamps, dx, dy, window=window)
-        return clips * scale[:, None, None]
+        m = self.size if window is None else 2 * min(int(window), self.size // 2) + 1
+        clips = np.empty((x.size, m, m))
+        # in chunks: the temporaries stay small (cache-sized, and no fresh pages to fault in)
+        for start in range(0, x.size, _CLIP_CHUNK):
+            part = slice(start, start + _CLIP_CHUNK)
+            stamps = self.stamps_at(x[part], y[part])
+            # a move keeps a stamp's sum (every column of a shift matrix sums to 1)
+            scale = flux[part] / stamps.sum(axis=(1, 2))
+            clips[part] = shifted_stamps(stamps, dx[part], dy[part], window=window)
+            clips[part] *= scale[:, None, None]
+        return clips
 
     def get_clip(self, x: float, y: float, flux: float = 1.0, *, size: int | None = None) -> np.ndarray:
         """Stamp of a star of total flux ``flux`` at image position (x, y).

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from improc.errors import BadDataError
-from improc.psf import PixelPSF, cut_stamps, n_terms, nearest_pixel, shifted_stamps
+from improc.psf import PixelPSF, cut_stamps, n_terms, nearest_pixel, shifted_stamps, toeplitz_stack
 from improc.psf_modes import (denoised, embed_coefficients, fit_coefficients, fit_modes, normalized,
                               principal_modes, recentred, to_basis)
 
@@ -58,11 +58,14 @@ def _disc(size: int, radius: float) -> np.ndarray:
     return off[None, :] ** 2 + off[:, None] ** 2 <= radius**2
 
 
-def _lanczos_matrices(offsets: np.ndarray, size: int) -> np.ndarray:
-    """Matrices (n, size, size) W with ``(W @ s)[q] ~ s(q + offset)``: resample onto a shifted grid."""
-    t = np.arange(size)[None, :, None] + offsets[:, None, None] - np.arange(size)[None, None, :]
+def _lanczos_matrices(offsets: np.ndarray, size: int, *, transposed: bool = False) -> np.ndarray:
+    """Matrices (n, size, size) W with ``(W @ s)[q] ~ s(q + offset)``: resample onto a shifted grid
+    (``W.T``, contiguous, if ``transposed``)."""
+    t = np.arange(-(size - 1), size)[None, :] + offsets[:, None]        # W[q, p] depends on q - p only
     kernel = np.sinc(t) * np.sinc(t / _LANCZOS_A) * (np.abs(t) < _LANCZOS_A)
-    return kernel / kernel.sum(axis=2, keepdims=True)
+    w = toeplitz_stack(kernel, size)
+    w /= w.sum(axis=2, keepdims=True)
+    return np.ascontiguousarray(np.swapaxes(w, 1, 2)) if transposed else w
 
 
 @dataclass
@@ -108,7 +111,7 @@ def _on_grid(psf: PixelPSF, stars: _Stars, resid: np.ndarray,
     f = stars.flux[a]
     size = resid.shape[1]
     shifted = (_lanczos_matrices(stars.dy[a], size) @ resid[a]
-               @ np.swapaxes(_lanczos_matrices(stars.dx[a], size), 1, 2))
+               @ _lanczos_matrices(stars.dx[a], size, transposed=True))
     model = np.tensordot(psf.coefficients(stars.x[a], stars.y[a]), psf.basis, axes=1)
     y = (model + shifted / f[:, None, None]).reshape(len(f), -1)
     w = (weight[a] * (f**2)[:, None, None]).reshape(len(f), -1)

@@ -67,9 +67,11 @@ def fit_modes(y: np.ndarray, w: np.ndarray, features: np.ndarray,
     normal : ndarray
         (P, F, F), the normal matrices (their inverses are the pixels' covariances).
     """
-    wf = w[:, :, None] * features[:, None, :]                        # (n, P, F)
-    normal = np.einsum("npf,ng->pfg", wf, features, optimize=True)
-    rhs = np.einsum("npf,np->pf", wf, y, optimize=True)
+    n, f = features.shape
+    # sums over the stars as matrix products: no (n, P, F) temporary
+    pairs = (features[:, :, None] * features[:, None, :]).reshape(n, f * f)
+    normal = (w.T @ pairs).reshape(-1, f, f)                          # (P, F, F)
+    rhs = (w * y).T @ features                                        # (P, F)
     ridge = 1e-9 * np.trace(normal, axis1=1, axis2=2)[:, None] + 1e-300
     if previous is not None:       # a ridge towards the current values rather than towards 0
         rhs = rhs + ridge * previous.T
@@ -98,9 +100,9 @@ def fit_coefficients(y: np.ndarray, w: np.ndarray, monos: np.ndarray, phi: np.nd
     k, t = modes.shape[0], monos.shape[1]
     if k == 0:
         return np.zeros((0, t))
-    wm = w[:, None, :] * modes[None]                                  # (n, K, P)
-    cross = np.einsum("nkp,lp->nkl", wm, modes, optimize=True)        # (n, K, K)
-    proj = np.einsum("nkp,np->nk", wm, y - phi[0], optimize=True)     # (n, K)
+    # sums over the pixels as matrix products: no (n, K, P) temporary
+    cross = (w @ (modes[:, None, :] * modes[None, :, :]).reshape(k * k, -1).T).reshape(-1, k, k)   # (n, K, K)
+    proj = (w * (y - phi[0])) @ modes.T                              # (n, K)
     normal = np.einsum("nkl,nt,ns->ktls", cross, monos, monos, optimize=True).reshape(k * t, k * t)
     rhs = np.einsum("nk,nt->kt", proj, monos).ravel()
     normal += (1e-12 * np.trace(normal) / (k * t) + 1e-300) * np.eye(k * t)

@@ -29,6 +29,9 @@ __all__ = ["PSFFluxes", "checked_fit_inputs", "psf_fluxes", "psf_positions", "re
 #: Stars processed together by `psf_fluxes` (bounds the memory of the rendered clips).
 _CHUNK = 2048
 
+#: Stars whose clips `render_sources` makes at a time (a few MB of float64 clips).
+_RENDER_CHUNK = 256
+
 
 class PSFFluxes(NamedTuple):
     """Result of `psf_fluxes`, one value per star (NaN where no pixel could be used)."""
@@ -255,23 +258,31 @@ def _render(shape: tuple[int, int], x, y, flux, clips_of, size: int) -> np.ndarr
     """`render_sources` with ``clips_of(idx)`` giving the flux-scaled clips of stars ``idx``."""
     x, y = _as_positions(x, y)
     flux = np.broadcast_to(np.asarray(flux, dtype=float), x.shape)
-    keep = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0)
+    keep = np.flatnonzero(np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0))
     model = np.zeros(shape, dtype=np.float64)
-    half = size // 2
-    off = np.arange(-half, half + 1)
-    for start in range(0, int(keep.sum()), _CHUNK):
-        idx = np.flatnonzero(keep)[start:start + _CHUNK]
-        ix, iy, _, _ = nearest_pixel(x[idx], y[idx])
-        clips = clips_of(idx)
-        yy = iy[:, None, None] + off[None, :, None]
-        xx = ix[:, None, None] + off[None, None, :]
-        inside = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1])
-        inside = np.broadcast_to(inside, clips.shape)
-        yy = np.broadcast_to(yy, clips.shape)
-        xx = np.broadcast_to(xx, clips.shape)
-        flat = yy[inside] * shape[1] + xx[inside]
-        model += np.bincount(flat, weights=clips[inside], minlength=model.size).reshape(shape)
+    ix, iy, _, _ = nearest_pixel(x[keep], y[keep])
+    for start in range(0, keep.size, _RENDER_CHUNK):
+        part = slice(start, start + _RENDER_CHUNK)
+        _add_clips(model, clips_of(keep[part]), ix[part], iy[part])
     return model
+
+
+def _add_clips(image: np.ndarray, clips: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
+    """Add odd-sized clips (n, S, S) to an (ny, nx) image in place, each centred on pixel
+    (ix, iy); the parts off the image are dropped.
+
+    Clip by clip, in order: each addition touches only the clip's own box (no full-frame
+    temporary), and every pixel sums its clips in the order given.
+    """
+    ny, nx = image.shape
+    h = clips.shape[1] // 2
+    for clip, cx, cy in zip(clips, ix.tolist(), iy.tolist()):
+        x0, x1, y0, y1 = cx - h, cx + h + 1, cy - h, cy + h + 1
+        if x0 >= 0 and y0 >= 0 and x1 <= nx and y1 <= ny:
+            image[y0:y1, x0:x1] += clip
+        elif x1 > 0 and y1 > 0 and x0 < nx and y0 < ny:
+            image[max(y0, 0):min(y1, ny), max(x0, 0):min(x1, nx)] += \
+                clip[max(-y0, 0):clip.shape[0] - max(y1 - ny, 0), max(-x0, 0):clip.shape[1] - max(x1 - nx, 0)]
 
 
 def model_aperture_sums(psf: PixelPSF, x: np.ndarray, y: np.ndarray, flux: np.ndarray,

@@ -175,3 +175,16 @@ def test_radial_wings_rejects_a_basis_that_is_not_odd_square_stamps():
 
     with pytest.raises(ValueError, match="odd size"):
         radial_wings(np.zeros((3, 30, 30)), 5.0)
+
+
+def test_lanczos_matrices_resample_onto_a_shifted_grid():
+    """Row q of W(offset) is the normalized Lanczos-4 kernel at q + offset - p; W.T on request."""
+    from improc.psf_fit import _LANCZOS_A, _lanczos_matrices
+
+    offsets, size = np.array([0.0, 0.3, -0.49]), 15
+    t = np.arange(size)[None, :, None] + offsets[:, None, None] - np.arange(size)[None, None, :]
+    kernel = np.sinc(t) * np.sinc(t / _LANCZOS_A) * (np.abs(t) < _LANCZOS_A)
+    w = _lanczos_matrices(offsets, size)
+    np.testing.assert_allclose(w, kernel / kernel.sum(axis=2, keepdims=True), atol=1e-14)
+    np.testing.assert_array_equal(_lanczos_matrices(offsets, size, transposed=True), np.swapaxes(w, 1, 2))
+    np.testing.assert_allclose(w[0], np.eye(size), atol=1e-15)          # no shift, no change

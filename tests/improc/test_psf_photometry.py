@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from improc.psf_fit import fit_psf
-from improc.psf_photometry import psf_fluxes, select_psf_stars
+from improc.psf_photometry import psf_fluxes, render_sources, select_psf_stars
 from tests.improc.test_psf import READ_NOISE, SKY, grid_positions, star_field
 
 SHAPE = (2048, 2048)
@@ -102,6 +102,24 @@ def catalogue():
     fwhm = np.array([3.8, 3.9, 3.8, 3.8, 3.8, 3.8, 3.8, 8.0, 3.7])
     peak = np.array([1e4, 2e4, 1e4, 1e4, 1e4, 1e4, 1e4, 1e4, 6e4])
     return x, y, flux, snr, flags, fwhm, peak
+
+
+def test_render_sources_adds_every_clip_and_drops_what_is_off_the_image():
+    from tests.improc.test_psf import gaussian_psf
+
+    psf = gaussian_psf()
+    shape, h = (40, 30), psf.size // 2
+    x = np.array([15.2, 0.4, 29.3, -3.0, 12.0, 12.0, 45.0, 10.0, 5.0])
+    y = np.array([20.1, 0.3, 39.4, 10.0, -50.0, 20.0, 20.0, 5.0, np.nan])
+    flux = np.array([100.0, 50.0, 70.0, 30.0, 10.0, 20.0, 5.0, -1.0, 9.0])
+    model = render_sources(shape, x, y, flux, psf)
+    pad = 100       # room for every whole clip
+    big = np.zeros((shape[0] + 2 * pad, shape[1] + 2 * pad))
+    for xi, yi, fi in zip(x[:7], y[:7], flux[:7]):
+        ix, iy = int(np.floor(xi + 0.5)) + pad, int(np.floor(yi + 0.5)) + pad
+        big[iy - h:iy + h + 1, ix - h:ix + h + 1] += psf.get_clip(xi, yi, fi)
+    np.testing.assert_allclose(model, big[pad:-pad, pad:-pad], atol=1e-12)
+    assert model.sum() < 285.0 and model[20, 15] > 0      # partly off the image; negative flux, NaN left out
 
 
 def test_select_psf_stars():
