@@ -86,6 +86,10 @@ def spline_basis(n_pixels: int, n_nodes: int, box_size: int, *, pixel_offset: fl
     return basis
 
 
+#: Rows of a full-size map computed at a time (float64 temporaries of a few MB).
+_MAP_ROWS = 256
+
+
 def _mesh_shape(shape: tuple[int, int], box_size: int) -> tuple[int, int]:
     return (shape[0] - 1) // box_size + 1, (shape[1] - 1) // box_size + 1
 
@@ -148,9 +152,17 @@ class BackgroundMesh:
             self._bases["x"] = spline_basis(self.shape[1], nx_mesh, self.box_size, pixel_offset=0.5)
         return self._bases["y"], self._bases["x"]
 
-    def _full_map(self, mesh: np.ndarray) -> np.ndarray:
+    def _full_map(self, mesh: np.ndarray, step: int = 1) -> np.ndarray:
+        """``By @ mesh @ Bx.T`` as float32, in blocks of rows (no full-size float64 temporary);
+        every ``step``-th row and column only."""
         by, bx = self._basis()
-        return ((by @ mesh) @ bx.T).astype(np.float32)
+        by, bx = by[::step], bx[::step]
+        out = np.empty((by.shape[0], bx.shape[0]), np.float32)
+        right = np.ascontiguousarray(bx.T)
+        for start in range(0, by.shape[0], _MAP_ROWS):
+            rows = slice(start, start + _MAP_ROWS)
+            out[rows] = (by[rows] @ mesh) @ right
+        return out
 
     def counts(self) -> np.ndarray:
         """Full (ny, nx) float32 map of the sky level (bicubic spline through the mesh)."""
@@ -393,8 +405,7 @@ def residual_background(residual: np.ndarray, *, mask: np.ndarray | None = None,
                          f"{filter_size}, {clip_sigma} and {smooth_sigma}")
     first = _residual_mesh(values, usable, box_size, filter_size, clip_sigma, min_fraction, n_iter)
     if np.isfinite(structure_sigma):
-        usable &= ~_structure_mask(values, first.counts(), usable, first.rms_map(), smooth_sigma,
-                                   structure_sigma)
+        usable &= ~_structure_mask(values, first, usable, smooth_sigma, structure_sigma)
     return _residual_mesh(values, usable, box_size, filter_size, clip_sigma, min_fraction, n_iter)
 
 
@@ -414,9 +425,10 @@ def _residual_mesh(values: np.ndarray, usable: np.ndarray, box_size: int, filter
                           shape=values.shape)
 
 
-def _structure_mask(values: np.ndarray, level: np.ndarray, usable: np.ndarray, rms: np.ndarray, sigma: float,
+def _structure_mask(values: np.ndarray, mesh: BackgroundMesh, usable: np.ndarray, sigma: float,
                     threshold: float) -> np.ndarray:
-    """Pixels near significant positive structure of ``values - level`` (normalized convolution).
+    """Pixels near significant positive structure of ``values - mesh.counts()`` (normalized
+    convolution; the noise is ``mesh.rms_map()``).
 
     The smoothing runs on 2 x 2 binned pixels when ``sigma >= 2``: structure a few pixels wide
     survives the binning, the noise of the smoothed map is the same, and it costs 8x less.
@@ -427,7 +439,7 @@ def _structure_mask(values: np.ndarray, level: np.ndarray, usable: np.ndarray, r
     resid = np.zeros((by * f, bx * f), np.float32)       # padded with unusable pixels
     use = np.zeros((by * f, bx * f), np.float32)
     resid[:ny, :nx] = values
-    resid[:ny, :nx] -= level
+    resid[:ny, :nx] -= mesh.counts()
     resid[:ny, :nx][~usable] = 0.0
     use[:ny, :nx] = usable
     resid = resid.reshape(by, f, bx, f).mean(axis=(1, 3))
@@ -435,7 +447,7 @@ def _structure_mask(values: np.ndarray, level: np.ndarray, usable: np.ndarray, r
     weight = ndimage.gaussian_filter(use, sigma / f, truncate=3.0)
     smooth = ndimage.gaussian_filter(resid, sigma / f, truncate=3.0)
     # white noise through a unit-sum Gaussian
-    noise = np.broadcast_to(np.asarray(rms, np.float32), (ny, nx))[::f, ::f] / (2.0 * np.sqrt(np.pi) * sigma)
+    noise = mesh._full_map(mesh.rms, step=f) / (2.0 * np.sqrt(np.pi) * sigma)
     # smooth / weight > threshold * noise where weight > 0.2 (float32 is ample for a threshold)
     found = (weight > 0.2) & (smooth > (threshold * noise) * weight)
     del weight, smooth

@@ -14,8 +14,9 @@ the fainter of a 1:10 pair 2 FWHM apart without it), and the faint star cannot t
 star's flux through the wings of a PSF fitted to few stars either.
 
 The normal equations ``N f = b`` (``N_ij = sum w p_i p_j``) are symmetric and positive
-semi-definite; they are solved by conjugate gradients preconditioned with their diagonal,
-which needs only renderings of the model and projections of images onto the stars' clips.
+semi-definite and sparse (``N_ij`` is zero unless the clips of i and j overlap); ``N`` is built
+once per fit from the clips (a sparse ``A.T W A``) and solved by conjugate gradients
+preconditioned with its diagonal, each step a sparse product of a few entries per star.
 Two detections of one star make ``N`` singular: CG then shares the flux between them instead
 of diverging, as an iterative subtraction of the neighbours' models can.  An isolated star
 gets the `psf_fluxes` result.
@@ -23,7 +24,10 @@ gets the `psf_fluxes` result.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
+from scipy import sparse
 
 from improc.psf import PixelPSF, nearest_pixel
 from improc.psf_photometry import PSFFluxes, _render, checked_fit_inputs
@@ -78,6 +82,24 @@ class _Clips:
         """For each star, the sum of its clip times ``values`` (given at ``pixels``; shape (n,))."""
         return (self.clip * values[self.index]).sum(axis=(1, 2), dtype=np.float64)
 
+    def normal(self, weight: np.ndarray) -> sparse.csr_matrix:
+        """The normal matrix ``N = A.T diag(weight) A`` (n, n), sparse: ``N_ij`` is the sum over
+        the pixels of ``weight p_i p_j``, non-zero only for stars whose clips overlap.
+
+        ``A`` (pixels, n) holds the clips.  With N at hand a conjugate-gradient step costs a
+        product with a few entries per star instead of a rendering and a projection of every
+        clip pixel.
+        """
+        design = self._design
+        return (design.T @ (sparse.diags(weight) @ design)).tocsr()
+
+    @cached_property
+    def _design(self) -> sparse.csr_matrix:
+        used = self.clip != 0
+        star = np.broadcast_to(np.arange(self.clip.shape[0])[:, None, None], self.clip.shape)[used]
+        return sparse.csr_matrix((self.clip[used].astype(np.float64), (self.index[used], star)),
+                                 shape=(self.pixels.size, self.clip.shape[0]))
+
 
 def _wings(clips: _Clips, shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
            size: int) -> np.ndarray:
@@ -97,19 +119,20 @@ def _region(clips: _Clips) -> np.ndarray:
 def _solve(clips: _Clips, weighted_data: np.ndarray, weight: np.ndarray, start: np.ndarray,
            n_steps: int, rtol: float) -> np.ndarray:
     """Diagonally preconditioned conjugate gradients for ``N f = b`` from ``start``."""
-    diag = (clips.clip.astype(np.float64) ** 2 * weight[clips.index]).sum(axis=(1, 2))
+    normal = clips.normal(weight)
+    diag = normal.diagonal()
     solvable = clips.ok & (diag > 0)
     scale = np.where(solvable, 1.0 / np.where(solvable, diag, 1.0), 0.0)
     f = np.where(solvable, np.nan_to_num(start), 0.0)
     b = clips.project(weighted_data)
-    r = np.where(solvable, b - clips.project(weight * clips.render(f)), 0.0)
+    r = np.where(solvable, b - normal @ f, 0.0)
     z = scale * r
     p, rz = z.copy(), r @ z
     norm_b = np.sqrt(np.sum(scale * b**2)) or 1.0
     for _ in range(n_steps):
         if np.sqrt(max(rz, 0.0)) <= rtol * norm_b:
             break
-        q = np.where(solvable, clips.project(weight * clips.render(p)), 0.0)
+        q = np.where(solvable, normal @ p, 0.0)
         alpha = rz / (p @ q)
         f += alpha * p
         r -= alpha * q
