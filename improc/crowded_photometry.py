@@ -102,12 +102,13 @@ class _Clips:
 
 
 def _wings(clips: _Clips, shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
-           size: int) -> np.ndarray:
+           size: int) -> tuple[np.ndarray, np.ndarray]:
     """At ``clips.pixels``: the light of the stars' whole stamps beyond the model radius, for
-    these fluxes (non-positive ones left out, as in the model image)."""
+    these fluxes (non-positive ones left out, as in the model image); and the (ny, nx) frame it
+    was rendered on, to be reused for the model image (a fresh frame costs its page faults)."""
     positive = np.where(np.isfinite(flux) & (flux > 0), flux, 0.0)
     whole = _render(shape, x, y, positive, lambda idx: clips.unit[idx] * positive[idx, None, None], size)
-    return clips.gather(whole) - clips.render(positive)
+    return clips.gather(whole) - clips.render(positive), whole
 
 
 def _region(clips: _Clips) -> np.ndarray:
@@ -205,13 +206,15 @@ def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: Pi
     has_wings = extent < psf.size // 2
     flux = np.zeros(x.size)
     model = wings = np.zeros(clips.pixels.size)
+    frame = None
     for k in range(2 if gain is not None or has_wings else 1):
         total = var if k == 0 or gain is None else var + np.clip(model + wings, 0.0, None) / gain
         weight = np.where(usable, 1.0 / np.where(usable, total, 1.0), 0.0)
         flux = _solve(clips, weight * (residual - wings), weight, flux, n_steps, rtol)
         model = clips.render(flux)
         if k == 0 and has_wings:
-            wings = _wings(clips, data.shape, x, y, flux, psf.size) * usable
+            wings, frame = _wings(clips, data.shape, x, y, flux, psf.size)
+            wings *= usable
     residual = residual - wings
     weight_disc = weight[clips.index] * clips.disc
     diag = (clips.clip.astype(np.float64) ** 2 * weight_disc).sum(axis=(1, 2))
@@ -223,5 +226,6 @@ def deblended_psf_fluxes(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: Pi
     bad = ~np.isfinite(flux) | ~(diag > 0)
     flux = np.where(bad, np.nan, flux)
     # the model image from the whole unit clips already rendered (as `render_sources` would)
-    model = _render(data.shape, x, y, flux, lambda idx: clips.unit[idx] * flux[idx, None, None], psf.size)
+    model = _render(data.shape, x, y, flux, lambda idx: clips.unit[idx] * flux[idx, None, None], psf.size,
+                    out=frame)
     return PSFFluxes(flux, np.where(bad, np.nan, err), np.where(bad, np.nan, chi2)), model

@@ -121,14 +121,18 @@ def _on_grid(psf: PixelPSF, stars: _Stars, resid: np.ndarray,
 def _refine_stars(psf: PixelPSF, stars: _Stars, weight: np.ndarray, core: float) -> None:
     """Refit each active star's flux and position with the current model (one Gauss-Newton step)."""
     a = np.flatnonzero(stars.active)
-    size = psf.size
-    cols = shifted_stamps(psf.stamps_at(stars.x[a], stars.y[a]), stars.dx[a], stars.dy[a], derivatives=True)
-    off = np.arange(size) - size // 2
+    c = psf.size // 2
+    h = min(c, int(np.ceil(core + 0.5)))        # the core (|dx|, |dy| <= 0.5) lies in this window
+    cut = slice(c - h, c + h + 1)
+    cols = shifted_stamps(psf.stamps_at(stars.x[a], stars.y[a]), stars.dx[a], stars.dy[a], window=h,
+                          derivatives=True)
+    off = np.arange(-h, h + 1)
     r2 = ((off[None, None, :] - stars.dx[a, None, None]) ** 2
           + (off[None, :, None] - stars.dy[a, None, None]) ** 2)
-    w = weight[a] * (r2 <= core**2)
+    w = weight[a][:, cut, cut] * (r2 <= core**2)
+    data = stars.data[a][:, cut, cut]
     normal = np.stack([np.stack([(w * ci * cj).sum(axis=(1, 2)) for cj in cols], -1) for ci in cols], -2)
-    rhs = np.stack([(w * ci * stars.data[a]).sum(axis=(1, 2)) for ci in cols], -1)
+    rhs = np.stack([(w * ci * data).sum(axis=(1, 2)) for ci in cols], -1)
     ok = np.linalg.det(normal) > 0
     sol = np.full((len(a), 3), np.nan)
     sol[ok] = np.linalg.solve(normal[ok], rhs[ok][:, :, None])[:, :, 0]

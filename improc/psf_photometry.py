@@ -254,12 +254,17 @@ def render_sources(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: n
     return _render(shape, x, y, flux, lambda idx: psf.get_clips(x[idx], y[idx], flux[idx]), psf.size)
 
 
-def _render(shape: tuple[int, int], x, y, flux, clips_of, size: int) -> np.ndarray:
-    """`render_sources` with ``clips_of(idx)`` giving the flux-scaled clips of stars ``idx``."""
+def _render(shape: tuple[int, int], x, y, flux, clips_of, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """`render_sources` with ``clips_of(idx)`` giving the flux-scaled clips of stars ``idx``;
+    into ``out`` (float64, ``shape``; overwritten) if given."""
     x, y = _as_positions(x, y)
     flux = np.broadcast_to(np.asarray(flux, dtype=float), x.shape)
     keep = np.flatnonzero(np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0))
-    model = np.zeros(shape, dtype=np.float64)
+    if out is None:
+        model = np.zeros(shape, dtype=np.float64)
+    else:
+        model = out
+        model.fill(0.0)
     ix, iy, _, _ = nearest_pixel(x[keep], y[keep])
     for start in range(0, keep.size, _RENDER_CHUNK):
         part = slice(start, start + _RENDER_CHUNK)

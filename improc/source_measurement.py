@@ -393,10 +393,13 @@ def _measure(data: np.ndarray, *, background: np.ndarray, variance: np.ndarray, 
                                                 gain=gain, saturation=saturation, variance=variance,
                                                 default_fwhm=default_fwhm, no_size=size is None)
     # a PSF fitted on a biased sky has biased wings (a default PSF, fitted to nothing, has no say)
-    for _ in range(o.sky_refinement_iterations if kind != "moffat_default" else 0):
-        background = _refined_sky(data, x, y, psf, background, noise=noise, model_nsigma=o.sky_model_nsigma,
+    refinements = o.sky_refinement_iterations if kind != "moffat_default" else 0
+    limit = o.sky_model_nsigma * noise if refinements else None      # the same for every refinement
+    for _ in range(refinements):
+        background = _refined_sky(data, x, y, psf, background, model_limit=limit,
                                   box_size=min(o.sky_refinement_box_size, *data.shape), **fluxes)
         psf = psf_on(background)
+    del limit
     fwhm = float(psf.fwhm_pixels)
     radii = tuple(float(m * fwhm) for m in o.aperture_multiples)
     point = ~(np.asarray(table["fwhm"], float) > o.extended_size_ratio * guess)     # not extended
@@ -551,13 +554,13 @@ def _first_psf(data: np.ndarray, table: Table, o: _Options, *, background: np.nd
 
 
 def _refined_sky(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, background: np.ndarray, *,
-                 noise: np.ndarray, model_nsigma: float, box_size: int, variance: np.ndarray,
+                 model_limit: np.ndarray, box_size: int, variance: np.ndarray,
                  mask: np.ndarray | None, gain: float | None) -> np.ndarray:
     """``background`` plus the clipped mean of image - sky - PSF models (`residual_background`),
-    where the models are below ``model_nsigma`` times the noise."""
+    where the models are below ``model_limit`` (``sky_model_nsigma`` times the noise)."""
     _, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance, mask=mask,
                                     gain=gain)
-    unreliable = model > model_nsigma * noise
+    unreliable = model > model_limit
     if mask is not None:
         unreliable |= np.asarray(mask, dtype=bool)
     residual = np.subtract(data, background, dtype=np.float32)
