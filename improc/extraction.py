@@ -121,7 +121,7 @@ def _prepare(data, background, noise, mask) -> tuple[np.ndarray, np.ndarray, np.
         mask_arr = np.asarray(mask)
         if mask_arr.shape != shape:
             raise ValueError(f"mask shape {mask_arr.shape} does not match data shape {shape}")
-        bad |= mask_arr.astype(bool)
+        bad |= mask_arr.astype(bool, copy=False)
     if bad.all():
         raise ValueError(f"data has no valid pixel: all {sub.size} are NaN, infinite or masked")
     good_noise = np.isfinite(noise_map) & (noise_map > 0)
@@ -131,7 +131,7 @@ def _prepare(data, background, noise, mask) -> tuple[np.ndarray, np.ndarray, np.
     if bad.all():
         raise ValueError("noise is not finite and > 0 on any unmasked pixel")
     sub[bad] = 0.0
-    noise_map[bad] = np.median(noise_map[~bad])
+    noise_map[bad] = np.median(noise_map[~bad], overwrite_input=True)     # partitions its own copy
     return raw, sub, noise_map, bad
 
 

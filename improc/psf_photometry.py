@@ -29,7 +29,8 @@ __all__ = ["PSFFluxes", "checked_fit_inputs", "psf_fluxes", "psf_positions", "re
 #: Stars processed together by `psf_fluxes` (bounds the memory of the rendered clips).
 _CHUNK = 2048
 
-#: Stars whose clips `render_sources` makes at a time (a few MB of float64 clips).
+#: Stars whose whole clips `render_sources` and `model_aperture_sums` make at a time (a few MB
+#: of float64 clips and mosaic, reused from chunk to chunk).
 _RENDER_CHUNK = 256
 
 
@@ -332,8 +333,8 @@ def model_aperture_sums(psf: PixelPSF, x: np.ndarray, y: np.ndarray, flux: np.nd
     good = np.flatnonzero(np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0))
     cell = psf.size + 2 * int(np.ceil(max(radii)))       # apertures never reach the next clip
     per_row = 32
-    for start in range(0, good.size, _CHUNK):
-        idx = good[start:start + _CHUNK]
+    for start in range(0, good.size, _RENDER_CHUNK):
+        idx = good[start:start + _RENDER_CHUNK]
         clips = psf.get_clips(x[idx], y[idx], flux[idx])
         rows = -(-idx.size // per_row)
         mosaic = np.zeros((rows * cell, per_row * cell))
