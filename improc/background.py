@@ -285,12 +285,18 @@ def _clipped_box_means(values: np.ndarray, usable: np.ndarray, box_size: int, cl
     """Sigma-clipped mean, standard deviation and number of pixels kept in each mesh box."""
     ny, nx = values.shape
     ny_mesh, nx_mesh = _mesh_shape(values.shape, box_size)
-    padded = np.full((ny_mesh * box_size, nx_mesh * box_size), np.nan, dtype=np.float32)
-    padded[:ny, :nx] = values
-    padded[:ny, :nx][~usable] = np.nan
+    if (ny, nx) == (ny_mesh * box_size, nx_mesh * box_size) and values.dtype == np.float32:
+        padded, usable_padded = values, usable      # whole boxes: no padded copy
+    else:
+        padded = np.full((ny_mesh * box_size, nx_mesh * box_size), np.nan, dtype=np.float32)
+        padded[:ny, :nx] = values
+        usable_padded = np.zeros(padded.shape, bool)
+        usable_padded[:ny, :nx] = usable
     boxes = padded.reshape(ny_mesh, box_size, nx_mesh, box_size).transpose(0, 2, 1, 3)
     boxes = boxes.reshape(ny_mesh * nx_mesh, box_size * box_size)       # a copy
-    del padded
+    unusable = ~usable_padded.reshape(ny_mesh, box_size, nx_mesh, box_size).transpose(0, 2, 1, 3)
+    boxes[unusable.reshape(boxes.shape)] = np.nan
+    del padded, usable_padded, unusable
     boxes.sort(axis=1)       # NaN sort last
     n_finite = np.count_nonzero(np.isfinite(boxes), axis=1)
     centre = _sorted_median(boxes, n_finite)

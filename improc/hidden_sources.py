@@ -207,19 +207,24 @@ def _residual_and_noise(data: np.ndarray, model: np.ndarray, *, background: np.n
                         variance: np.ndarray | float, gain: float | None, model_error: float,
                         mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``data - model`` and its detection noise (float32, (ny, nx))."""
-    model = model.astype(np.float32)       # float32 temporaries: ample for a noise map
-    noise = np.square(np.float32(model_error) * model)
+    # float32 is ample for a noise map; the work is done in place on three full-size buffers
+    model = model.astype(np.float32)
+    noise = np.multiply(model, np.float32(model_error))
+    np.square(noise, out=noise)
+    scratch = np.empty_like(noise)
     if gain is not None:
-        noise += np.clip(model, 0.0, None) / np.float32(gain)
+        np.clip(model, 0.0, None, out=scratch)
+        scratch /= np.float32(gain)
+        noise += scratch
     noise += np.asarray(variance, dtype=np.float32)
     np.sqrt(noise, out=noise)
     # where the model itself is noisy (the far wings of a PSF fitted to few stars, scaled by a
     # very bright star), the residual's own local scatter is the noise to beat
-    residual = np.asarray(data, dtype=np.float32) - model
+    residual = np.subtract(np.asarray(data, dtype=np.float32), model, out=model)
     box = int(min(32, *data.shape))
-    local = sep.Background(np.ascontiguousarray(residual - np.asarray(background, np.float32)),
-                           mask=mask, bw=box, bh=box, fw=3, fh=3).rms()
-    return residual, np.maximum(noise, local)
+    np.subtract(residual, np.asarray(background, np.float32), out=scratch)
+    local = sep.Background(scratch, mask=mask, bw=box, bh=box, fw=3, fh=3).rms()
+    return residual, np.maximum(noise, local, out=noise)
 
 
 def _kept(found: Table, known: _Known, *, min_separation: float, max_separation: float | None,
