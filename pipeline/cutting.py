@@ -39,7 +39,8 @@ class Cutter(Step):
     """Make the Cutouts of the detections."""
 
     process = "cutting"
-    version = "1.0.0"
+    # 1.1: detections of detection 1.1 (extraction 1.4's PSF wings)
+    version = "1.1.0"
     Params = CuttingParams
     inputs = (Input("image"), Input("background"), Input("wcs"), Input("zp"), Input("reference"),
               Input("sub_image"), Input("detections"))

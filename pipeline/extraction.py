@@ -100,7 +100,9 @@ class Extractor(Step):
     # 1.1: neighbours' wings beyond the model radius subtracted in the joint PSF fit
     # 1.2: no sky positions in the source list (they depend on the astrometric solution)
     # 1.3: a Moffat PSF for fields with too few stars for a pixel model
-    version = "1.3.0"
+    # 1.4: the pixel PSF's wings beyond 3 FWHM are its azimuthal mean profile (they were noise
+    #      summing to -15 % .. +30 % of the flux, which ZOGY turned into residuals around bright stars)
+    version = "1.4.0"
     Params = ExtractionParams
     inputs = (Input("image"), Input("background"))
     outputs = (Output("sources", SourceList, parents={"image_id": "image", "background_id": "background"}),

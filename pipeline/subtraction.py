@@ -77,7 +77,9 @@ class Subtractor(Step):
     """Make the difference image of the DataStore's image and its reference."""
 
     process = "subtraction"
-    version = "1.0.0"
+    # 1.1: both PSFs from extraction 1.4's PSF (wings beyond 3 FWHM its azimuthal profile, no longer noise): no square patch of
+    #      residuals around bright stars
+    version = "1.1.0"
     Params = SubtractionParams
     inputs = (Input("image"), Input("background"), Input("psf"), Input("wcs"), Input("zp"),
               Input("reference", tag_param="reference_tag"))
