@@ -255,6 +255,7 @@ def compute_phase(info: dict, clock: Clock) -> dict:
 
     def photocal():
         from improc.photometric_calibration import calibrate_photometry
+        from models.instrument import get_instrument
 
         params = PhotoCalibrator(config=config).params
         ra, dec = solution.wcs.pixel_to_world_values(x, y)
@@ -267,7 +268,8 @@ def compute_phase(info: dict, clock: Clock) -> dict:
             fwhm_pixels=ext.fwhm_pixels, catalog_ra=cat_ra, catalog_dec=cat_dec,
             catalog_g=np.asarray(catalog["phot_g_mean_mag"], float),
             catalog_bp=np.asarray(catalog["phot_bp_mean_mag"], float),
-            catalog_rp=np.asarray(catalog["phot_rp_mean_mag"], float), band=header["FILTER"],
+            catalog_rp=np.asarray(catalog["phot_rp_mean_mag"], float),
+            transform=get_instrument("Synthetic").transforms.get(header["FILTER"]),
             sky_rms=bg.median_rms, psf_stamp=ext.psf.get_clip(NX / 2, NY / 2),
             **params.kwargs_for(calibrate_photometry))
 

@@ -29,6 +29,9 @@ from models.base import Base, TimestampMixin, UUIDMixin
 
 __all__ = ["MeasurementSet", "Measurements"]
 
+#: The Cutouts last read for measurements' stamps (their files are read once, not per measurement).
+_RECENT_CUTOUTS: dict = {}
+
 _STAMP_ATTRIBUTES = tuple(f"{image}_{plane}" for image in ("new", "ref", "sub")
                           for plane in ("data", "weight", "flags"))
 
@@ -121,10 +124,33 @@ class Measurements(UUIDMixin, Base):
         return (f"<Measurements #{self.index_in_sources} at ({self.x:.1f}, {self.y:.1f}): flux "
                 f"{self.flux_psf:.1f} +- {self.flux_psf_err:.1f} ADU (S/N {self.snr:.1f}){bad}>")
 
+    def _own_cutouts(self):
+        """The Cutouts of this measurement's set, through the parent if it is loaded, else by id
+        (a measurement from ``ms.measurements`` outside any session); the last few are kept."""
+        parent = self.__dict__.get("measurement_set")
+        cutouts_id = parent.cutouts_id if parent is not None else None
+        if cutouts_id is None:
+            from models.context import context_of
+
+            with context_of(self).session() as session:
+                cutouts_id = session.scalar(sa.select(MeasurementSet.cutouts_id).where(
+                    MeasurementSet.id == self.measurement_set_id))
+        held = _RECENT_CUTOUTS.pop(cutouts_id, None)
+        if held is None:
+            from models.context import context_of
+            from models.cutouts import Cutouts
+
+            with context_of(self).session() as session:
+                held = session.get(Cutouts, cutouts_id)
+        _RECENT_CUTOUTS[cutouts_id] = held
+        while len(_RECENT_CUTOUTS) > 4:
+            _RECENT_CUTOUTS.pop(next(iter(_RECENT_CUTOUTS)))
+        return held
+
     def get_data_from_cutouts(self, cutouts=None, detections=None) -> None:
         """Fill the nine stamps from ``cutouts`` (default: the set's own); ``detections`` is
         accepted for the user guide's call and not needed (the index is the row)."""
-        cutouts = cutouts if cutouts is not None else self.measurement_set.cutouts()
+        cutouts = cutouts if cutouts is not None else self._own_cutouts()
         for name in _STAMP_ATTRIBUTES:
             image, plane = name.split("_")
             self._stamps[name] = cutouts.stamp(self.index_in_sources, image, plane)

@@ -84,9 +84,7 @@ class AstroCalibrator(Step):
     """Make the `WorldCoordinates` of the image's sources (the image keeps the WCS it came with)."""
 
     process = "astrocal"
-    # 1.1: fewer than min_matches stars degrade to a corrected or kept header WCS
-    # 1.2: stars measured with extraction 1.4's PSF (wings beyond 3 FWHM its azimuthal profile, no longer noise)
-    version = "1.2.0"
+    version = "1.1.0"  # 1.1: fewer than min_matches stars degrade to a corrected or kept header WCS
     Params = AstroCalParams
     inputs = (Input("image"), Input("sources"))
     outputs = (Output("wcs", WorldCoordinates, parents={"sources_id": "sources"}),)

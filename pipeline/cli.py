@@ -148,7 +148,7 @@ def _cmd_images(args: argparse.Namespace) -> int:
 def _cmd_provenance(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from models.image import Image
+    from models.image import Image, ImageType
     from models.provenance import Provenance, ProvenanceTag
     from pipeline.data_store import DataStore
 
@@ -165,7 +165,9 @@ def _cmd_provenance(args: argparse.Namespace) -> int:
                       f"{','.join(tags.get(prov.id, [])) or '-'}  {prov.parameters}")
             return 0
         # tag: the provenances the configuration gives for every image's tree
-        roots = {im.provenance_id: im for im in session.scalars(select(Image)).all()}
+        # (coadds and differences have trees of their own: make-ref and run tag those)
+        roots = {im.provenance_id: im for im in session.scalars(
+            select(Image).where(Image.type == ImageType.SCIENCE)).all()}
     trees: dict[str, Provenance] = {}
     for image in roots.values():
         tree = DataStore(image, context=context).make_prov_tree(context.config)

@@ -55,6 +55,9 @@ class CoadditionParams(StepParams):
     reject_min_inputs: int = param(3, "Fewest valid inputs at a pixel for it to be clipped.")
     proper_tile_size: int = param(512, "Side of the tiles of the proper coadd, pixels.")
     min_images: int = param(1, "Fewest component images.")
+    registration: Literal["auto", "wcs", "sources"] = param(
+        "auto", "'wcs': the components' fitted WCSs as they are; 'sources': also register each on the sources it "
+        "shares with the grid image; 'auto': 'sources' when a WCS was not fitted to a catalog.")
 
     def validate(self) -> None:
         if self.min_images < 1:
@@ -124,17 +127,14 @@ class Coadder(Step):
             zp, psf, wcs, bg = ds.get_zp(), ds.get_psf(), ds.get_wcs(), ds.get_background()
             if any(p is None for p in (zp, psf, wcs, bg)):
                 raise BadDataError(f"image {image.describe()} is not calibrated (run the pipeline on it first)")
-            if zp.zp is None:
-                raise BadDataError(f"image {image.describe()} has no zero point ({zp.note}); it cannot be "
-                                   "scaled into a coadd")
-            products.append((image, bg, psf, wcs, zp))
+            products.append((image, bg, psf, wcs, zp, ds.get_sources()))
         # the target grid: the sharpest component's (ties: the earliest)
         grid = min(range(len(products)), key=lambda i: products[i][2].fwhm_pixels)
-        grid_image, _, _, grid_wcs, _ = products[grid]
+        grid_image, _, _, grid_wcs, grid_zp, grid_sources = products[grid]
         target_wcs, shape = grid_wcs.wcs, (grid_image.ny, grid_image.nx)
+        solutions, zero_points, relative = self._register(products, grid)
         inputs = []
-        for image, bg, psf, wcs, zp in products:
-            source_wcs = wcs.wcs
+        for (image, bg, psf, wcs, zp, _), source_wcs, zero_point in zip(products, solutions, zero_points):
             warped = warp_image(image.data - bg.counts, image.weight, image.flags, source_wcs=source_wcs,
                                 target_wcs=target_wcs, target_shape=shape)
             model = psf.model
@@ -143,12 +143,16 @@ class Coadder(Step):
                 return psf_on_grid(model, x, y, source_wcs=source_wcs, target_wcs=target_wcs)
 
             inputs.append(CoaddInput(data=warped.data, weight=warped.weight, flags=warped.flags,
-                                     zero_point=zp.zp, psf=grid_psf, white_weight=warped.white_weight))
+                                     zero_point=zero_point, psf=grid_psf, white_weight=warped.white_weight))
         result = self.compute(inputs)
         zero_point = result.zero_point
         gains = [_gain(image) for image, *_ in products]
         mean = result if self.params.method == "weighted_mean" else result.mean
-        header = {"SKYSUB": True, "NCOMBINE": len(images), "MAGZERO": zero_point}
+        header = {"SKYSUB": True, "NCOMBINE": len(images)}
+        if relative:    # scaled to the grid image by the stars they share, not by zero points
+            header["RELCAL"] = True
+        else:
+            header["MAGZERO"] = zero_point
         if all(g is not None for g in gains):
             c, s = mean.image_weights, mean.scales
             header["GAIN"] = float(c.sum() ** 2 / np.sum(c**2 * s / np.asarray(gains)))
@@ -162,6 +166,50 @@ class Coadder(Step):
         # weight what a PSF-sized sum sees (`improc.alignment`); subtraction needs the latter.
         coadd.set_extra("WHITE_WEIGHT", getattr(result, "white_weight", result.weight))
         return coadd
+
+    def _register(self, products: list, grid: int) -> tuple[list, list[float], bool]:
+        """Each component's WCS as used and its zero point.
+
+        With every WCS fitted to a catalog and every zero point calibrated (or ``registration``
+        "wcs"), those.  Else each component is registered on the sources it shares with the grid
+        image (its WCS moved by the offset the WCSs miss, where one was not fitted) and, without
+        zero points, scaled by the flux ratio of the stars they share: its zero point relative to
+        the grid image's (0 when that has none), and the coadd is calibrated relative to it.
+
+        Raises
+        ------
+        BadDataError
+            A component shares too few sources with the grid image.
+        """
+        from pipeline.reference_alignment import MIN_RATIO_STARS, fitted_to_catalog, moved, source_shift, star_flux_ratio
+
+        mode = self.params.registration
+        calibrated = all(p[4].zp is not None for p in products)
+        fitted = all(fitted_to_catalog(p[3]) for p in products)
+        solutions = [p[3].wcs for p in products]
+        zero_points = [p[4].zp for p in products]
+        if calibrated and (mode == "wcs" or (mode == "auto" and fitted)):
+            return solutions, zero_points, False
+        grid_image, _, _, grid_wcs, grid_zp, grid_sources = products[grid]
+        base = grid_zp.zp if grid_zp.zp is not None else 0.0
+        for k, (image, _, _, wcs, zp, sources) in enumerate(products):
+            if k == grid:
+                zero_points[k] = base if not calibrated else zp.zp
+                continue
+            pair = f"images {grid_image.describe()} and {image.describe()}"
+            if mode == "sources" or not (fitted_to_catalog(wcs) and fitted_to_catalog(grid_wcs)):
+                shift = source_shift(grid_sources, grid_wcs.wcs, sources, wcs.wcs)
+                if shift.n < MIN_RATIO_STARS:
+                    raise BadDataError(f"{pair}: only {shift.n} sources both measured register them (a WCS was "
+                                       f"not fitted to a catalog; at least {MIN_RATIO_STARS} needed)")
+                solutions[k] = moved(wcs.wcs, shift)
+            if not calibrated:
+                ratio = star_flux_ratio(grid_sources, grid_wcs.wcs, sources, solutions[k])
+                if ratio.n_stars < MIN_RATIO_STARS:
+                    raise BadDataError(f"{pair}: without zero points, only {ratio.n_stars} stars both measured "
+                                       f"scale them (at least {MIN_RATIO_STARS} needed)")
+                zero_points[k] = base + 2.5 * float(np.log10(ratio.ratio))
+        return solutions, zero_points, not calibrated
 
     def compute(self, inputs: Sequence[CoaddInput]):
         """The coadd of images already on one grid (`improc.coadd`)."""

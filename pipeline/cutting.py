@@ -39,8 +39,7 @@ class Cutter(Step):
     """Make the Cutouts of the detections."""
 
     process = "cutting"
-    # 1.1: detections of detection 1.1 (extraction 1.4's PSF wings)
-    version = "1.1.0"
+    version = "1.0.0"
     Params = CuttingParams
     inputs = (Input("image"), Input("background"), Input("wcs"), Input("zp"), Input("reference"),
               Input("sub_image"), Input("detections"))

@@ -396,6 +396,11 @@ class DataStore:
         """The photometric zero point (ZeroPoint), or None."""
         return self.get_product("zp")
 
+    # The user guide mentions this name too.
+    def get_zeropoint(self):
+        """The photometric zero point (ZeroPoint), or None: `get_zp`."""
+        return self.get_zp()
+
     def get_reference(self):
         """The Reference this image is compared with (chosen as `models.reference.Reference.find_for`
         documents), or None.  It reads like the reference image, not aligned to this one."""

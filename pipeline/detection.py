@@ -45,8 +45,7 @@ class Detector(Step):
     """Make the SourceList of detections on the difference image."""
 
     process = "detection"
-    # 1.1: S_corr of subtraction 1.1 (extraction 1.4's PSF wings)
-    version = "1.1.0"
+    version = "1.0.0"
     Params = DetectionParams
     inputs = (Input("sub_image"), Input("wcs"))
     outputs = (Output("detections", SourceList, parents={"image_id": "sub_image"}),)

@@ -33,7 +33,7 @@ from pipeline.step import step_class
 from pipeline.top import Pipeline
 from util.config import ConfigError
 
-__all__ = ["make_reference", "MadeReference", "NoComponentsError"]
+__all__ = ["make_reference", "make_coadd", "MadeReference", "NoComponentsError"]
 
 
 class NoComponentsError(LookupError):
@@ -98,6 +98,26 @@ def _uuid(text):
         raise NoComponentsError(f"{text!r} is not an image id") from None
 
 
+def make_coadd(context: Context, images: list[Image], *, register: bool = False) -> DataStore:
+    """Calibrate the images where needed, coadd them (or find their stored coadd) and calibrate the
+    coadd; with ``register``, also register it as a reference.  Returns the coadd's DataStore.
+
+    Raises
+    ------
+    pipeline.step.StepError
+        A component's or the coadd's calibration, or the registration, failed (names which).
+    """
+    calibration = _calibration_steps(context)
+    components = [Pipeline(context, steps=calibration).run(DataStore(image, context=context)) for image in images]
+    coadd = Coadder(config=context.config).make(components, context=context)
+    steps = _calibration_steps(context) + ([step_class("referencing")(config=context.config)] if register else [])
+    coadd_ds = DataStore(coadd, context=context)
+    if coadd.filepath is None:
+        coadd_ds.make_prov_tree(steps)
+        coadd_ds.save_and_commit()
+    return Pipeline(context, steps=steps).run(coadd_ds)
+
+
 def make_reference(context: Context, *, ra: float | None = None, dec: float | None = None,
                    filter: str | None = None, start_mjd: float | None = None, end_mjd: float | None = None,
                    max_seeing: float | None = None, image_ids=None, tag: str | None = None,
@@ -116,20 +136,8 @@ def make_reference(context: Context, *, ra: float | None = None, dec: float | No
     """
     images = find_components(context, ra=ra, dec=dec, filter=filter, start_mjd=start_mjd, end_mjd=end_mjd,
                              max_seeing=max_seeing, image_ids=image_ids, tag=tag)
-    calibration = _calibration_steps(context)
-    components = []
-    for image in images:
-        ds = Pipeline(context, steps=calibration).run(DataStore(image, context=context))
-        components.append(ds)
-    coadder = Coadder(config=context.config)
-    coadd = coadder.make(components, context=context)
-    steps = [*_calibration_steps(context), step_class("referencing")(config=context.config)]
-    coadd_ds = DataStore(coadd, context=context)
-    if coadd.filepath is None:
-        coadd_ds.make_prov_tree(steps)
-        coadd_ds.save_and_commit()
-        coadd = coadd_ds.image
-    coadd_ds = Pipeline(context, steps=steps).run(coadd_ds)
+    coadd_ds = make_coadd(context, images, register=True)
+    coadd = coadd_ds.image
     reference = coadd_ds.get_reference()
     reference_tag = context.config.get("subtraction.reference_tag")
     with context.session() as session:

@@ -64,8 +64,7 @@ class Measurer(Step):
 
     process = "measuring"
     # 1.1: negative_fraction no longer among the default bad cuts (it marked faint sources bad)
-    # 1.2: P_D and detections from extraction 1.4's PSF wings
-    version = "1.2.0"
+    version = "1.1.0"
     Params = MeasuringParams
     inputs = (Input("sub_image"), Input("detections"), Input("cutouts"), Input("wcs"), Input("zp"))
     outputs = (Output("measurement_set", MeasurementSet, parents={"cutouts_id": "cutouts"}),)

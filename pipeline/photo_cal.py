@@ -96,8 +96,7 @@ class PhotoCalibrator(Step):
     # 1.3: the band transformation is the instrument's (not DECam's for every camera's band name);
     #      a band without one gets a fitted colour term and BAND_UNCALIBRATED; the calibrators and
     #      the transformation are recorded on the ZeroPoint
-    # 1.4: stars measured with extraction 1.4's PSF (wings beyond 3 FWHM its azimuthal profile, no longer noise)
-    version = "1.4.0"
+    version = "1.3.0"
     Params = PhotoCalParams
     inputs = (Input("image"), Input("background"), Input("sources"), Input("psf"), Input("wcs"))
     outputs = (Output("zp", ZeroPoint, parents={"image_id": "image", "wcs_id": "wcs", "psf_id": "psf",

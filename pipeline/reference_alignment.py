@@ -2,7 +2,12 @@
 
 Subtraction and cutting both need the reference warped onto the new image's grid
 (`improc.alignment.warp_image`, with both fitted WCSs, never the raw headers) and the flux ratio
-of the two zero points.  It is a pure function of stored products, computed once per DataStore
+F_r / F_n.  Where a WCS could not be fitted to a catalog (``subtraction.registration`` "auto"),
+or always ("sources"), the two images are registered to each other from the sources both
+measured: the offset the WCSs miss (`improc.registration.fit_shift`) moves the reference's WCS,
+and the scatter about it is the registration noise.  The flux ratio comes from the stars both
+measured (`improc.flux_ratio`), else from the zero points: a field without a catalog is
+calibrated relative to its reference.  It is a pure function of stored products, computed once per DataStore
 and kept in its scratch space (never saved), so a step that runs alone recomputes the same
 arrays.
 """
@@ -16,7 +21,7 @@ import numpy as np
 from improc.alignment import Warped, warp_image
 from improc.errors import BadDataError
 
-__all__ = ["AlignedReference", "aligned_reference", "reference_products"]
+__all__ = ["AlignedReference", "aligned_reference", "reference_products", "source_shift", "star_flux_ratio", "moved", "fitted_to_catalog"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +42,11 @@ class AlignedReference:
     flux_ratio: float
     #: "stars" (fitted from the stars both images measured) or "zero_points".
     flux_ratio_from: str = "zero_points"
+    #: The offset (reference pixels) added to the reference WCS by registering the images on their
+    #: sources, or None when the fitted WCSs were used as they are.
+    shift: object = None
+    #: The reference's WCS as used (its fitted one, moved by ``shift`` if any).
+    solution: object = None
 
 
 def reference_products(ds, reference) -> tuple:
@@ -52,32 +62,98 @@ def reference_products(ds, reference) -> tuple:
                 session.get(ZeroPoint, reference.zp_id))
 
 
-#: Fewest stars shared by both images for a fitted flux ratio (else the zero points give it).
-MIN_RATIO_STARS = 5
+#: Fewest stars shared by both images for a fitted flux ratio (else the zero points give it) and
+#: for registering them on their sources.
+MIN_RATIO_STARS = 3
+#: Least S/N, in both images, of a star that enters the flux ratio.
+RATIO_MIN_SNR = 10.0
 #: Sources of the two images closer than this match, arcsec.
 MATCH_RADIUS_ARCSEC = 0.5
 
 
-def _flux_ratio(ds, reference, wcs, ref_wcs, zp, ref_zp) -> tuple[float, str]:
-    """F_r / F_n from the PSF fluxes of the stars both images measured; from the zero points when
-    fewer than `MIN_RATIO_STARS` are shared."""
+def fitted_to_catalog(wcs) -> bool:
+    """Whether a WorldCoordinates was fitted to a catalog (not the header's, moved or not)."""
+    from models.quality import QualityFlag
+
+    return not (wcs.quality_flags & (QualityFlag.WCS_HEADER_ONLY | QualityFlag.WCS_HEADER_CORRECTED))
+
+
+def _registration_mode(ds) -> str:
+    try:
+        return ds.provenance("subtraction").parameters.get("registration", "auto")
+    except Exception:   # (a DataStore whose tree has no subtraction: the WCSs as they are)
+        return "wcs"
+
+
+def _psf_usable(sources) -> np.ndarray:
+    """Sources whose PSF flux and centroid are sound (aperture flags do not matter here)."""
+    from improc.extraction import SourceFlag
+
+    bad = SourceFlag.TRUNCATED | SourceFlag.DEBLEND_OVERFLOW | SourceFlag.MASKED | SourceFlag.SATURATED
+    return (np.asarray(sources.data["flags"]) & int(bad)) == 0
+
+
+def _bright(sources, min_snr: float = 10.0) -> np.ndarray:
+    return _psf_usable(sources) & (np.asarray(sources.data["snr"], dtype=float) >= min_snr)
+
+
+def source_shift(sources, solution, other_sources, other_solution):
+    """The offset, in pixels of the other image, between where the WCSs put the sources of one
+    image on the other and where the other measured them (`improc.registration.fit_shift`).
+
+    ``solution`` and ``other_solution`` are astropy WCSs of the two images."""
+    from improc.registration import fit_shift
+
+    use, other_use = _bright(sources), _bright(other_sources)
+    ra, dec = solution.pixel_to_world_values(sources.x[use], sources.y[use])
+    x_pred, y_pred = other_solution.world_to_pixel_values(ra, dec)
+    return fit_shift(x_pred, y_pred, other_sources.x[other_use], other_sources.y[other_use])
+
+
+def moved(solution, shift):
+    """A copy of an astropy WCS whose pixel positions are moved by a `fit_shift` offset."""
+    solution = solution.deepcopy()
+    solution.wcs.crpix = [solution.wcs.crpix[0] + shift.dx, solution.wcs.crpix[1] + shift.dy]
+    return solution
+
+
+def star_flux_ratio(sources, solution, other_sources, other_solution):
+    """The flux ratio other / this of the stars both images measured (`improc.flux_ratio`),
+    matched through their WCSs (astropy WCSs)."""
     from improc.flux_ratio import fit_flux_ratio
     from improc.matching import match_sky
+
+    ra, dec = (np.asarray(v, dtype=float) for v in solution.pixel_to_world_values(sources.x, sources.y))
+    o_ra, o_dec = (np.asarray(v, dtype=float)
+                   for v in other_solution.pixel_to_world_values(other_sources.x, other_sources.y))
+    i, j, _ = match_sky(ra, dec, o_ra, o_dec, radius_arcsec=MATCH_RADIUS_ARCSEC)
+    flux, err = sources.psffluxadu()
+    o_flux, o_err = other_sources.psffluxadu()
+    clean = _psf_usable(sources)[i] & _psf_usable(other_sources)[j]
+    if "is_star" in sources.data.colnames and "is_star" in other_sources.data.colnames:
+        # galaxies' PSF fluxes change with the seeing: stars only
+        clean &= np.asarray(sources.data["is_star"])[i] & np.asarray(other_sources.data["is_star"])[j]
+    return fit_flux_ratio(flux[i][clean], err[i][clean], o_flux[j][clean], o_err[j][clean], min_snr=RATIO_MIN_SNR)
+
+
+def _ref_sources(ds, reference):
     from models.source_list import SourceList
 
-    new_sources = ds.get_sources()
     with ds.context.session() as session:
-        ref_sources = session.get(SourceList, reference.sources_id)
-    ra, dec = new_sources.radec(wcs)
-    ref_ra, ref_dec = ref_sources.radec(ref_wcs)
-    i, j, _ = match_sky(ra, dec, ref_ra, ref_dec, radius_arcsec=MATCH_RADIUS_ARCSEC)
-    flux, err = new_sources.psffluxadu()
-    ref_flux, ref_err = ref_sources.psffluxadu()
-    clean = (np.asarray(new_sources.data["flags"])[i] == 0) & (np.asarray(ref_sources.data["flags"])[j] == 0)
-    fit = fit_flux_ratio(flux[i][clean], err[i][clean], ref_flux[j][clean], ref_err[j][clean])
+        return session.get(SourceList, reference.sources_id)
+
+
+def _registration_shift(ds, reference, wcs, ref_wcs):
+    return source_shift(ds.get_sources(), wcs.wcs, _ref_sources(ds, reference), ref_wcs.wcs)
+
+
+def _flux_ratio(ds, reference, wcs, ref_solution) -> tuple[float, str]:
+    """F_r / F_n from the stars both images measured; NaN and "zero_points" when fewer than
+    `MIN_RATIO_STARS` are shared."""
+    fit = star_flux_ratio(ds.get_sources(), wcs.wcs, _ref_sources(ds, reference), ref_solution)
     if fit.n_stars >= MIN_RATIO_STARS:
         return fit.ratio, "stars"
-    return float(10 ** (0.4 * (ref_zp.zp - zp.zp))), "zero_points"
+    return float("nan"), "zero_points"
 
 
 def aligned_reference(ds) -> AlignedReference:
@@ -96,21 +172,33 @@ def aligned_reference(ds) -> AlignedReference:
         return held[1]
     ref_image, ref_bg, ref_psf, ref_wcs, ref_zp = reference_products(ds, reference)
     pair = f"new image {image.describe()} and reference image {ref_image.describe()}"
-    for which, z in (("new image", zp), ("reference", ref_zp)):
-        if z.zp is None:
-            raise BadDataError(f"{pair}: the {which} has no zero point ({z.note}), so their flux ratio "
-                               "is unknown", badness="BAD_SUBTRACTION")
+    ref_solution, shift = ref_wcs.wcs, None
+    mode = _registration_mode(ds)
+    if mode == "sources" or (mode == "auto" and not (fitted_to_catalog(wcs) and fitted_to_catalog(ref_wcs))):
+        shift = _registration_shift(ds, reference, wcs, ref_wcs)
+        if shift.n < MIN_RATIO_STARS:
+            raise BadDataError(f"{pair}: a WCS was not fitted to a catalog and only {shift.n} sources both "
+                               f"measured register them (at least {MIN_RATIO_STARS} needed)",
+                               badness="BAD_SUBTRACTION", figures={"n_registration": shift.n})
+        ref_solution = moved(ref_solution, shift)
+    ratio, origin = _flux_ratio(ds, reference, wcs, ref_solution)
+    if origin == "zero_points":
+        for which, z in (("new image", zp), ("reference", ref_zp)):
+            if z.zp is None:
+                raise BadDataError(f"{pair}: the {which} has no zero point ({z.note}) and too few stars both "
+                                   "measured give their flux ratio", badness="BAD_SUBTRACTION")
+        ratio = float(10 ** (0.4 * (ref_zp.zp - zp.zp)))
     # a coadd's pixels are correlated: what a PSF-sized filter sees is its white weight
     white = ref_image.extra("WHITE_WEIGHT")
     ref_weight = ref_image.weight if white is None else np.asarray(white, dtype=np.float32)
     warped = warp_image(ref_image.data - ref_bg.counts, ref_weight, ref_image.flags,
-                        source_wcs=ref_wcs.wcs, target_wcs=wcs.wcs, target_shape=(image.ny, image.nx))
+                        source_wcs=ref_solution, target_wcs=wcs.wcs, target_shape=(image.ny, image.nx))
     covered = float(np.mean(warped.weight > 0))
     if covered < 0.01:
         raise BadDataError(f"{pair}: their fitted WCSs put the reference off the new image (it covers "
                            f"{covered:.1%} of it)", badness="BAD_SUBTRACTION", figures={"covered": covered})
-    ratio, origin = _flux_ratio(ds, reference, wcs, ref_wcs, zp, ref_zp)
-    aligned = AlignedReference(reference=reference, image=ref_image, background=ref_bg, psf=ref_psf, wcs=ref_wcs,
-                               zp=ref_zp, warped=warped, flux_ratio=ratio, flux_ratio_from=origin)
+    aligned = AlignedReference(reference=reference, image=ref_image, background=ref_bg, psf=ref_psf,
+                               wcs=ref_wcs, zp=ref_zp, warped=warped, flux_ratio=ratio, flux_ratio_from=origin,
+                               shift=shift, solution=ref_solution)
     ds.scratch["aligned_reference"] = (key, aligned)
     return aligned

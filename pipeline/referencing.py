@@ -88,8 +88,7 @@ class Referencer(Step):
     """Register the DataStore's calibrated image as a `Reference`."""
 
     process = "referencing"
-    # 1.1: the coadd calibrated with extraction 1.4's PSF (wings beyond 3 FWHM its azimuthal profile, no longer noise)
-    version = "1.1.0"
+    version = "1.0.0"
     Params = ReferencingParams
     inputs = (Input("image"), Input("background"), Input("sources"), Input("psf"), Input("wcs"),
               Input("zp"))

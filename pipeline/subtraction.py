@@ -12,14 +12,16 @@ deviations; detection reads it, so it can be redone without subtracting again), 
 The flux ratio F_r / F_n comes from the PSF fluxes of the stars both images measured (zero points
 from a catalog are far less precise), else from the zero points (`pipeline.reference_alignment`).
 The registration noise entering S_corr is the two fitted WCSs' stated uncertainties, added in
-quadrature (per axis, in pixels of the new image).
+quadrature (per axis, in pixels of the new image); when the images were registered on their
+sources (``registration``), the scatter of those sources about the fitted offset.  Header cards
+of the difference say how: ``FLUXRATF`` (stars or zero_points), ``REGFROM`` (wcs or sources).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -45,6 +47,9 @@ class SubtractionParams(StepParams):
     reference_tag: str = param(
         "references", "Tag of the referencing provenance whose references new images are compared with "
         "(`seechange make-ref` tags it); the provenance itself enters the subtraction's.", affects_result=False)
+    registration: Literal["auto", "wcs", "sources"] = param(
+        "auto", "'wcs': the two fitted WCSs as they are; 'sources': also register the images on the sources "
+        "both measured (the offset the WCSs miss); 'auto': 'sources' when a WCS was not fitted to a catalog.")
     tile_size: int = param(256, "Largest side of a ZOGY tile's core, pixels; each tile has its own PSFs.")
     mask_dilation_fwhm: float = param(1.0, "Half-side, in FWHM of the broader PSF, over which bad pixels "
                                       "spread their flags in the difference.")
@@ -77,8 +82,8 @@ class Subtractor(Step):
     """Make the difference image of the DataStore's image and its reference."""
 
     process = "subtraction"
-    # 1.1: both PSFs from extraction 1.4's PSF (wings beyond 3 FWHM its azimuthal profile, no longer noise): no square patch of
-    #      residuals around bright stars
+    # 1.1: registration on the sources where a WCS was not fitted; flux ratio from stars with PSF
+    # fluxes sound (aperture flags ignored), point-like, S/N >= 10 in both images
     version = "1.1.0"
     Params = SubtractionParams
     inputs = (Input("image"), Input("background"), Input("psf"), Input("wcs"), Input("zp"),
@@ -91,7 +96,7 @@ class Subtractor(Step):
                 astrometric_sigma: tuple[float, float]) -> ZogyResult:
         """ZOGY of the new image's (sky-subtracted data, weight, flags) and the aligned reference."""
         p = self.params
-        ref_wcs, target_wcs = aligned.wcs.wcs, new_wcs
+        ref_wcs, target_wcs = aligned.solution, new_wcs
         ny, nx = new[0].shape
         jacobian = local_jacobian(nx / 2.0, ny / 2.0, source_wcs=ref_wcs, target_wcs=target_wcs)
         ref_model = aligned.psf.model
@@ -113,8 +118,11 @@ class Subtractor(Step):
         if not np.any((new_flags == 0) & (image.weight > 0) & (aligned.warped.weight > 0)):
             raise BadDataError(f"new image {image.describe()} and reference image {aligned.image.describe()}: "
                                "no pixel is good in both")
-        scale = _pixel_scale_arcsec(wcs.wcs)
-        sigma = float(np.hypot(wcs.uncertainty_arcsec or 0.0, aligned.wcs.uncertainty_arcsec or 0.0)) / scale
+        if aligned.shift is not None:   # registered on the sources: their scatter about the offset
+            sigma = float(np.hypot(aligned.shift.rms_x, aligned.shift.rms_y) / np.sqrt(2.0))
+        else:
+            scale = _pixel_scale_arcsec(wcs.wcs)
+            sigma = float(np.hypot(wcs.uncertainty_arcsec or 0.0, aligned.wcs.uncertainty_arcsec or 0.0)) / scale
         sigma = float(np.hypot(sigma, self.params.min_registration_sigma_px))
         try:
             result = self.compute((image.data - bg.counts, image.weight, new_flags), psf.model, aligned, wcs.wcs,
@@ -129,6 +137,9 @@ class Subtractor(Step):
                              target=image.target, project=image.project,
                              header={"SKYSUB": True, "FLUXRAT": aligned.flux_ratio,
                                      "FLUXRATF": aligned.flux_ratio_from, "REGSIGMA": sigma,
+                                     "REGFROM": "sources" if aligned.shift is not None else "wcs",
+                                     **({"REGDX": aligned.shift.dx, "REGDY": aligned.shift.dy,
+                                         "REGNSTAR": aligned.shift.n} if aligned.shift is not None else {}),
                                      "REFIMAGE": str(aligned.image.id)})
         sub.set_extra("SCORE", result.score_corr)
         sub.set_extra("PSF_D", result.psf_d.astype(np.float32))

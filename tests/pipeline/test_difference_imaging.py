@@ -191,3 +191,56 @@ def test_make_ref_through_the_command_line(field, tmp_path, capsys):
     assert main(["run", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert out.count("measuring") == 2 and "nothing to do" not in out
+
+
+def _epoch(folder, name, *, seed, **params):
+    common = dict(nx=SIZE, ny=SIZE, scene_seed=21, detector_seed=21, star_density=60000.0,
+                  pointing_error_arcsec=10.0, rotation_error_deg=0.3, mjd=60020.1, seed=seed)
+    sim = simulate_image(SimulationParams(**{**common, **params}))
+    return write_simulated_file(sim, folder / f"{name}.fits", raw=True, seed=seed), sim
+
+
+def test_images_no_reference_can_serve_fail_one_by_one_and_the_batch_goes_on(database, field, tmp_path):
+    """Another filter, too little overlap: each image fails with both images and the reason named,
+    is marked NO_REFERENCE, keeps its calibration and nothing of the subtraction; the good one goes
+    through."""
+    from models.context import Context
+    from pipeline.runner import RunFailures
+
+    paths, refs, _ = field
+    gaia = str(paths[0].parent / "gaia")
+    catalog = {"catalog": "gaia_folder", "catalog_folder": gaia}
+    context = Context.from_config(database.config(astrocal=catalog, photocal=catalog))
+    ref_exposure = ingest_file(paths[0], context=context)[0]
+    (ref_ds,) = run_all(context, ids=[str(ref_exposure.id)])
+    made = make_reference(context, image_ids=[str(ref_ds.image.id)])
+    p0 = refs[0].params
+    width = SIZE * p0.pixel_scale / 3600.0
+    g_path, _ = _epoch(tmp_path, "g_band", seed=501, band="g")
+    off_path, _ = _epoch(tmp_path, "half_off", seed=502, ra=p0.ra + 0.5 * width / np.cos(np.deg2rad(p0.dec)))
+    good_path, _ = _epoch(tmp_path, "good", seed=503)
+    exposures = [ingest_file(p, context=context)[0] for p in (g_path, off_path, good_path)]
+    with pytest.raises(RunFailures, match="2 of 3 work items failed"):
+        run_all(context, ids=[str(e.id) for e in exposures])
+    from sqlalchemy import select
+
+    from models.measurements import MeasurementSet
+    from models.zero_point import ZeroPoint
+
+    with context.session() as session:
+        images = {e.id: session.scalars(select(Image).where(Image.exposure_id == e.id)).one() for e in exposures}
+        differences = session.scalars(select(Image).where(Image.type == "difference")).all()
+        assert session.scalars(select(ZeroPoint)).all().__len__() == 1 + 1 + 3   # ref, its coadd, the three
+        assert len(session.scalars(select(MeasurementSet)).all()) == 1
+    g_image, off_image, good_image = (images[e.id] for e in exposures)
+    assert [d.new_image_id for d in differences] == [good_image.id]
+    for bad in (g_image, off_image):
+        assert bad.badness == ["NO_REFERENCE"]
+        ds = DataStore(bad, context=context)
+        ds.make_prov_tree()
+        with pytest.raises(StepError) as err:
+            Pipeline(context).run(ds)
+        text = str(err.value)
+        assert bad.describe() in text and str(made.coadd.id)[:8] in text
+        assert ("filter r, not g" in text) if bad is g_image else ("< min_overlap 85%" in text)
+    assert good_image.badness == []

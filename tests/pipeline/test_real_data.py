@@ -334,3 +334,113 @@ def test_decam_sfft_relative_astrometry_and_epochs(database, shared_data, tmp_pa
         residual = against_others - against_others.mean(axis=0)
         rms = np.sqrt(np.mean(np.sum(residual**2, axis=1)))
         assert rms <= 50.0, f"{path.name}: relative astrometry rms {rms:.1f} mas"
+
+
+# ---------------------------------------------------------------------------------------------
+# decam_sfft: difference imaging between two seasons, calibrated relative to the reference
+
+
+def _empty_catalog_folder(tmp_path: Path) -> str:
+    """A Gaia folder that does not cover the decam_sfft field (none exists): a simulated field's."""
+    from improc.simulator import SimulationParams, simulate_image
+    from util.gaia import write_gaia_folder
+
+    sim = simulate_image(SimulationParams(nx=64, ny=64, seed=1, star_density=1000.0))
+    write_gaia_folder(sim.gaia, tmp_path / "gaia_elsewhere")
+    return str(tmp_path / "gaia_elsewhere")
+
+
+def _source_free(sub, new_ds, *, grow: int = 6) -> np.ndarray:
+    """Pixels of the difference far from every source of the new image and from flagged pixels."""
+    from scipy import ndimage
+
+    sources = new_ds.get_sources()
+    mask = np.zeros((sub.ny, sub.nx), bool)
+    ix = np.clip(np.round(sources.x).astype(int), 0, sub.nx - 1)
+    iy = np.clip(np.round(sources.y).astype(int), 0, sub.ny - 1)
+    mask[iy, ix] = True
+    radius = int(np.ceil(3 * sources.fwhm_pixels))
+    mask = ndimage.binary_dilation(mask, iterations=radius) | ndimage.binary_dilation(sub.flags != 0,
+                                                                                    iterations=grow)
+    mask[:grow], mask[-grow:], mask[:, :grow], mask[:, -grow:] = True, True, True, True
+    return ~mask
+
+
+def _bright_star_residuals(sub, new_ds, *, min_snr: float = 200.0) -> np.ndarray:
+    """|sum of D| within 2 FWHM of each bright, unflagged source of the new image / its PSF flux;
+    sources where something was detected (the transient and its host) are left out."""
+    sources = new_ds.get_sources()
+    table = sources.data
+    flux, err = sources.psffluxadu()
+    bright = (flux > min_snr * err) & (np.asarray(table["flags"]) & ~(16 | 32 | 64 | 128) == 0)
+    radius = 2.0 * sources.fwhm_pixels
+    found = [(m.x, m.y) for m in new_ds.get_measurement_set().measurements if not m.is_bad]
+    for fx, fy in found:
+        bright &= np.hypot(sources.x - fx, sources.y - fy) > 2.0 * radius
+    yy, xx = np.mgrid[0:sub.ny, 0:sub.nx]
+    out = []
+    for x, y, f in zip(sources.x[bright], sources.y[bright], flux[bright]):
+        disc = (np.hypot(xx - x, yy - y) <= radius) & (sub.flags == 0)
+        if disc.sum() > 0.8 * np.pi * radius**2:
+            out.append(abs(float(np.sum(sub.data[disc]))) / f)
+    return np.array(out)
+
+
+def test_decam_sfft_seasons_subtract_relative_to_their_reference(database, shared_data, tmp_path, capsys):
+    """Two seasons of real DECam cutouts with no catalog: the 2016 coadd is the reference, the 2018
+    coadd and each 2018 exposure are subtracted from it.  The noise comes from the sky and the gain
+    (the instrument's noise model, `models.image`); registration and flux ratio from the sources
+    both images measured, the products saying so."""
+    if database.kind == "postgresql":
+        pytest.skip("real-data subtraction runs once, on SQLite (test_difference_imaging covers PostgreSQL)")
+    from models.context import Context
+    from pipeline.data_store import DataStore
+    from pipeline.make_ref import make_coadd, make_reference
+    from pipeline.runner import run_all
+
+    catalog = {"catalog": "gaia_folder", "catalog_folder": _empty_catalog_folder(tmp_path)}
+    config = database.config(astrocal=catalog, photocal=catalog, referencing={"require_calibrated": False})
+    context = Context.from_config(config)
+    paths = sorted((shared_data / "decam_sfft").glob("DEC-OBS*.mini.fits"))
+    images = {p.name: ingest_file(p, context=context)[1][0] for p in paths}
+    season16 = [im for name, im in images.items() if "OBS18" in name]
+    season18 = [im for name, im in images.items() if "OBS04" in name]
+    made = make_reference(context, image_ids=[str(im.id) for im in season16])
+    assert made.coadd.header.get("RELCAL") and "MAGZERO" not in made.coadd.header
+    coadd18 = make_coadd(context, season18).image
+    assert coadd18.header.get("RELCAL")
+
+    lines = []
+    results = {}
+    for name, image in [("2018 coadd", coadd18), *((im.describe(), im) for im in season18)]:
+        ds = Pipeline(context).run(DataStore(image, context=context))
+        sub = ds.get_sub_image()
+        assert ds.get_reference().id == made.reference.id
+        assert sub.header["FLUXRATF"] == "stars" and sub.header["REGFROM"] == "sources"
+        free = _source_free(sub, ds)
+        noise = float(np.std(sub.data[free] * np.sqrt(sub.weight[free])))
+        score_noise = float(np.std(sub.extra("SCORE")[free]))
+        residuals = _bright_star_residuals(sub, ds)
+        ms = ds.get_measurement_set()
+        kept = [m for m in ms.measurements if not m.is_bad]
+        results[name] = (noise, score_noise, residuals, sub)
+        lines.append(f"{name}: flux ratio {sub.header['FLUXRAT']:.3f}, registration offset "
+                     f"({sub.header['REGDX']:+.2f}, {sub.header['REGDY']:+.2f}) px from {sub.header['REGNSTAR']} "
+                     f"sources, normalized noise of D {noise:.2f} and of S_corr {score_noise:.2f} over {free.mean():.0%} "
+                     f"of pixels, bright-star residuals "
+                     f"{', '.join(f'{r:.1%}' for r in residuals)}; {ms.num_detections} detections, "
+                     f"{len(kept)} kept: " + "; ".join(f"({m.x:.0f}, {m.y:.0f}) {m.flux_psf:+.0f} ADU "
+                                                        f"S/N {m.snr:.0f}" for m in kept[:8]))
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    for name, (noise, score_noise, residuals, sub) in results.items():
+        # The weights come from the sky and the gain (no weight planes): SWarp's resampling of these
+        # cutouts correlated their noise, which lowers the pixel-to-pixel scatter (D's normalized
+        # pixel noise 0.90-1.00) but not the noise at the PSF's scale, which S_corr sees.
+        assert free_fraction_ok(sub) and 0.85 <= noise <= 1.2, f"{name}: normalized noise {noise:.2f}"
+        assert 0.9 <= score_noise <= 1.2, f"{name}: S_corr noise {score_noise:.2f}"
+        assert residuals.size >= 1 and np.all(residuals < 0.05), f"{name}: residuals {residuals}"
+
+
+def free_fraction_ok(sub) -> bool:
+    return np.mean(sub.flags == 0) > 0.5
