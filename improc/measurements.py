@@ -17,8 +17,8 @@ detection is measured as the mirror of a positive one):
   centred on the PSF position, the same pixels): ``width_ratio = sqrt(T_s / T_psf)`` with
   ``T = Qxx + Qyy`` (about 1 for a point source, well below 1 for a cosmic-ray-like spike, above
   1 for an extended blob), ``elongation = sqrt(l1 / l2)`` of the moments of s.  The windowed
-  centroid of s and its distance from the brightest pixel of s near the detection
-  (``centroid_offset``).
+  centroid of s and its distance from the brightest pixel of s (smoothed by a 3 x 3 box) within
+  1 FWHM of the PSF position (``centroid_offset``).
 * **Bad pixels**: pixels within ``fit_radius`` of the detection that are off the image, flagged
   (``mask_flags``) or without weight.
 * **Negative pixels**: the fraction of good pixels within ``fit_radius`` with ``s < 0``.
@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 import scipy.fft
 import sep
 from astropy.table import Column, Table
@@ -57,6 +58,10 @@ _PASSES = 3
 _WINDOW_FWHM = 0.6
 #: Pixel significance that counts a pixel into a dipole lobe.
 _LOBE_SIGMA = 2.0
+#: Radius, in units of the PSF's FWHM, within which the brightest pixel of ``centroid_offset`` (of
+#: s smoothed by a 3 x 3 box) is looked for: in the whole 2-FWHM disc, or pixel by pixel, a noise
+#: pixel or a streak can outshine the peak of a S/N ~ 20 transient.
+_PEAK_FWHM = 1.0
 
 #: Output columns: name -> (unit, description).
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -72,7 +77,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
                  "fitted at the detection)"),
     "x_centroid": ("pix", "windowed centroid x of sign * D (NaN if its windowed sum is not > 0)"),
     "y_centroid": ("pix", "windowed centroid y of sign * D (NaN if its windowed sum is not > 0)"),
-    "centroid_offset": ("pix", "distance from the windowed centroid to the brightest pixel of sign * D"),
+    "centroid_offset": ("pix", "distance from the windowed centroid to the brightest pixel of sign * D within 1 FWHM"),
     "elongation": ("", "sqrt of the ratio of the eigenvalues of the windowed second moments (>= 1; "
                        "NaN if one is not > 0)"),
     "width_ratio": ("", "sqrt(windowed Qxx + Qyy of sign * D / the same of the PSF), 0 if not > 0"),
@@ -232,8 +237,7 @@ def _moments(values: np.ndarray, mask: np.ndarray, st: _Stamps, x, y, sigma_w: f
     return [np.where(good, v, nan) for v in (x + mx, y + my, *q)]
 
 
-def _shape_columns(st: _Stamps, s: np.ndarray, model: np.ndarray, x, y, fwhm: float,
-                   disc: np.ndarray) -> dict[str, np.ndarray]:
+def _shape_columns(st: _Stamps, s: np.ndarray, model: np.ndarray, x, y, fwhm: float) -> dict[str, np.ndarray]:
     """Centroid, centroid offset, elongation and width ratio of sign * D."""
     mask = ~st.bad
     xc, yc, qxx, qyy, qxy = _moments(s, mask, st, x, y, _WINDOW_FWHM * fwhm)
@@ -244,7 +248,8 @@ def _shape_columns(st: _Stamps, s: np.ndarray, model: np.ndarray, x, y, fwhm: fl
         l1, l2 = trace / 2 + root, trace / 2 - root
         elongation = np.where(l2 > 0, np.sqrt(l1 / l2), np.nan)
         width_ratio = np.sqrt(np.maximum(trace, 0.0) / (pxx + pyy))
-    near = np.where(disc & mask, s, -np.inf).reshape(s.shape[0], -1)
+    smooth = ndimage.uniform_filter(np.where(mask, s, 0.0), size=(1, 3, 3), mode="constant")
+    near = np.where(st.disc(x, y, _PEAK_FWHM * fwhm) & mask, smooth, -np.inf).reshape(s.shape[0], -1)
     peak = np.argmax(near, axis=1)
     size = 2 * st.half + 1
     px, py = st.ix - st.half + peak % size, st.iy - st.half + peak // size
@@ -385,7 +390,7 @@ def _measure_chunk(data, weight, bad_map, psf, x, y, radius, max_shift, fwhm,
     s = sign[:, None, None] * st.data
     out = {"x": x, "y": y, "x_psf": xs, "y_psf": ys, "flux_psf": flux, "flux_psf_err": err,
            "snr_psf": flux / err, "chi2_psf": chi2, "sign": sign}
-    out.update(_shape_columns(st, s, model, xs, ys, fwhm, disc0))
+    out.update(_shape_columns(st, s, model, xs, ys, fwhm))
     out.update(_pixel_columns(st, s, disc0))
     return out
 

@@ -5,8 +5,9 @@ flux-normalized residual onto the model's pixel grid with a Lanczos-4 kernel and
 model there, which gives each star's estimate of the PSF on the grid; the model is then refitted
 to these estimates (weighted, with outlying pixels, neighbours and stars rejected), re-centred,
 and the stars' fluxes and positions are refitted.  Because only residuals are interpolated,
-interpolation errors do not bias the model.  Beyond 3 ``fwhm_guess`` the final model is its
-azimuthal mean profile (`~improc.psf_modes.radial_wings`): there the stars' pixels are noise.
+interpolation errors do not bias the model.  Beyond 3 ``fwhm_guess`` the final model is a Moffat
+tail fitted to its azimuthal profile between 2 and 4 ``fwhm_guess`` (`~improc.psf_modes.radial_wings`):
+there the stars' pixels are noise.
 
 The first two passes fit a PSFEx-like polynomial of degree <= 2, pixel by pixel; its modes of
 variation that the stars detect above the noise (`~improc.psf_modes.principal_modes`) then seed
@@ -47,9 +48,9 @@ _PIXELWISE_DEGREE = 2
 #: Passes that fit the pixel-wise polynomial before the low-rank model takes over.
 _PIXELWISE_PASSES = 2
 
-#: Beyond this many ``fwhm_guess`` from the centre the model is its azimuthal mean profile
-#: (`improc.psf_modes.radial_wings`): ~1 % of a Moffat beta = 3 star's light, far below the
-#: noise of a pixel-wise fit.
+#: Beyond this many ``fwhm_guess`` from the centre the model is a Moffat tail fitted to its
+#: azimuthal profile (`improc.psf_modes.radial_wings`): ~1 % of a Moffat beta = 3 star's light,
+#: far below the noise of a pixel-wise fit.
 _WING_RADIUS_FWHM = 3.0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from improc.measurements import COLUMNS, apply_cuts, measure_detections
+from improc.psf import half_maximum_fwhm
 from models.measurements import Measurements, MeasurementSet
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
@@ -64,7 +65,9 @@ class Measurer(Step):
 
     process = "measuring"
     # 1.1: negative_fraction no longer among the default bad cuts (it marked faint sources bad)
-    version = "1.1.0"
+    # 1.2: P_D's FWHM (the fit radius's unit) from its area above half maximum, not from its
+    #      second moments (which the wings dominate: 1.2 px from a noisy model, ~7 from a Moffat's)
+    version = "1.2.0"
     Params = MeasuringParams
     inputs = (Input("sub_image"), Input("detections"), Input("cutouts"), Input("wcs"), Input("zp"))
     outputs = (Output("measurement_set", MeasurementSet, parents={"cutouts_id": "cutouts"}),)
@@ -73,7 +76,7 @@ class Measurer(Step):
         sub, detections, wcs, zp = ds.get_sub_image(), ds.get_detections(), ds.get_wcs(), ds.get_zp()
         p = self.params
         psf = difference_psf(sub)
-        fwhm = _fwhm(psf(sub.nx / 2.0, sub.ny / 2.0))
+        fwhm = half_maximum_fwhm(psf(sub.nx / 2.0, sub.ny / 2.0))
         table = measure_detections(sub.data, detections.x, detections.y, psf, weight=sub.weight, flags=sub.flags,
                                    aperture_radii=tuple(p.aperture_radii), fit_radius=p.fit_radius_fwhm * fwhm,
                                    max_shift=p.max_shift)
@@ -114,12 +117,3 @@ class Measurer(Step):
 def _finite(value) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
-
-
-def _fwhm(stamp: np.ndarray) -> float:
-    """FWHM of a stamp from its second moments (a Gaussian's), pixels."""
-    h = stamp.shape[0] // 2
-    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
-    total = stamp.sum()
-    var = float(np.sum(stamp * (xx**2 + yy**2)) / total / 2.0)
-    return 2.3548 * np.sqrt(max(var, 0.25))

@@ -124,8 +124,9 @@ def test_references_subtraction_and_measurements_recover_the_injected_transients
     matched = {int(np.argmin(np.hypot(xy[:, 0] - t["x"], xy[:, 1] - t["y"]))) for t in truth} if len(xy) else set()
     spurious = [m for i, m in enumerate(kept) if i not in matched]
     # 19 here while the fitted PSFs' wings were noise (a square patch of residuals around each
-    # bright star); 0 since extraction 1.4 (radial wings).  Issue 10 asks for <= 25 per 2048 x 2048.
-    assert len(spurious) <= 3, [repr(m) for m in spurious]
+    # bright star); 2 since extraction 1.4 (Moffat-tail wings) and measuring 1.2 (35 of the 36
+    # S/N >= 10 transients kept).  Issue 10 asks for <= 25 per 2048 x 2048.
+    assert len(spurious) <= 2, [repr(m) for m in spurious]
     m = kept[0]
     assert m.sub_data.shape == (41, 41) and m.new_weight.shape == (41, 41)
     assert np.isfinite(m.ref_data).all()
