@@ -98,27 +98,6 @@ class Outcome:
         return sum(b[3] for b in self.bins if b[0] >= lo and b[1] <= hi), n
 
 
-@contextlib.contextmanager
-def rotated_true_wcs(rotation_deg: float):
-    """Make the simulator's true WCSs with their sky axes turned by ``rotation_deg``."""
-    from improc import sim_wcs
-
-    original = sim_wcs.make_true_wcs
-
-    def make(nx, ny, **kwargs):
-        wcs = original(nx, ny, **kwargs)
-        theta = np.deg2rad(rotation_deg)
-        wcs.wcs.cd = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]) @ wcs.wcs.cd
-        wcs.wcs.set()
-        return wcs
-
-    sim_wcs.make_true_wcs = make
-    try:
-        yield make
-    finally:
-        sim_wcs.make_true_wcs = original
-
-
 def _mags_for_snr(snr: np.ndarray, params, n_eff: float) -> np.ndarray:
     """Magnitudes whose S/N in an image of ``params`` (sky and source Poisson noise, read noise,
     a PSF of effective area ``n_eff`` pixels) is ``snr``."""
@@ -148,6 +127,8 @@ def simulate(folder: Path, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tupl
     new_p = SimulationParams(seed=seed + 50, mjd=60010.1, fwhm_arcsec=new_fwhm,
                              ra=first.params.ra + east / 3600.0 / np.cos(np.deg2rad(first.params.dec)),
                              dec=first.params.dec + north / 3600.0, **common)
+    from improc.sim_wcs import rotated_true_wcs
+
     with rotated_true_wcs(ROTATION_DEG) as make:
         wcs = make(nx, ny, ra=new_p.ra, dec=new_p.dec, pixel_scale=new_p.pixel_scale,
                    sip_amplitude_pix=new_p.sip_amplitude_pix)

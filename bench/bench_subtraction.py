@@ -193,30 +193,6 @@ def child_main(phase: str, folder: Path, *, all_cores: bool) -> None:
     print(json.dumps(report))
 
 
-@contextlib.contextmanager
-def _rotated_true_wcs(rotation_deg: float):
-    """Make the simulator's true WCSs with their sky axes turned by ``rotation_deg``."""
-    import numpy as np
-
-    from improc import sim_wcs
-
-    original = sim_wcs.make_true_wcs
-
-    def make(nx, ny, **kwargs):
-        wcs = original(nx, ny, **kwargs)
-        theta = np.deg2rad(rotation_deg)
-        wcs.wcs.cd = np.array([[np.cos(theta), -np.sin(theta)],
-                               [np.sin(theta), np.cos(theta)]]) @ wcs.wcs.cd
-        wcs.wcs.set()
-        return wcs
-
-    sim_wcs.make_true_wcs = make
-    try:
-        yield make
-    finally:
-        sim_wcs.make_true_wcs = original
-
-
 def _fit_pixel_psf(render, shape: tuple[int, int], degree: int = 2):
     """A PixelPSF of degree ``degree`` fitted to stamps ``render(x, y)`` on a 5 x 9 grid."""
     import numpy as np
@@ -252,7 +228,9 @@ def simulate_phase(folder: Path) -> dict:
                                 ra=base.ra + east / 3600.0 / np.cos(np.deg2rad(base.dec)),
                                 dec=base.dec + north / 3600.0)
     rng = np.random.default_rng(7)
-    with _rotated_true_wcs(ROTATION_DEG) as make:
+    from improc.sim_wcs import rotated_true_wcs
+
+    with rotated_true_wcs(ROTATION_DEG) as make:
         wcs = make(NX, NY, ra=new_p.ra, dec=new_p.dec, pixel_scale=new_p.pixel_scale,
                    sip_amplitude_pix=new_p.sip_amplitude_pix)
         x, y = rng.uniform(50, NX - 50, 200), rng.uniform(50, NY - 50, 200)

@@ -126,14 +126,16 @@ def from_tangent_plane(xi: np.ndarray, eta: np.ndarray, ra0: float,
     return np.mod(np.degrees(ra), 360.0), np.degrees(dec)
 
 
-def mutual_nearest(src: np.ndarray, cat: np.ndarray,
-                   radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mutual_nearest(src: np.ndarray, cat: np.ndarray, radius: float, *,
+                   cat_tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-to-one matches: pairs that are each other's nearest neighbour and closer than radius.
 
     Parameters
     ----------
     src, cat : numpy.ndarray
         Shapes (n, 2) and (m, 2), same units as ``radius``.
+    cat_tree : scipy.spatial.cKDTree, optional
+        A tree of ``cat`` already built (callers that match many times against one catalog).
 
     Returns
     -------
@@ -143,7 +145,7 @@ def mutual_nearest(src: np.ndarray, cat: np.ndarray,
     if len(src) == 0 or len(cat) == 0:
         empty = np.zeros(0, dtype=int)
         return empty, empty, np.zeros(0)
-    d_sc, j_sc = cKDTree(cat).query(src, distance_upper_bound=radius)
+    d_sc, j_sc = (cat_tree if cat_tree is not None else cKDTree(cat)).query(src, distance_upper_bound=radius)
     _, j_cs = cKDTree(src).query(cat, distance_upper_bound=radius)
     i_src = np.flatnonzero(np.isfinite(d_sc))
     i_cat = j_sc[i_src]
@@ -306,6 +308,10 @@ def _check_inputs(x, y, flux, cat_ra, cat_dec, cat_mag):
     return x, y, flux, cat_ra, cat_dec, cat_mag
 
 
+#: Windows of catalog stars `match_to_catalog` tries, each half a window fainter than the last.
+_CATALOG_WINDOWS = 64
+
+
 def match_to_catalog(x: np.ndarray, y: np.ndarray, flux: np.ndarray, cat_ra: np.ndarray, cat_dec: np.ndarray,
                      cat_mag: np.ndarray, *, wcs_guess: WCS, max_offset_arcsec: float = 60.0,
                      max_rotation_deg: float = 2.0, max_scale_error: float = 0.02, n_bright: int = 50,
@@ -332,7 +338,9 @@ def match_to_catalog(x: np.ndarray, y: np.ndarray, flux: np.ndarray, cat_ra: np.
         Largest fractional pixel-scale error to accept.
     n_bright : int
         Number of brightest sources used for pattern matching; the catalog contributes its
-        brightest stars in the searched area, in proportion to that area (at most 4 n_bright).
+        brightest stars in the searched area, in proportion to that area (at most 4 n_bright),
+        or, when those give no match (saturated in the image), fainter ones: windows each half
+        a window fainter, at most `_CATALOG_WINDOWS`.
     match_radius_arcsec : float
         Final radius of the one-to-one matching, arcsec; it should exceed the distortion that
         an affine correction of the guessed WCS leaves.
@@ -372,11 +380,23 @@ def match_to_catalog(x: np.ndarray, y: np.ndarray, flux: np.ndarray, cat_ra: np.
     area_ratio = np.prod(hi - lo) / max(np.prod(src.max(axis=0) - src.min(axis=0)), 1.0)
     n_cat = int(np.clip(round(len(bright_s) * area_ratio), len(bright_s), 4 * n_bright))
     mag = np.where(np.isfinite(cat_mag[good_c]), cat_mag[good_c], np.inf)
-    bright_c = np.argsort(mag, kind="stable")[:n_cat]
-    w, t, votes = _best_transform(src[bright_s], cat[bright_c], src[by_flux[:4 * n_bright]], cat,
-                                  max_offset=max_offset_arcsec, max_rotation=max_rot,
-                                  max_scale_error=max_scale_error,
-                                  verify_radius=max(match_radius_arcsec, 0.03 * max_offset_arcsec))
+    by_mag = np.argsort(mag, kind="stable")
+    # The brightest catalog stars may be saturated, hence missing among the sources (a dense
+    # field): then the window of catalog stars slides fainter by half a window at a time, so that
+    # some window overlaps the brightest unsaturated sources (each try costs ~10-20 ms).
+    step = max(n_cat // 2, 1)
+    skips = [k * step for k in range(_CATALOG_WINDOWS) if k == 0 or k * step + 3 <= len(by_mag)]
+    for number, skip in enumerate(skips):
+        bright_c = by_mag[skip:skip + n_cat]
+        try:
+            w, t, votes = _best_transform(src[bright_s], cat[bright_c], src[by_flux[:4 * n_bright]], cat,
+                                          max_offset=max_offset_arcsec, max_rotation=max_rot,
+                                          max_scale_error=max_scale_error,
+                                          verify_radius=max(match_radius_arcsec, 0.03 * max_offset_arcsec))
+            break
+        except AstrometryError:
+            if number == len(skips) - 1:
+                raise
     zs = w * (src[:, 0] + 1j * src[:, 1]) + t
     start = max(3.0 * match_radius_arcsec, 0.1 * max_offset_arcsec)
     i_s, i_c, dist = _refine(src, np.column_stack([zs.real, zs.imag]), cat, start, match_radius_arcsec)
@@ -447,7 +467,7 @@ def _single_hypotheses(zs: np.ndarray, zc: np.ndarray, bright: np.ndarray, *,
 
 
 def _settle(theta: float, t: complex, zs: np.ndarray, zc: np.ndarray, *, radius: float, max_offset: float,
-            max_rotation: float, n_iter: int = 3):
+            max_rotation: float, n_iter: int = 3, cat_tree: cKDTree | None = None):
     """Mutual-nearest matches within ``radius`` of the sources moved by (theta, t), refitting the
     shift (and, from 2 matches on, the rotation) to them until they no longer change.
 
@@ -455,10 +475,13 @@ def _settle(theta: float, t: complex, zs: np.ndarray, zc: np.ndarray, *, radius:
     matches or the refit leaves the allowed range.
     """
     pts_c = np.column_stack([zc.real, zc.imag])
+    if cat_tree is None:
+        cat_tree = cKDTree(pts_c)
     previous = None
     for _ in range(n_iter):
         moved = np.exp(1j * theta) * zs + t
-        i_s, i_c, dist = mutual_nearest(np.column_stack([moved.real, moved.imag]), pts_c, radius)
+        i_s, i_c, dist = mutual_nearest(np.column_stack([moved.real, moved.imag]), pts_c, radius,
+                                        cat_tree=cat_tree)
         if len(i_s) == 0:
             return None
         key = (tuple(i_s), tuple(i_c))
@@ -549,8 +572,9 @@ def match_few_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, cat_ra: np.n
         proposals += _single_hypotheses(zs, zc, bright, max_offset=max_offset_arcsec)
     settled: dict[tuple, tuple] = {}
     votes: dict[tuple, int] = {}
+    cat_tree = cKDTree(np.column_stack([zc.real, zc.imag]))
     for theta, t in proposals:
-        result = _settle(theta, t, zs, zc, radius=match_radius_arcsec, **limits)
+        result = _settle(theta, t, zs, zc, radius=match_radius_arcsec, cat_tree=cat_tree, **limits)
         if result is not None:
             key = tuple(sorted(zip(result[0].tolist(), result[1].tolist())))
             settled.setdefault(key, result)

@@ -12,12 +12,14 @@ arcsec, ``xi`` positive towards the east (increasing RA) and ``eta`` towards the
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from astropy.coordinates import SkyCoord
 import astropy.units as u
 from astropy.wcs import WCS, Sip
 
-__all__ = [
+__all__ = ["rotated_true_wcs", 
     "make_true_wcs",
     "make_header_wcs",
     "tangent_offsets_to_radec",
@@ -217,3 +219,27 @@ def mjd_to_julian_year(mjd: float) -> float:
         Julian year, the time scale of Gaia's ``ref_epoch``.
     """
     return 2000.0 + (mjd - 51544.5) / 365.25
+
+
+@contextlib.contextmanager
+def rotated_true_wcs(rotation_deg: float):
+    """Within the block, `improc.simulator` makes true WCSs whose sky axes are turned by
+    ``rotation_deg`` (the simulator has no rotation parameter; tests and benchmarks of alignment
+    need a rotated pair).  Yields the WCS maker, e.g. to place transients in the rotated frame."""
+    import improc.sim_wcs as module
+
+    original = module.make_true_wcs
+
+    def make(nx, ny, **kwargs):
+        wcs = original(nx, ny, **kwargs)
+        theta = np.deg2rad(rotation_deg)
+        turn = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        wcs.wcs.cd = turn @ wcs.wcs.cd
+        wcs.wcs.set()
+        return wcs
+
+    module.make_true_wcs = make
+    try:
+        yield make
+    finally:
+        module.make_true_wcs = original

@@ -49,7 +49,7 @@ from models.file_store import FileBackedMixin, FileStore
 from models.instrument import Instrument, dict_to_header
 from models.provenance import Provenance
 
-__all__ = ["Image", "ImageType", "ImageBadness", "ingest_file", "ingest_provenance",
+__all__ = ["Image", "ImageType", "ImageBadness", "header_gain", "ingest_file", "ingest_provenance",
            "INGEST_CODE_VERSION"]
 
 #: Code version of the "ingest" process (images read from reduced products).
@@ -97,6 +97,15 @@ def ingest_provenance() -> Provenance:
 
     return Provenance(process="preprocessing", code_version=INGEST_CODE_VERSION,
                       parameters={"reduced_by": "external"}, upstreams=[exposure_provenance()])
+
+
+def header_gain(header: dict | None) -> float | None:
+    """The ``GAIN`` card of an image's header (e/ADU), or None when missing, not a number or <= 0."""
+    try:
+        gain = float((header or {}).get("GAIN"))
+    except (TypeError, ValueError):
+        return None
+    return gain if gain > 0 else None
 
 
 def _badness_value(names: tuple[str, ...]) -> int:

@@ -128,13 +128,13 @@ class Measurements(UUIDMixin, Base):
         """The Cutouts of this measurement's set, through the parent if it is loaded, else by id
         (a measurement from ``ms.measurements`` outside any session); the last few are kept."""
         parent = self.__dict__.get("measurement_set")
-        cutouts_id = parent.cutouts_id if parent is not None else None
-        if cutouts_id is None:
-            from models.context import context_of
+        if parent is not None:
+            return parent.cutouts()
+        from models.context import context_of
 
-            with context_of(self).session() as session:
-                cutouts_id = session.scalar(sa.select(MeasurementSet.cutouts_id).where(
-                    MeasurementSet.id == self.measurement_set_id))
+        with context_of(self).session() as session:
+            cutouts_id = session.scalar(sa.select(MeasurementSet.cutouts_id).where(
+                MeasurementSet.id == self.measurement_set_id))
         held = _RECENT_CUTOUTS.pop(cutouts_id, None)
         if held is None:
             from models.context import context_of

@@ -107,6 +107,11 @@ class Reference(UUIDMixin, TimestampMixin, Base):
             return getattr(self.image, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    def valid_at(self, mjd: float) -> bool:
+        """Whether the reference applies to an image taken at ``mjd`` (its validity dates)."""
+        return ((self.valid_from_mjd is None or self.valid_from_mjd <= mjd)
+                and (self.valid_until_mjd is None or mjd <= self.valid_until_mjd))
+
     @classmethod
     def set_validity(cls, reference_id, *, valid_from_mjd: float | None = None,
                      valid_until_mjd: float | None = None, is_bad: bool | None = None,
@@ -152,10 +157,7 @@ class Reference(UUIDMixin, TimestampMixin, Base):
             rows = sess.scalars(select(cls).where(
                 cls.provenance_id == provenance_id, cls.filter == image.filter, cls.is_bad.is_(False),
                 cls.mindec <= maxdec, cls.maxdec >= mindec)).all()
-        mjd = image.mjd
-        return [r for r in rows
-                if (r.valid_from_mjd is None or r.valid_from_mjd <= mjd)
-                and (r.valid_until_mjd is None or mjd <= r.valid_until_mjd)]
+        return [r for r in rows if r.valid_at(image.mjd)]
 
     @classmethod
     def find_for(cls, image, provenance_id: str, *, min_overlap: float = 0.85,

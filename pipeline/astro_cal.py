@@ -84,7 +84,10 @@ class AstroCalibrator(Step):
     """Make the `WorldCoordinates` of the image's sources (the image keeps the WCS it came with)."""
 
     process = "astrocal"
-    version = "1.1.0"  # 1.1: fewer than min_matches stars degrade to a corrected or kept header WCS
+    # 1.1: fewer than min_matches stars degrade to a corrected or kept header WCS
+    # 1.2: when the brightest catalog stars are saturated in the image (dense fields), the pattern
+    #      match slides to fainter ones instead of falling back to the few-star solution
+    version = "1.2.0"
     Params = AstroCalParams
     inputs = (Input("image"), Input("sources"))
     outputs = (Output("wcs", WorldCoordinates, parents={"sources_id": "sources"}),)

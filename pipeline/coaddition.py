@@ -27,7 +27,7 @@ from sqlalchemy import select
 from improc.alignment import psf_on_grid, warp_image
 from improc.coadd import CoaddInput, Rejection, proper_coadd, weighted_mean_coadd
 from improc.errors import BadDataError
-from models.image import Image, ImageType, components_key
+from models.image import Image, ImageType, components_key, header_gain
 from models.provenance import Provenance
 from pipeline.parameters import ParameterError, StepParams, param
 from pipeline.step import Step
@@ -146,7 +146,7 @@ class Coadder(Step):
                                      zero_point=zero_point, psf=grid_psf, white_weight=warped.white_weight))
         result = self.compute(inputs)
         zero_point = result.zero_point
-        gains = [_gain(image) for image, *_ in products]
+        gains = [header_gain(image.header) for image, *_ in products]
         mean = result if self.params.method == "weighted_mean" else result.mean
         header = {"SKYSUB": True, "NCOMBINE": len(images)}
         if relative:    # scaled to the grid image by the stars they share, not by zero points
@@ -217,10 +217,3 @@ class Coadder(Step):
             return proper_coadd(inputs, tile_size=self.params.proper_tile_size, rejection=self.rejection())
         return weighted_mean_coadd(inputs, rejection=self.rejection())
 
-
-def _gain(image: Image) -> float | None:
-    try:
-        gain = float((image.header or {}).get("GAIN"))
-    except (TypeError, ValueError):
-        return None
-    return gain if gain > 0 else None

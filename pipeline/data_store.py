@@ -224,12 +224,7 @@ class DataStore:
         return found[0]
 
     def _input_provenance(self, tree: dict[str, Provenance], name: str, step: Step) -> Provenance:
-        if name == "image":
-            process = self._image_process
-        elif name == "exposure":
-            process = "exposure"
-        else:
-            process = product_spec(name).process
+        process = self._input_process(name)
         if process is None or process not in tree:
             raise DataStoreError(f"{step.process} reads '{name}', whose provenance is not in the tree "
                                  f"(tree: {', '.join(sorted(tree)) or 'empty'}); put the step that "

@@ -186,8 +186,9 @@ def run_demo(*, config_path: str | None = None, n_images: int = 3, size: int = 1
     print(f"  {made.describe()}")
     new_path, new_sim = _simulate_new_epoch(folder, sims, size)
     new_exposure = ingest_file(new_path, context=context)[0]
-    print(f"\na new epoch with {len(new_sim.transients)} injected transients; running the pipeline:")
-    (new_ds,) = run_all(context, ids=[str(new_exposure.id)], tag=TAG)
+    print(f"\na new epoch with {len(new_sim.transients)} injected transients; running the pipeline on every "
+          "epoch (the first ones had no reference until now):")
+    new_ds = run_all(context, ids=[*(str(e.id) for e in exposures), str(new_exposure.id)], tag=TAG)[-1]
     _print_detections(new_ds, new_sim)
     print(f"\nprovenance tag '{TAG}' covers {len(new_ds.prov_tree)} processes.  Run again: every step is skipped.")
     print(f"To go on from here (same database, the demo's catalog folder, no network):\n"

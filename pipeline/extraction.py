@@ -11,6 +11,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from improc.extraction import TooFewSourcesError
 from improc.psf_fit import TooFewPSFStarsError
 from improc.source_measurement import PSFError, SourceMeasurement, check_options, measure_sources
+from models.image import header_gain
 from models.psf import PSF
 from models.quality import QualityFlag
 from models.source_list import SourceList
@@ -84,15 +85,6 @@ class ExtractionParams(StepParams):
             raise ParameterError(f"extraction {exc}") from None
 
 
-def _gain(header: dict) -> float | None:
-    value = header.get("GAIN") if header else None
-    try:
-        gain = float(value)
-    except (TypeError, ValueError):
-        return None
-    return gain if gain > 0 else None
-
-
 class Extractor(Step):
     """Make the image's `SourceList` and `PSF` (its FWHM, and the seeing, are the PSF's columns)."""
 
@@ -130,7 +122,7 @@ class Extractor(Step):
         wcs = image.wcs
         scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0 if wcs is not None else None
         result = self.compute(image.data, background=bg.counts, variance=bg.variance,
-                              mask=image.flags != 0, gain=_gain(header),
+                              mask=image.flags != 0, gain=header_gain(header),
                               saturation=float(saturation) if saturation is not None else None,
                               pixel_scale=scale)
         table = result.sources

@@ -21,7 +21,8 @@ import numpy as np
 from improc.alignment import Warped, warp_image
 from improc.errors import BadDataError
 
-__all__ = ["AlignedReference", "aligned_reference", "reference_products", "source_shift", "star_flux_ratio", "moved", "fitted_to_catalog"]
+__all__ = ["AlignedReference", "aligned_reference", "reference_products", "source_shift", "star_flux_ratio", "moved",
+           "fitted_to_catalog", "bright_sources"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,6 +36,7 @@ class AlignedReference:
     reference: object
     image: object
     background: object
+    sources: object
     psf: object
     wcs: object
     zp: object
@@ -50,16 +52,17 @@ class AlignedReference:
 
 
 def reference_products(ds, reference) -> tuple:
-    """The reference's image, background, PSF, WCS and zero point (the ones it pins)."""
+    """The reference's image, background, sources, PSF, WCS and zero point (the ones it pins)."""
     from models.background import Background
     from models.psf import PSF
+    from models.source_list import SourceList
     from models.world_coordinates import WorldCoordinates
     from models.zero_point import ZeroPoint
 
     with ds.context.session() as session:
         return (reference.image, session.get(Background, reference.background_id),
-                session.get(PSF, reference.psf_id), session.get(WorldCoordinates, reference.wcs_id),
-                session.get(ZeroPoint, reference.zp_id))
+                session.get(SourceList, reference.sources_id), session.get(PSF, reference.psf_id),
+                session.get(WorldCoordinates, reference.wcs_id), session.get(ZeroPoint, reference.zp_id))
 
 
 #: Fewest stars shared by both images for a fitted flux ratio (else the zero points give it) and
@@ -93,7 +96,7 @@ def _psf_usable(sources) -> np.ndarray:
     return (np.asarray(sources.data["flags"]) & int(bad)) == 0
 
 
-def _bright(sources, min_snr: float = 10.0) -> np.ndarray:
+def bright_sources(sources, min_snr: float = 10.0) -> np.ndarray:
     return _psf_usable(sources) & (np.asarray(sources.data["snr"], dtype=float) >= min_snr)
 
 
@@ -104,7 +107,7 @@ def source_shift(sources, solution, other_sources, other_solution):
     ``solution`` and ``other_solution`` are astropy WCSs of the two images."""
     from improc.registration import fit_shift
 
-    use, other_use = _bright(sources), _bright(other_sources)
+    use, other_use = bright_sources(sources), bright_sources(other_sources)
     ra, dec = solution.pixel_to_world_values(sources.x[use], sources.y[use])
     x_pred, y_pred = other_solution.world_to_pixel_values(ra, dec)
     return fit_shift(x_pred, y_pred, other_sources.x[other_use], other_sources.y[other_use])
@@ -136,26 +139,6 @@ def star_flux_ratio(sources, solution, other_sources, other_solution):
     return fit_flux_ratio(flux[i][clean], err[i][clean], o_flux[j][clean], o_err[j][clean], min_snr=RATIO_MIN_SNR)
 
 
-def _ref_sources(ds, reference):
-    from models.source_list import SourceList
-
-    with ds.context.session() as session:
-        return session.get(SourceList, reference.sources_id)
-
-
-def _registration_shift(ds, reference, wcs, ref_wcs):
-    return source_shift(ds.get_sources(), wcs.wcs, _ref_sources(ds, reference), ref_wcs.wcs)
-
-
-def _flux_ratio(ds, reference, wcs, ref_solution) -> tuple[float, str]:
-    """F_r / F_n from the stars both images measured; NaN and "zero_points" when fewer than
-    `MIN_RATIO_STARS` are shared."""
-    fit = star_flux_ratio(ds.get_sources(), wcs.wcs, _ref_sources(ds, reference), ref_solution)
-    if fit.n_stars >= MIN_RATIO_STARS:
-        return fit.ratio, "stars"
-    return float("nan"), "zero_points"
-
-
 def aligned_reference(ds) -> AlignedReference:
     """The DataStore's reference warped onto its image's grid (computed once per DataStore).
 
@@ -170,24 +153,26 @@ def aligned_reference(ds) -> AlignedReference:
     held = ds.scratch.get("aligned_reference")
     if held is not None and held[0] == key:
         return held[1]
-    ref_image, ref_bg, ref_psf, ref_wcs, ref_zp = reference_products(ds, reference)
+    ref_image, ref_bg, ref_sources, ref_psf, ref_wcs, ref_zp = reference_products(ds, reference)
+    sources = ds.get_sources()
     pair = f"new image {image.describe()} and reference image {ref_image.describe()}"
     ref_solution, shift = ref_wcs.wcs, None
     mode = _registration_mode(ds)
     if mode == "sources" or (mode == "auto" and not (fitted_to_catalog(wcs) and fitted_to_catalog(ref_wcs))):
-        shift = _registration_shift(ds, reference, wcs, ref_wcs)
+        shift = source_shift(sources, wcs.wcs, ref_sources, ref_wcs.wcs)
         if shift.n < MIN_RATIO_STARS:
             raise BadDataError(f"{pair}: a WCS was not fitted to a catalog and only {shift.n} sources both "
                                f"measured register them (at least {MIN_RATIO_STARS} needed)",
                                badness="BAD_SUBTRACTION", figures={"n_registration": shift.n})
         ref_solution = moved(ref_solution, shift)
-    ratio, origin = _flux_ratio(ds, reference, wcs, ref_solution)
-    if origin == "zero_points":
+    fit = star_flux_ratio(sources, wcs.wcs, ref_sources, ref_solution)
+    ratio, origin = fit.ratio, "stars"
+    if fit.n_stars < MIN_RATIO_STARS:
         for which, z in (("new image", zp), ("reference", ref_zp)):
             if z.zp is None:
                 raise BadDataError(f"{pair}: the {which} has no zero point ({z.note}) and too few stars both "
                                    "measured give their flux ratio", badness="BAD_SUBTRACTION")
-        ratio = float(10 ** (0.4 * (ref_zp.zp - zp.zp)))
+        ratio, origin = float(10 ** (0.4 * (ref_zp.zp - zp.zp))), "zero_points"
     # a coadd's pixels are correlated: what a PSF-sized filter sees is its white weight
     white = ref_image.extra("WHITE_WEIGHT")
     ref_weight = ref_image.weight if white is None else np.asarray(white, dtype=np.float32)
@@ -197,7 +182,8 @@ def aligned_reference(ds) -> AlignedReference:
     if covered < 0.01:
         raise BadDataError(f"{pair}: their fitted WCSs put the reference off the new image (it covers "
                            f"{covered:.1%} of it)", badness="BAD_SUBTRACTION", figures={"covered": covered})
-    aligned = AlignedReference(reference=reference, image=ref_image, background=ref_bg, psf=ref_psf,
+    aligned = AlignedReference(reference=reference, image=ref_image, background=ref_bg, sources=ref_sources,
+                               psf=ref_psf,
                                wcs=ref_wcs, zp=ref_zp, warped=warped, flux_ratio=ratio, flux_ratio_from=origin,
                                shift=shift, solution=ref_solution)
     ds.scratch["aligned_reference"] = (key, aligned)

@@ -77,8 +77,7 @@ def why_no_reference(ds: DataStore, provenance) -> str:
             reasons.append(f"covers {overlap:.0%} < min_overlap {min_overlap:.0%}")
         if r.is_bad:
             reasons.append(f"marked bad ({r.bad_reason})")
-        if r.valid_from_mjd is not None and image.mjd < r.valid_from_mjd or (
-                r.valid_until_mjd is not None and image.mjd > r.valid_until_mjd):
+        if not r.valid_at(image.mjd):
             reasons.append("not valid at the image's date")
         parts.append(f"reference image {str(r.image_id)[:8]}: {', '.join(reasons) or 'usable'}")
     return "; ".join(parts)

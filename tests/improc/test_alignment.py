@@ -6,7 +6,6 @@ the WCSs it makes (a camera rotated on the sky; the SIP distortion stays fixed t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from astropy.table import Table
 
 from improc import sim_wcs
+from improc.sim_wcs import rotated_true_wcs
 from improc.alignment import (local_jacobian, map_pixels, pixel_mapping, psf_on_grid,
                               spline_noise_factor, warp_image, warp_noise_power)
 from improc.flags import PixelFlag
@@ -29,26 +29,6 @@ QUIET = SimulationParams(nx=512, ny=512, noise=False, n_cosmic_rays=0, n_bad_col
 SHIFT_ARCSEC = (7.3, -4.1)
 ROTATION_DEG = 1.5
 NEW_SCALE = 0.27
-
-
-@contextlib.contextmanager
-def rotated_true_wcs(rotation_deg: float):
-    """Make `improc.simulator` use true WCSs whose sky axes are turned by ``rotation_deg``."""
-    original = sim_wcs.make_true_wcs
-
-    def make(nx, ny, **kwargs):
-        wcs = original(nx, ny, **kwargs)
-        theta = np.deg2rad(rotation_deg)
-        turn = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-        wcs.wcs.cd = turn @ wcs.wcs.cd
-        wcs.wcs.set()
-        return wcs
-
-    sim_wcs.make_true_wcs = make
-    try:
-        yield make
-    finally:
-        sim_wcs.make_true_wcs = original
 
 
 def new_params(params: SimulationParams, *, shift_arcsec=SHIFT_ARCSEC, **changes) -> SimulationParams:

@@ -456,3 +456,31 @@ def test_few_stars_clip_a_wrong_match():
     assert sol.model == "shift_rotation" and sol.n_matches == 5 and sol.dof == 7
     assert not sol.fit.used[sol.source_index == 5].any() and sol.fit.residuals_arcsec.max() > 1.4
     assert truth_rms_mas(sol.wcs, true, *GRID) < 1.0
+
+
+def test_a_dense_field_whose_brightest_catalog_stars_are_saturated_still_matches():
+    """The brightest catalog stars are missing among the sources (saturated): the pattern match
+    slides to fainter catalog stars instead of failing (at 300k stars/deg2 it used to fall back to
+    the few-star search, which took over ten minutes)."""
+    from astropy.wcs import WCS
+
+    from improc.pattern_match import match_to_catalog
+
+    rng = np.random.default_rng(12)
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, 2.0]
+    wcs.wcs.crpix = [1024.5, 1024.5]
+    wcs.wcs.cdelt = [-0.26 / 3600, 0.26 / 3600]
+    n = 3000
+    x, y = rng.uniform(0, 2048, n), rng.uniform(0, 2048, n)
+    mag = rng.uniform(14.0, 21.0, n)
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    seen = mag > 16.0                       # the brighter ones are saturated: not among the sources
+    guess = wcs.deepcopy()
+    guess.wcs.crval = [150.0 + 8.0 / 3600, 2.0 - 5.0 / 3600]    # a pointing error of ~9"
+    flux = 10 ** (-0.4 * (mag[seen] - 25.0))
+    result = match_to_catalog(x[seen], y[seen], flux, ra, dec, mag, wcs_guess=guess)
+    assert len(result.source_index) > 0.9 * seen.sum()
+    matched = np.flatnonzero(seen)[result.source_index]
+    assert np.array_equal(matched, result.catalog_index)

@@ -216,11 +216,9 @@ def test_after_the_demo_its_config_runs_the_pipeline_offline(tmp_path):
     assert f"--config {demo_config}" in result.stdout
     result = _seechange("--config", str(demo_config), "run", "--tag", "again", home=tmp_path / "elsewhere")
     assert result.returncode == 0, result.stderr
-    # every step existed already, but the reference epoch's subtraction: when the demo ran that
-    # epoch no reference existed yet; now its own coadd is one
+    # every step existed already (the demo ran the reference epoch again once its reference existed)
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[1].count("skipped") == 9, result.stdout
-    assert lines[0].count("skipped") == 5 and "measuring" in lines[0], result.stdout
+    assert len(lines) == 2 and all(line.count("skipped") == 9 for line in lines), result.stdout
     result = _seechange("--config", str(demo_config), "images", "--tag", "again", "--type", "science",
                         "--order-by", "quality", home=tmp_path / "elsewhere")
     assert "2 image(s)" in result.stdout          # the reference epoch and the new one
