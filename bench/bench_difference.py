@@ -1,7 +1,10 @@
 """Benchmark: issue 10's acceptance lines measured through the configured pipeline.
 
 A simulated field (`improc.simulator`, 0.263"/px, galaxies, a Gaia catalog folder): three
-reference epochs, coadded and registered by `pipeline.make_ref.make_reference`, and a new epoch
+reference epochs, each ``--ref-depth`` (default 4) times the new epoch's exposure (sky and
+zero point scaled: a reference, as in every survey, is much deeper than one new epoch, so that
+the difference's noise is the new image's, and the acceptance's "S/N in the new image" is about
+what a difference can detect), coadded and registered by `pipeline.make_ref.make_reference`, and a new epoch
 pointed 3.3" away and turned by 0.5 degree (the simulator has no rotation parameter: its true
 WCS is turned here) with 200 transients of S/N 3 to 50 in the new image (log-uniform; half in
 galaxies by `place_transients_in_hosts`, 20 of those on the nucleus).  Each direction:
@@ -108,7 +111,7 @@ def _mags_for_snr(snr: np.ndarray, params, n_eff: float) -> np.ndarray:
 
 
 def simulate(folder: Path, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tuple[float, ...],
-             n_transients: int, seed: int):
+             n_transients: int, seed: int, ref_depth: float = 1.0):
     """Write the raw reference epochs and the new epoch; their simulations and the Gaia folder."""
     from astropy.table import Table
 
@@ -119,7 +122,9 @@ def simulate(folder: Path, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tupl
     n_gal = int(60 * nx * ny / 1024**2)
     common = dict(nx=nx, ny=ny, pixel_scale=PIXEL_SCALE, scene_seed=seed, detector_seed=seed,
                   star_density=20000.0, n_galaxies=n_gal, pointing_error_arcsec=10.0, rotation_error_deg=0.3)
-    refs = [simulate_image(SimulationParams(seed=seed + 10 + k, mjd=60000.1 + k, fwhm_arcsec=f, **common))
+    deep = dict(exp_time=60.0 * ref_depth, sky_adu=1000.0 * ref_depth,
+                zero_point=31.0 + 2.5 * np.log10(ref_depth))
+    refs = [simulate_image(SimulationParams(seed=seed + 10 + k, mjd=60000.1 + k, fwhm_arcsec=f, **deep, **common))
             for k, f in enumerate(ref_fwhms)]
     first = refs[0]
     rng = np.random.default_rng(seed)
@@ -289,13 +294,13 @@ def print_table(outcomes: list[Outcome]) -> None:
 
 
 def one_run(label: str, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tuple[float, ...], n_transients: int,
-            keep: Path | None, seed: int) -> Outcome:
+            keep: Path | None, seed: int, ref_depth: float) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="bench_difference_") as tmp:
         folder = (keep / f"{nx}x{ny}_{new_fwhm}") if keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         paths, _, new, n_eff = simulate(folder, nx=nx, ny=ny, new_fwhm=new_fwhm, ref_fwhms=ref_fwhms,
-                                        n_transients=n_transients, seed=seed)
+                                        n_transients=n_transients, seed=seed, ref_depth=ref_depth)
         t1 = time.perf_counter()
         ds = run_pipeline(folder, paths, len(ref_fwhms))
         t2 = time.perf_counter()
@@ -310,6 +315,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="side of the acceptance pair, pixels")
     parser.add_argument("--no-timing", action="store_true", help="skip the 2048 x 4096 timing run")
     parser.add_argument("--keep", type=Path, help="keep the simulated files and databases here")
+    parser.add_argument("--ref-depth", type=float, default=4.0,
+                        help="exposure of each reference epoch in units of the new epoch's")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with contextlib.suppress(AttributeError, OSError):
@@ -317,11 +324,11 @@ def main() -> None:
     size = 1024 if args.quick else args.size
     n_transients = 100 if args.quick else 200
     outcomes = [one_run(label, nx=size, ny=size, new_fwhm=new, ref_fwhms=refs, n_transients=n_transients,
-                        keep=args.keep, seed=31)
+                        keep=args.keep, seed=31, ref_depth=args.ref_depth)
                 for label, (new, refs) in DIRECTIONS.items()]
     if not (args.quick or args.no_timing):
         outcomes.append(one_run("2048x4096 timing", nx=2048, ny=4096, new_fwhm=1.4, ref_fwhms=(0.9,),
-                                n_transients=200, keep=args.keep, seed=37))
+                                n_transients=200, keep=args.keep, seed=37, ref_depth=args.ref_depth))
     print_table(outcomes)
 
 
