@@ -37,7 +37,8 @@ alone and the peers), peak memory <= 2 GB.
 
 Usage::
 
-    python bench/bench_difference.py [--quick] [--size 2048] [--no-timing] [--keep DIR]
+    python bench/bench_difference.py [--quick] [--size 2048] [--no-timing] [--keep DIR] [--ref-depth 4]
+                                     [--diagnose]
 
 ``--quick``: 1024 x 1024 (100 transients), no 2048 x 4096 timing.
 """
@@ -187,7 +188,32 @@ def run_pipeline(folder: Path, paths: list[Path], n_ref: int):
     return ds
 
 
-def evaluate(ds, new_sim, n_eff: float, label: str) -> Outcome:
+def diagnose(ds, new_sim, snr: np.ndarray, usable: np.ndarray, found: np.ndarray, n_host: int) -> None:
+    """Print each usable transient of S/N >= 10 that was missed: where it sits, S_corr at its
+    pixel and the nearest measurement (kept or bad, with its failed cuts) or detection."""
+    sub = ds.get_sub_image()
+    score = sub.extra("SCORE")
+    everything = list(ds.get_measurement_set().measurements)
+    det = ds.get_detections()
+    truth = new_sim.transients
+    for i in np.flatnonzero(usable & ~found & (snr >= 10)):
+        tx, ty = float(truth["x"][i]), float(truth["y"][i])
+        where = "nucleus" if i < min(20, n_host) else ("galaxy" if i < n_host else "field")
+        iy, ix = int(round(ty)), int(round(tx))
+        line = (f"  missed #{i:3d} S/N {snr[i]:5.1f} {where:7s} at ({tx:7.1f}, {ty:7.1f}) "
+                f"S_corr max 3x3 {score[iy - 1:iy + 2, ix - 1:ix + 2].max():6.1f}")
+        if everything:
+            d = [np.hypot(m.x - tx, m.y - ty) for m in everything]
+            m = everything[int(np.argmin(d))]
+            line += (f" | nearest measurement {min(d):4.1f} px sign {m.sign:+d} snr {m.snr:5.1f} "
+                     f"bad={m.is_bad} ({m.bad_reasons}) off {m.centroid_offset} el {m.elongation} "
+                     f"wr {m.width_ratio} dip {m.dipole_ratio}")
+        dd = np.hypot(np.asarray(det.x) - tx, np.asarray(det.y) - ty)
+        line += f" | nearest detection {dd.min():4.1f} px" if dd.size else " | no detections"
+        print(line)
+
+
+def evaluate(ds, new_sim, n_eff: float, label: str, show_missed: bool = False) -> Outcome:
     """The acceptance figures of one run against the truth."""
     from scipy import ndimage
 
@@ -224,6 +250,9 @@ def evaluate(ds, new_sim, n_eff: float, label: str) -> Outcome:
             pulls.append((m.flux_psf - expected) / m.flux_psf_err)
             if snr[i] > 20 and m.mag_psf is not None:
                 ratios.append(10 ** (-0.4 * (m.mag_psf - float(truth["mag"][i]))))
+    if show_missed:
+        print(f"{label}: missed transients of S/N >= 10")
+        diagnose(ds, new_sim, snr, usable, found, len(truth) // 2)
     for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):
         sel = usable & (snr >= lo) & (snr < hi)
         out.bins.append((lo, hi, int(sel.sum()), int((found & sel).sum())))
@@ -294,7 +323,7 @@ def print_table(outcomes: list[Outcome]) -> None:
 
 
 def one_run(label: str, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tuple[float, ...], n_transients: int,
-            keep: Path | None, seed: int, ref_depth: float) -> Outcome:
+            keep: Path | None, seed: int, ref_depth: float, show_missed: bool = False) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="bench_difference_") as tmp:
         folder = (keep / f"{nx}x{ny}_{new_fwhm}") if keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -304,7 +333,7 @@ def one_run(label: str, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tuple[f
         t1 = time.perf_counter()
         ds = run_pipeline(folder, paths, len(ref_fwhms))
         t2 = time.perf_counter()
-        out = evaluate(ds, new, n_eff, label)
+        out = evaluate(ds, new, n_eff, label, show_missed)
         print(f"{label} {nx} x {ny}: simulated in {t1 - t0:.0f} s, pipeline {t2 - t1:.0f} s", flush=True)
         return out
 
@@ -317,6 +346,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the simulated files and databases here")
     parser.add_argument("--ref-depth", type=float, default=4.0,
                         help="exposure of each reference epoch in units of the new epoch's")
+    parser.add_argument("--diagnose", action="store_true", help="list the missed transients of S/N >= 10")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with contextlib.suppress(AttributeError, OSError):
@@ -324,7 +354,7 @@ def main() -> None:
     size = 1024 if args.quick else args.size
     n_transients = 100 if args.quick else 200
     outcomes = [one_run(label, nx=size, ny=size, new_fwhm=new, ref_fwhms=refs, n_transients=n_transients,
-                        keep=args.keep, seed=31, ref_depth=args.ref_depth)
+                        keep=args.keep, seed=31, ref_depth=args.ref_depth, show_missed=args.diagnose)
                 for label, (new, refs) in DIRECTIONS.items()]
     if not (args.quick or args.no_timing):
         outcomes.append(one_run("2048x4096 timing", nx=2048, ny=4096, new_fwhm=1.4, ref_fwhms=(0.9,),
