@@ -17,13 +17,14 @@ OMP/OPENBLAS/MKL threads = 1).  Reported, against the injected truth (a transien
 by a kept -- not ``is_bad`` -- measurement within 1.5 pixels; transients whose 7 x 7 pixels
 touch a flagged pixel of the difference are left out and counted):
 
-* completeness in bins of the transient's S/N in the new image (its Poisson noise and the sky's
-  over the true PSF's effective area ``1 / sum P^2``), at S/N 5-6 ("5.5") and S/N >= 10;
+* completeness in bins of the transient's S/N in the new image (optimal photometry with the true
+  PSF and the simulator's noise of everything under it: sky, host galaxy, the transient, read
+  noise), at S/N 5-6 ("5.5") and S/N >= 10;
 * spurious detections: kept measurements farther than 3 pixels from every transient;
-* PSF-flux bias for S/N > 20 on calibrated fluxes: median of ``10**(-0.4 (mag_psf - mag))``
-  (the new image's zero point against the simulator's magnitudes);
-* flux pulls ``(flux_psf - 10**(-0.4 (mag - zp))) / flux_psf_err`` of every recovered
-  transient: their standard deviation and a robust one (1.4826 MAD);
+* PSF-flux bias for S/N > 20: median of ``flux_psf / flux_adu`` - 1 (D's flux in the new
+  image's ADU against the simulator's), and the new image's zero point against the truth;
+* flux pulls ``(flux_psf - flux_adu) / flux_psf_err`` of every recovered transient: their
+  standard deviation, a robust one (1.4826 MAD) and that of the transients not on galaxies;
 * S_corr's standard deviation per ZOGY tile (the difference's ``PSF_TILES``) in transient-free
   areas: unflagged, 12 pixels or more from any |S_corr| > 4 and 15 from any transient;
   the smallest and largest over the tiles, and the four corner tiles;
@@ -92,6 +93,10 @@ class Outcome:
     n_bias: int = 0
     pull_std: float = float("nan")
     pull_robust: float = float("nan")
+    pull_field: float = float("nan")
+    pull_by_snr: tuple = (float("nan"), float("nan"))
+    zp_error: float = float("nan")
+    efficiency: float = float("nan")
     tile_std: list = field(default_factory=list)      # per tile, nan without enough free pixels
     corners: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
@@ -163,7 +168,7 @@ def simulate(folder: Path, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tupl
     paths = [write_simulated_file(sim, folder / f"epoch_{k}.fits", raw=True, seed=k)
              for k, sim in enumerate([*refs, new])]
     write_gaia_folder(first.gaia, folder / "gaia")
-    return paths, refs, new, n_eff
+    return paths, refs, new, stamp / stamp.sum()
 
 
 def run_pipeline(folder: Path, paths: list[Path], n_ref: int):
@@ -213,7 +218,22 @@ def diagnose(ds, new_sim, snr: np.ndarray, usable: np.ndarray, found: np.ndarray
         print(line)
 
 
-def evaluate(ds, new_sim, n_eff: float, label: str, show_missed: bool = False) -> Outcome:
+def snr_in_new_image(new_sim, psf_stamp: np.ndarray) -> np.ndarray:
+    """Each transient's S/N of optimal (PSF-weighted) photometry in the new image: flux times
+    sqrt(sum(P**2 w)) with ``w`` the simulator's inverse variance of everything there (sky, the
+    host galaxy, the transient itself, read noise), P the true PSF at the centre."""
+    truth = new_sim.transients
+    half = psf_stamp.shape[0] // 2
+    w = np.pad(np.asarray(new_sim.weight, float), half)
+    out = np.zeros(len(truth))
+    for i, (x, y, f) in enumerate(zip(truth["x"], truth["y"], truth["flux_adu"])):
+        ix, iy = int(round(float(x))), int(round(float(y)))
+        if 0 <= ix < w.shape[1] - 2 * half and 0 <= iy < w.shape[0] - 2 * half:
+            out[i] = float(f) * np.sqrt(np.sum(psf_stamp**2 * w[iy:iy + 2 * half + 1, ix:ix + 2 * half + 1]))
+    return out
+
+
+def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool = False) -> Outcome:
     """The acceptance figures of one run against the truth."""
     from scipy import ndimage
 
@@ -225,14 +245,13 @@ def evaluate(ds, new_sim, n_eff: float, label: str, show_missed: bool = False) -
     xy = np.array([[m.x, m.y] for m in kept]).reshape(-1, 2)
     truth = new_sim.transients
     tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
-    var = p.sky_adu / p.gain + (p.read_noise / p.gain) ** 2
     flux_true = np.asarray(truth["flux_adu"], float)
-    snr = flux_true / np.sqrt(flux_true / p.gain + n_eff * var)
+    snr = snr_in_new_image(new_sim, psf_stamp)
     out = Outcome(label=label, shape=sub.data.shape, n_kept=len(kept), n_bad=ms.num_bad)
     ny, nx = sub.data.shape
     found = np.zeros(len(truth), bool)
     usable = np.zeros(len(truth), bool)
-    ratios, pulls = [], []
+    ratios, pulls, in_field, pull_snr = [], [], [], []
     for i in range(len(truth)):
         ix, iy = int(round(tx[i])), int(round(ty[i]))
         if not (3 <= ix < nx - 3 and 3 <= iy < ny - 3) or sub.flags[iy - 3:iy + 4, ix - 3:ix + 4].any():
@@ -246,10 +265,11 @@ def evaluate(ds, new_sim, n_eff: float, label: str, show_missed: bool = False) -
         if d[k] < MATCH_PX and kept[k].sign > 0:
             found[i] = True
             m = kept[k]
-            expected = 10 ** (-0.4 * (float(truth["mag"][i]) - zp))
-            pulls.append((m.flux_psf - expected) / m.flux_psf_err)
-            if snr[i] > 20 and m.mag_psf is not None:
-                ratios.append(10 ** (-0.4 * (m.mag_psf - float(truth["mag"][i]))))
+            pulls.append((m.flux_psf - flux_true[i]) / m.flux_psf_err)
+            in_field.append(i >= len(truth) // 2)
+            pull_snr.append(snr[i])
+            if snr[i] > 20:
+                ratios.append(m.flux_psf / flux_true[i])
     if show_missed:
         print(f"{label}: missed transients of S/N >= 10")
         diagnose(ds, new_sim, snr, usable, found, len(truth) // 2)
@@ -259,13 +279,30 @@ def evaluate(ds, new_sim, n_eff: float, label: str, show_missed: bool = False) -
     if len(xy):
         dmin = np.min(np.hypot(xy[:, 0, None] - tx[None], xy[:, 1, None] - ty[None]), axis=1)
         out.spurious = int(np.sum(dmin > SPURIOUS_PX))
+        if show_missed:
+            for k in np.flatnonzero(dmin > SPURIOUS_PX):
+                m = kept[k]
+                iy, ix = int(round(m.y)), int(round(m.x))
+                cr = bool(np.any(new_sim.flags[max(iy - 2, 0):iy + 3, max(ix - 2, 0):ix + 3] & 4))
+                print(f"  spurious{' (cosmic ray in the new image)' if cr else ''} at ({m.x:7.1f}, {m.y:7.1f}) sign {m.sign:+d} snr {m.snr:5.1f} "
+                      f"offset {m.centroid_offset_sigma:.1f} sigma el {m.elongation} wr {m.width_ratio:.2f} "
+                      f"dip {m.dipole_ratio:.2f} bad fraction {m.bad_fraction:.2f}")
     if ratios:
         out.bias, out.n_bias = float(np.median(ratios)) - 1.0, len(ratios)
     if len(pulls) > 2:
         pulls = np.asarray(pulls)
         out.pull_std = float(np.std(pulls))
         out.pull_robust = float(1.4826 * np.median(np.abs(pulls - np.median(pulls))))
+        out.pull_field = float(np.std(pulls[np.asarray(in_field)]))
+        faint = np.asarray(pull_snr) < 20
+        out.pull_by_snr = (float(np.std(pulls[faint])), float(np.std(pulls[~faint])))
+    out.zp_error = zp - p.zero_point
     score = sub.extra("SCORE")
+    field = usable & (np.arange(len(truth)) >= len(truth) // 2) & (snr > 10)
+    if field.any():
+        at = [score[int(round(ty[i])) - 1:int(round(ty[i])) + 2, int(round(tx[i])) - 1:int(round(tx[i])) + 2].max()
+              for i in np.flatnonzero(field)]
+        out.efficiency = float(np.median(np.asarray(at) / snr[field]))
     free = ~ndimage.binary_dilation(np.abs(score) > 4, iterations=12) & (sub.flags == 0)
     near = np.zeros_like(free)
     near[np.clip(np.round(ty).astype(int), 0, ny - 1), np.clip(np.round(tx).astype(int), 0, nx - 1)] = True
@@ -308,8 +345,13 @@ def print_table(outcomes: list[Outcome]) -> None:
     area = [o.shape[0] * o.shape[1] / 2048**2 for o in outcomes]
     row("spurious kept (per 2048^2)", [f"{o.spurious} ({o.spurious / a:.1f})" for o, a in zip(outcomes, area)],
         "<= 25")
-    row("PSF flux bias, S/N > 20", [f"{o.bias:+.2%} (n={o.n_bias})" for o in outcomes], "|bias| <= 2%")
+    row("PSF flux on D / true ADU - 1, S/N > 20", [f"{o.bias:+.2%} (n={o.n_bias})" for o in outcomes],
+        "|bias| <= 2%")
     row("flux pulls std (robust)", [f"{o.pull_std:.2f} ({o.pull_robust:.2f})" for o in outcomes], "0.9-1.1")
+    row("flux pulls std, not on galaxies", [f"{o.pull_field:.2f}" for o in outcomes])
+    row("flux pulls std, S/N < 20 | >= 20", [f"{o.pull_by_snr[0]:.2f} | {o.pull_by_snr[1]:.2f}" for o in outcomes])
+    row("new image's zp - truth, mag", [f"{o.zp_error:+.4f}" for o in outcomes])
+    row("S_corr peak / S/N, field, S/N > 10", [f"{o.efficiency:.3f}" for o in outcomes], "(median)")
     row("S_corr std per tile min..max",
         [f"{np.nanmin(o.tile_std):.3f}..{np.nanmax(o.tile_std):.3f}" for o in outcomes], "1.00 +/- 0.05")
     row("S_corr std, corner tiles", [" ".join(f"{v:.2f}" for v in o.corners) for o in outcomes])
@@ -328,12 +370,12 @@ def one_run(label: str, *, nx: int, ny: int, new_fwhm: float, ref_fwhms: tuple[f
         folder = (keep / f"{nx}x{ny}_{new_fwhm}") if keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        paths, _, new, n_eff = simulate(folder, nx=nx, ny=ny, new_fwhm=new_fwhm, ref_fwhms=ref_fwhms,
+        paths, _, new, psf_stamp = simulate(folder, nx=nx, ny=ny, new_fwhm=new_fwhm, ref_fwhms=ref_fwhms,
                                         n_transients=n_transients, seed=seed, ref_depth=ref_depth)
         t1 = time.perf_counter()
         ds = run_pipeline(folder, paths, len(ref_fwhms))
         t2 = time.perf_counter()
-        out = evaluate(ds, new, n_eff, label, show_missed)
+        out = evaluate(ds, new, psf_stamp, label, show_missed)
         print(f"{label} {nx} x {ny}: simulated in {t1 - t0:.0f} s, pipeline {t2 - t1:.0f} s", flush=True)
         return out
 

@@ -6,8 +6,8 @@ model there, which gives each star's estimate of the PSF on the grid; the model 
 to these estimates (weighted, with outlying pixels, neighbours and stars rejected), re-centred,
 and the stars' fluxes and positions are refitted.  Because only residuals are interpolated,
 interpolation errors do not bias the model.  Beyond 3 ``fwhm_guess`` the final model is a Moffat
-tail fitted to its azimuthal profile between 2 and 4 ``fwhm_guess`` (`~improc.psf_modes.radial_wings`):
-there the stars' pixels are noise.
+tail fitted to its azimuthal profile from 2 ``fwhm_guess`` to the stamp's edge
+(`~improc.psf_modes.radial_wings`): there the stars' pixels are noise.
 
 The first two passes fit a PSFEx-like polynomial of degree <= 2, pixel by pixel; its modes of
 variation that the stars detect above the noise (`~improc.psf_modes.principal_modes`) then seed
@@ -314,7 +314,8 @@ def fit_psf(data: np.ndarray, x: np.ndarray, y: np.ndarray, *, background: np.nd
                        psf.x0, psf.y0, psf.xscale, psf.yscale, (ny, nx))
         if it < n_iter - 1:
             _refine_stars(psf, stars, weight_st, 2 * fwhm_guess)
-    return PixelPSF(radial_wings(psf.basis, _WING_RADIUS_FWHM * fwhm_guess), psf.degree, psf.x0, psf.y0,
+    return PixelPSF(radial_wings(psf.basis, _WING_RADIUS_FWHM * fwhm_guess,
+                                 fit_range=(2.0 * fwhm_guess, float(size // 2))), psf.degree, psf.x0, psf.y0,
                     psf.xscale, psf.yscale, (ny, nx))
 
 
