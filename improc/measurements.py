@@ -17,15 +17,21 @@ detection is measured as the mirror of a positive one):
   centred on the PSF position, the same pixels): ``width_ratio = sqrt(T_s / T_psf)`` with
   ``T = Qxx + Qyy`` (about 1 for a point source, well below 1 for a cosmic-ray-like spike, above
   1 for an extended blob), ``elongation = sqrt(l1 / l2)`` of the moments of s.  The windowed
-  centroid of s and its distance from the brightest pixel of s near the detection
-  (``centroid_offset``).
+  centroid of s, and its distance from the windowed centroid of the PSF model at the PSF
+  position (``centroid_offset``; 0 for a point source whatever the PSF's asymmetry) in pixels
+  and in units of the windowed centroid's noise from the weight (``centroid_offset_sigma``: a
+  faint source's centroid wanders by a pixel, a bright dipole's by many sigma; the PSF position
+  shares the noise, so a point source's offset is typically 0.5 of these units).
 * **Bad pixels**: pixels within ``fit_radius`` of the detection that are off the image, flagged
-  (``mask_flags``) or without weight.
+  (``mask_flags``) or without weight (``n_bad_pixels``), and the fraction of those within 1 FWHM
+  of the PSF position (``bad_fraction``).
 * **Negative pixels**: the fraction of good pixels within ``fit_radius`` with ``s < 0``.
-* **Dipole**: ``dipole_ratio = N / P`` where P and N are the sums of ``s`` and ``-s`` over the good
-  pixels within ``fit_radius`` with ``s > 2 sigma`` and ``s < -2 sigma`` respectively: about 0 for a
-  point source well above the noise, about 1 for the positive-negative pair that a misaligned or
-  PSF-mismatched star leaves.
+* **Dipole**: s filtered by a Gaussian of the PSF's FWHM, in units of its noise (a matched-filter
+  significance map); within ``fit_radius`` of the detection, P is its largest value and N its
+  largest negative one in absolute value.  ``dipole_ratio = N / P`` if N >= 3 (a negative lobe
+  that is itself significant), else 0: about 1 for the positive-negative pair that a misaligned
+  or PSF-mismatched star leaves, 0 for a point source (pixel by pixel, noise alone would give a
+  faint source's a "negative lobe" of half its light).
 
 Sky positions are left to the caller (the WCS of the image, through the PSF positions).
 
@@ -38,6 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 import scipy.fft
 import sep
 from astropy.table import Column, Table
@@ -55,8 +62,11 @@ _STEP = 0.1
 _PASSES = 3
 #: Sigma of the Gaussian window of the moments, in units of the PSF's FWHM.
 _WINDOW_FWHM = 0.6
-#: Pixel significance that counts a pixel into a dipole lobe.
-_LOBE_SIGMA = 2.0
+#: Matched-filter significance from which a negative lobe counts in ``dipole_ratio``: noise
+#: reaches -3 sigma within a 2-FWHM disc about once in a hundred detections.
+_LOBE_SIGMA = 3.0
+#: Radius, in units of the PSF's FWHM, of the disc of ``bad_fraction``.
+_CORE_FWHM = 1.0
 
 #: Output columns: name -> (unit, description).
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -72,13 +82,18 @@ COLUMNS: dict[str, tuple[str, str]] = {
                  "fitted at the detection)"),
     "x_centroid": ("pix", "windowed centroid x of sign * D (NaN if its windowed sum is not > 0)"),
     "y_centroid": ("pix", "windowed centroid y of sign * D (NaN if its windowed sum is not > 0)"),
-    "centroid_offset": ("pix", "distance from the windowed centroid to the brightest pixel of sign * D"),
+    "centroid_offset": ("pix", "distance from the windowed centroid of sign * D to that of the PSF model at the "
+                               "PSF position"),
+    "centroid_offset_sigma": ("", "centroid_offset over the 1-sigma noise of the windowed centroid (from the "
+                                  "weight; about twice the offset's own, as the PSF position shares the noise)"),
     "elongation": ("", "sqrt of the ratio of the eigenvalues of the windowed second moments (>= 1; "
                        "NaN if one is not > 0)"),
     "width_ratio": ("", "sqrt(windowed Qxx + Qyy of sign * D / the same of the PSF), 0 if not > 0"),
     "n_bad_pixels": ("", "pixels within fit_radius that are off the image, flagged or without weight"),
+    "bad_fraction": ("", "fraction of the pixels within 1 FWHM of the PSF position that are bad"),
     "negative_fraction": ("", "fraction of the good pixels within fit_radius with sign * D < 0"),
-    "dipole_ratio": ("", "sum of the < -2 sigma pixels of sign * D over that of the > +2 sigma ones"),
+    "dipole_ratio": ("", "most negative over most positive matched-filter significance of sign * D within "
+                         "fit_radius, 0 unless the negative lobe reaches -3 sigma"),
 }
 
 
@@ -220,7 +235,7 @@ def _moments(values: np.ndarray, mask: np.ndarray, st: _Stamps, x, y, sigma_w: f
     ox, oy = st.offsets()
     dx = ox - (x - st.ix)[:, None, None]
     dy = oy - (y - st.iy)[:, None, None]
-    wv = np.where(mask, np.exp(-0.5 * (dx**2 + dy**2) / sigma_w**2), 0.0) * values
+    wv = _window(mask, dx, dy, sigma_w) * values
     with np.errstate(divide="ignore", invalid="ignore"):
         total = wv.sum(axis=(1, 2))
         mx = (wv * dx).sum(axis=(1, 2)) / total
@@ -232,37 +247,75 @@ def _moments(values: np.ndarray, mask: np.ndarray, st: _Stamps, x, y, sigma_w: f
     return [np.where(good, v, nan) for v in (x + mx, y + my, *q)]
 
 
-def _shape_columns(st: _Stamps, s: np.ndarray, model: np.ndarray, x, y, fwhm: float,
-                   disc: np.ndarray) -> dict[str, np.ndarray]:
+def _window(mask: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma_w: float) -> np.ndarray:
+    return np.where(mask, np.exp(-0.5 * (dx**2 + dy**2) / sigma_w**2), 0.0)
+
+
+def _centroid_noise(st: _Stamps, s: np.ndarray, mask: np.ndarray, x, y, xc, yc,
+                    sigma_w: float) -> tuple[np.ndarray, np.ndarray]:
+    """1-sigma noise of the windowed centroid (xc, yc) of s from the pixels' variances: the
+    centroid is sum(g s dx) / sum(g s), so to first order its x error is
+    sqrt(sum(g**2 (dx - xc)**2 var)) / sum(g s)."""
+    ox, oy = st.offsets()
+    dx = ox - (x - st.ix)[:, None, None]
+    dy = oy - (y - st.iy)[:, None, None]
+    g = _window(mask, dx, dy, sigma_w)
+    variance = np.divide(1.0, st.weight, out=np.zeros_like(st.weight), where=st.weight > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = (g * s).sum(axis=(1, 2))
+        ex = ox - (xc - st.ix)[:, None, None]
+        ey = oy - (yc - st.iy)[:, None, None]
+        sx = np.sqrt((g**2 * ex**2 * variance).sum(axis=(1, 2))) / total
+        sy = np.sqrt((g**2 * ey**2 * variance).sum(axis=(1, 2))) / total
+    return sx, sy
+
+
+def _shape_columns(st: _Stamps, s: np.ndarray, model: np.ndarray, x, y, fwhm: float) -> dict[str, np.ndarray]:
     """Centroid, centroid offset, elongation and width ratio of sign * D."""
     mask = ~st.bad
-    xc, yc, qxx, qyy, qxy = _moments(s, mask, st, x, y, _WINDOW_FWHM * fwhm)
-    _, _, pxx, pyy, _ = _moments(model, mask, st, x, y, _WINDOW_FWHM * fwhm)
+    sigma_w = _WINDOW_FWHM * fwhm
+    xc, yc, qxx, qyy, qxy = _moments(s, mask, st, x, y, sigma_w)
+    mx, my, pxx, pyy, _ = _moments(model, mask, st, x, y, sigma_w)
+    sx, sy = _centroid_noise(st, s, mask, x, y, xc, yc, sigma_w)
     trace, det = qxx + qyy, qxx * qyy - qxy**2
     root = np.sqrt(np.maximum(trace**2 / 4 - det, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         l1, l2 = trace / 2 + root, trace / 2 - root
         elongation = np.where(l2 > 0, np.sqrt(l1 / l2), np.nan)
         width_ratio = np.sqrt(np.maximum(trace, 0.0) / (pxx + pyy))
-    near = np.where(disc & mask, s, -np.inf).reshape(s.shape[0], -1)
-    peak = np.argmax(near, axis=1)
-    size = 2 * st.half + 1
-    px, py = st.ix - st.half + peak % size, st.iy - st.half + peak // size
-    return {"x_centroid": xc, "y_centroid": yc, "centroid_offset": np.hypot(xc - px, yc - py),
+        # In units of the centroid's own noise: the PSF position is fitted to the same pixels,
+        # so for a point source the offset's scatter is about half that (conservative).
+        offset_sigma = np.hypot((xc - mx) / sx, (yc - my) / sy)
+    return {"x_centroid": xc, "y_centroid": yc, "centroid_offset": np.hypot(xc - mx, yc - my),
+            "centroid_offset_sigma": np.where(np.isfinite(offset_sigma), offset_sigma, np.nan),
             "elongation": elongation, "width_ratio": width_ratio}
 
 
-def _pixel_columns(st: _Stamps, s: np.ndarray, disc: np.ndarray) -> dict[str, np.ndarray]:
+def _significance(st: _Stamps, s: np.ndarray, fwhm: float) -> np.ndarray:
+    """s filtered by a unit-sum Gaussian G of the PSF's FWHM, over the noise of the filtered
+    value, sqrt(sum(G**2 var)): G**2 is 1 / (4 pi sigma**2) times a unit-sum Gaussian of
+    sigma / sqrt(2), so both are Gaussian filters.  Bad pixels count as 0 with no variance."""
+    sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    variance = np.divide(1.0, st.weight, out=np.zeros_like(st.weight), where=st.weight > 0)
+    filtered = ndimage.gaussian_filter(s, (0, sigma, sigma), mode="constant", truncate=3.0)
+    noise2 = ndimage.gaussian_filter(variance, (0, sigma / np.sqrt(2.0), sigma / np.sqrt(2.0)),
+                                     mode="constant", truncate=3.0) / (4.0 * np.pi * sigma**2)
+    return np.divide(filtered, np.sqrt(noise2), out=np.zeros_like(filtered), where=noise2 > 0)
+
+
+def _pixel_columns(st: _Stamps, s: np.ndarray, disc: np.ndarray, core: np.ndarray,
+                   fwhm: float) -> dict[str, np.ndarray]:
     """Bad pixels, the fraction of negative pixels and the dipole ratio within the disc."""
     good = disc & ~st.bad
-    sigma = np.where(good, 1.0 / np.sqrt(np.where(good, st.weight, 1.0)), np.inf)
     n_good = good.sum(axis=(1, 2))
-    positive = np.where(good & (s > _LOBE_SIGMA * sigma), s, 0.0).sum(axis=(1, 2))
-    negative = -np.where(good & (s < -_LOBE_SIGMA * sigma), s, 0.0).sum(axis=(1, 2))
+    significance = np.where(disc, _significance(st, s, fwhm), 0.0)
+    positive = significance.max(axis=(1, 2))
+    negative = -significance.min(axis=(1, 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         negative_fraction = np.where(n_good > 0, (good & (s < 0)).sum(axis=(1, 2)) / n_good, np.nan)
-        ratio = np.where(negative > 0, negative / positive, 0.0)
-    return {"n_bad_pixels": (disc & st.bad).sum(axis=(1, 2)).astype(np.int32),
+        ratio = np.where((negative >= _LOBE_SIGMA) & (positive > 0), negative / positive, 0.0)
+        bad_fraction = (core & st.bad).sum(axis=(1, 2)) / core.sum(axis=(1, 2))
+    return {"n_bad_pixels": (disc & st.bad).sum(axis=(1, 2)).astype(np.int32), "bad_fraction": bad_fraction,
             "negative_fraction": negative_fraction, "dipole_ratio": ratio}
 
 
@@ -385,8 +438,8 @@ def _measure_chunk(data, weight, bad_map, psf, x, y, radius, max_shift, fwhm,
     s = sign[:, None, None] * st.data
     out = {"x": x, "y": y, "x_psf": xs, "y_psf": ys, "flux_psf": flux, "flux_psf_err": err,
            "snr_psf": flux / err, "chi2_psf": chi2, "sign": sign}
-    out.update(_shape_columns(st, s, model, xs, ys, fwhm, disc0))
-    out.update(_pixel_columns(st, s, disc0))
+    out.update(_shape_columns(st, s, model, xs, ys, fwhm))
+    out.update(_pixel_columns(st, s, disc0, st.disc(xs, ys, _CORE_FWHM * fwhm), fwhm))
     return out
 
 

@@ -96,7 +96,9 @@ def _clipped_selection(design: np.ndarray, diff: np.ndarray, sigma: np.ndarray, 
                        clip_sigma: float, min_stars: int, max_iter: int, start_width: float) -> np.ndarray:
     """Stars kept by iterative weighted fitting and clipping of normalised residuals.
 
-    Starts robustly from the stars within max(5 MAD-sigma, start_width) of the median of diff.
+    Starts robustly from the stars within max(5 MAD-sigma, start_width) of the median of diff;
+    then clips beyond ``clip_sigma`` times the robust scatter of the normalised residuals, or of
+    their expected scatter (1) if that is larger.
     """
     start = max(5.0 * _robust_std(diff[valid]), start_width)
     used = valid & (np.abs(diff - np.median(diff[valid])) <= start)
@@ -105,7 +107,9 @@ def _clipped_selection(design: np.ndarray, diff: np.ndarray, sigma: np.ndarray, 
             break
         coef, _, _ = _weighted_fit(design[used], diff[used], sigma[used])
         z = np.where(valid, (diff - design @ coef) / sigma, np.inf)
-        new_used = valid & (np.abs(z) <= clip_sigma * max(_robust_std(z[used]), 1e-3))
+        # never tighter than the stars' own errors: with a few stars, a MAD of agreeing stars far
+        # below their errors would clip the others for deviating by 1-2 sigma
+        new_used = valid & (np.abs(z) <= clip_sigma * max(_robust_std(z[used]), 1.0))
         if np.array_equal(new_used, used):
             break
         used = new_used
@@ -121,8 +125,9 @@ def fit_zero_point(instrumental_flux: np.ndarray, flux_err: np.ndarray, catalog_
     Each star contributes ``catalog_mag + 2.5 log10(flux) = zp (+ color_term * color)`` with
     variance ``(1.0857 flux_err / flux)^2 + catalog_mag_err^2 + error_floor^2``.  The fit starts
     from the median, then alternately fits and rejects stars whose normalised residual exceeds
-    ``clip_sigma`` times the robust (MAD) scatter of the normalised residuals; rejected stars can
-    return.
+    ``clip_sigma`` times the robust (MAD) scatter of the normalised residuals (at least 1: a star
+    is never rejected for deviating less than ``clip_sigma`` times its own error); rejected stars
+    can return.
 
     Parameters
     ----------

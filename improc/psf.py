@@ -37,8 +37,8 @@ from functools import cached_property
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["PixelPSF", "n_terms", "exponents", "monomials", "nearest_pixel", "cut_stamps", "shift_matrices",
-           "shifted_stamps", "toeplitz_stack"]
+__all__ = ["PixelPSF", "n_terms", "exponents", "monomials", "nearest_pixel", "cut_stamps", "half_maximum_fwhm",
+           "shift_matrices", "shifted_stamps", "toeplitz_stack"]
 
 
 #: Stars whose clips are rendered together (bounds the temporaries of `PixelPSF.get_clips`).
@@ -103,6 +103,45 @@ def cut_stamps(image: np.ndarray | float, ix: np.ndarray, iy: np.ndarray, half: 
         return np.where(inside, float(image), 0.0), inside
     values = image[np.clip(yy, 0, shape[0] - 1), np.clip(xx, 0, shape[1] - 1)].astype(float)
     return np.where(inside, values, 0.0), inside
+
+
+def half_maximum_fwhm(stamp: np.ndarray, *, oversample: int = 15) -> float:
+    """FWHM (pixels) of a centred, well-sampled PSF stamp: the diameter of the circle whose area
+    is that above half the peak (geometric mean of the axes).
+
+    The stamp is interpolated ``oversample`` times finer (band-limited, by zero-padding its
+    spectrum).  Unlike a Gaussian's FWHM from second moments, this does not depend on the wings
+    (beyond a few FWHM a Moffat's wings hold most of the second moment, and a noisy model's
+    wings can make it anything).
+
+    Parameters
+    ----------
+    stamp : numpy.ndarray
+        (size, size) PSF stamp with an odd ``size``, peaked near its central pixel.
+    oversample : int
+        Interpolation factor (>= 1).
+
+    Returns
+    -------
+    float
+        The FWHM in pixels of the stamp.
+
+    Raises
+    ------
+    ValueError
+        If the stamp is not an odd square array or ``oversample`` is not >= 1.
+    """
+    stamp = np.asarray(stamp, dtype=float)
+    if stamp.ndim != 2 or stamp.shape[0] != stamp.shape[1] or stamp.shape[0] % 2 == 0:
+        raise ValueError(f"stamp must be a (size, size) array with an odd size, got shape {stamp.shape}")
+    if not (isinstance(oversample, (int, np.integer)) and oversample >= 1):
+        raise ValueError(f"oversample must be an integer >= 1, got {oversample!r}")
+    size = stamp.shape[0]
+    spectrum = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(stamp)))
+    pad = (size * oversample - size) // 2
+    fine = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(np.pad(spectrum, pad)))).real
+    area = np.count_nonzero(fine > 0.5 * fine.max()) / oversample**2
+    return float(2.0 * np.sqrt(area / np.pi))
 
 
 def shift_matrices(offsets: np.ndarray, size: int, *, window: int | None = None,
@@ -340,12 +379,7 @@ class PixelPSF:
         The model at (x0, y0) is interpolated 15x finer (band-limited) and the FWHM is the diameter
         of the circle whose area is that above half the peak (geometric mean of the axes).
         """
-        factor = 15
-        spectrum = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(self.image_at(self.x0, self.y0))))
-        pad = (self.size * factor - self.size) // 2
-        fine = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(np.pad(spectrum, pad)))).real
-        area = np.count_nonzero(fine > 0.5 * fine.max()) / factor**2
-        return float(2.0 * np.sqrt(area / np.pi))
+        return half_maximum_fwhm(self.image_at(self.x0, self.y0))
 
     def to_arrays(self) -> dict[str, np.ndarray | float | int]:
         """Everything needed to rebuild the PSF, as arrays and numbers (for saving in a file)."""

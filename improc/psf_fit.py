@@ -5,7 +5,9 @@ flux-normalized residual onto the model's pixel grid with a Lanczos-4 kernel and
 model there, which gives each star's estimate of the PSF on the grid; the model is then refitted
 to these estimates (weighted, with outlying pixels, neighbours and stars rejected), re-centred,
 and the stars' fluxes and positions are refitted.  Because only residuals are interpolated,
-interpolation errors do not bias the model.
+interpolation errors do not bias the model.  Beyond 3 ``fwhm_guess`` the final model is a Moffat
+tail fitted to its azimuthal profile from 2 ``fwhm_guess`` to the stamp's edge
+(`~improc.psf_modes.radial_wings`): there the stars' pixels are noise.
 
 The first two passes fit a PSFEx-like polynomial of degree <= 2, pixel by pixel; its modes of
 variation that the stars detect above the noise (`~improc.psf_modes.principal_modes`) then seed
@@ -25,7 +27,7 @@ from scipy import ndimage
 from improc.errors import BadDataError
 from improc.psf import PixelPSF, cut_stamps, n_terms, nearest_pixel, shifted_stamps, toeplitz_stack
 from improc.psf_modes import (denoised, embed_coefficients, fit_coefficients, fit_modes, normalized,
-                              principal_modes, recentred, to_basis)
+                              principal_modes, radial_wings, recentred, to_basis)
 
 __all__ = ["fit_psf", "min_psf_stars", "TooFewPSFStarsError"]
 
@@ -45,6 +47,11 @@ _PIXELWISE_DEGREE = 2
 
 #: Passes that fit the pixel-wise polynomial before the low-rank model takes over.
 _PIXELWISE_PASSES = 2
+
+#: Beyond this many ``fwhm_guess`` from the centre the model is a Moffat tail fitted to its
+#: azimuthal profile (`improc.psf_modes.radial_wings`): ~1 % of a Moffat beta = 3 star's light,
+#: far below the noise of a pixel-wise fit.
+_WING_RADIUS_FWHM = 3.0
 
 
 def min_psf_stars(degree: int) -> int:
@@ -313,7 +320,9 @@ def fit_psf(data: np.ndarray, x: np.ndarray, y: np.ndarray, *, background: np.nd
                        psf.x0, psf.y0, psf.xscale, psf.yscale, (ny, nx))
         if it < n_iter - 1:
             _refine_stars(psf, stars, weight_st, 2 * fwhm_guess)
-    return psf
+    return PixelPSF(radial_wings(psf.basis, _WING_RADIUS_FWHM * fwhm_guess,
+                                 fit_range=(2.0 * fwhm_guess, float(size // 2))), psf.degree, psf.x0, psf.y0,
+                    psf.xscale, psf.yscale, (ny, nx))
 
 
 def _check_fit_options(data: np.ndarray, fwhm_guess: float, stamp_size: int | None, n_iter: int,

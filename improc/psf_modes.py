@@ -227,9 +227,10 @@ def denoised(phi: np.ndarray) -> np.ndarray:
     return out
 
 
-def radial_wings(basis: np.ndarray, radius: float) -> np.ndarray:
-    """A `~improc.psf.PixelPSF` basis whose wings beyond ``radius`` are the constant term's
-    azimuthal mean profile, made non-negative and non-increasing outward.
+def radial_wings(basis: np.ndarray, radius: float, *, fit_range: tuple[float, float] | None = None,
+                 taper: float | None = None) -> np.ndarray:
+    """A `~improc.psf.PixelPSF` basis whose wings beyond ``radius`` are a Moffat tail fitted to the
+    constant term's azimuthal profile.
 
     Beyond a few FWHM a star stamp's pixels hold ~1e-5 of its flux each, far below the noise of
     any star but the brightest, so a pixel-wise fit puts there noise and the light of unmasked
@@ -237,9 +238,19 @@ def radial_wings(basis: np.ndarray, radius: float) -> np.ndarray:
     model summed to -15 % .. +30 % of the flux (the truth: +1 %), in blobs of a few per mille of
     the peak.  A ZOGY subtraction divides by the sharper PSF at high frequencies and turns those
     wings, times a bright star's flux, into a square patch of residuals the size of the stamp.
-    The azimuthal mean averages ~2 pi r pixels per annulus and keeps the radial (Moffat-like)
-    tail; the spatial variation (the non-constant terms) and the ellipticity are kept inside
-    ``radius`` only, where the stars measure them.
+
+    The constant term's azimuthal mean (annuli of rounded distance, the mean of the pixels within
+    3 sigma of the annulus's median) is fitted over ``fit_range`` by
+    ``A (1 + r**2 / alpha**2)**-beta``: ``alpha`` makes the Moffat's FWHM the model's (from its
+    area above half maximum), ``beta`` is the best of a grid from 2 to 12 (a tail that falls at
+    least as r**-4, so that noise cannot extrapolate into a large flux at the stamp's corners)
+    and ``A >= 0`` is linear, each annulus weighted by the inverse variance of its mean (its
+    pixels' robust scatter over their number).  Each other term gets the same tail with the
+    amplitude that fits its own profile, if 3 sigma from 0 (else none): the wings' flux varies
+    over the image only as far as the stars measure it.  Inside ``radius - taper`` the basis is
+    untouched; between, a cosine taper goes from the model to the tail; beyond ``radius`` the
+    wings are the tails only.  Then the constant term is scaled to sum to 1 and the others are
+    made to sum to 0 by subtracting a multiple of it.
 
     Parameters
     ----------
@@ -247,7 +258,13 @@ def radial_wings(basis: np.ndarray, radius: float) -> np.ndarray:
         (n_terms, size, size) basis; ``basis[0]`` is the model at the reference position and
         sums to 1, the other terms sum to 0.
     radius : float
-        Distance from the central pixel (pixels) beyond which the wings are replaced (> 0).
+        Distance from the central pixel (pixels) beyond which the wings are the tail (> 0).
+    fit_range : tuple of float, optional
+        Inner and outer distances (pixels) of the annuli the tail is fitted to; None means
+        ``(2/3, 4/3) * radius`` (2 to 4 FWHM for a radius of 3 FWHM).  The outer one is cut at
+        the stamp's edge.
+    taper : float, optional
+        Width (pixels, >= 0) of the blend inside ``radius``; None means ``radius / 6``.
 
     Returns
     -------
@@ -258,28 +275,88 @@ def radial_wings(basis: np.ndarray, radius: float) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ``radius`` is not > 0 or the basis is not a stack of odd square stamps.
+        If ``radius`` is not > 0, ``fit_range`` not two distances with ``0 <= inner < outer``,
+        ``taper`` not in [0, radius], or the basis not a stack of odd square stamps.
     """
     basis = np.asarray(basis, dtype=float)
     if basis.ndim != 3 or basis.shape[1] != basis.shape[2] or basis.shape[1] % 2 == 0:
         raise ValueError(f"basis must be (n_terms, size, size) with an odd size, got shape {basis.shape}")
     if not (np.isfinite(radius) and radius > 0):
         raise ValueError(f"radius must be > 0, got {radius!r}")
+    inner, outer = (2.0 * radius / 3.0, 4.0 * radius / 3.0) if fit_range is None else fit_range
+    if not (np.isfinite(inner) and np.isfinite(outer) and 0 <= inner < outer):
+        raise ValueError(f"fit_range must be (inner, outer) with 0 <= inner < outer, got {fit_range!r}")
+    taper = radius / 6.0 if taper is None else taper
+    if not (np.isfinite(taper) and 0 <= taper <= radius):
+        raise ValueError(f"taper must be in [0, radius = {radius}], got {taper!r}")
     size = basis.shape[1]
     off = np.arange(size) - size // 2
     distance = np.hypot(off[None, :], off[:, None])
-    wing = distance > radius
-    if not wing.any():
+    if not (distance > radius - taper).any():
         return basis.copy()
-    ring = np.rint(distance).astype(int)
-    profile = (np.bincount(ring.ravel(), basis[0].ravel())
-               / np.maximum(np.bincount(ring.ravel()), 1))
-    first = int(np.floor(radius))       # the last annulus (partly) inside: where the tail starts
-    tail = np.minimum.accumulate(np.maximum(profile[first:], 0.0))
-    profile[first:] = tail
-    out = basis.copy()
-    out[0][wing] = profile[ring[wing]]
-    out[1:, wing] = 0.0
+    outer = min(outer, size // 2)
+    tail = _moffat_shape(basis[0], distance, inner, outer)
+    blend = np.clip((radius - distance) / taper, 0.0, 1.0) if taper > 0 else (distance <= radius) * 1.0
+    blend = 0.5 - 0.5 * np.cos(np.pi * blend)            # 1 inside radius - taper, 0 beyond radius
+    out = basis * blend
+    for term, stamp in enumerate(basis):
+        out[term] += (1.0 - blend) * _tail_amplitude(stamp, tail, distance, inner, outer,
+                                                     constant=term == 0) * tail
     out[0] /= out[0].sum()
     out[1:] -= out[1:].sum(axis=(1, 2))[:, None, None] * out[0]
     return out
+
+
+def _profile(stamp: np.ndarray, distance: np.ndarray, inner: float,
+             outer: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stamp's azimuthal mean in the annuli of rounded distance from ``inner`` to ``outer``:
+    their radii, means (of the pixels within 3 sigma of the median) and the means' inverse
+    variances (the pixels' robust scatter squared over their number)."""
+    ring = np.rint(distance).astype(int).ravel()
+    values = stamp.ravel()
+    radii, means, variances = [], [], []
+    floor = 1e-12 * np.abs(stamp).max() + 1e-300
+    for k in range(int(np.ceil(inner)), int(np.floor(outer)) + 1):
+        pixels = values[ring == k]
+        if pixels.size < 4:
+            continue
+        median = np.median(pixels)
+        scatter = max(1.4826 * np.median(np.abs(pixels - median)), floor)
+        kept = pixels[np.abs(pixels - median) <= 3.0 * scatter]
+        radii.append(k)
+        means.append(kept.mean())
+        variances.append(scatter**2 / kept.size)
+    return np.array(radii, float), np.array(means), 1.0 / np.array(variances)
+
+
+def _moffat_shape(stamp: np.ndarray, distance: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """``(1 + distance**2 / alpha**2)**-beta`` of the stamp's FWHM and the ``beta`` that fits its
+    profile between ``inner`` and ``outer`` best (see `radial_wings`)."""
+    radii, means, inv_var = _profile(stamp, distance, inner, outer)
+    fwhm = 2.0 * np.sqrt(np.count_nonzero(stamp >= 0.5 * stamp.max()) / np.pi)
+    best, best_chi2 = 3.0, np.inf
+    for beta in np.geomspace(2.0, 12.0, 50):
+        alpha2 = fwhm**2 / (4.0 * (2.0 ** (1.0 / beta) - 1.0))
+        shape = (1.0 + radii**2 / alpha2) ** -beta
+        amplitude = max((inv_var * shape * means).sum() / (inv_var * shape**2).sum(), 0.0)
+        chi2 = (inv_var * (means - amplitude * shape) ** 2).sum()
+        if chi2 < best_chi2:
+            best, best_chi2 = beta, chi2
+    alpha2 = fwhm**2 / (4.0 * (2.0 ** (1.0 / best) - 1.0))
+    return (1.0 + distance**2 / alpha2) ** -best
+
+
+def _tail_amplitude(stamp: np.ndarray, tail: np.ndarray, distance: np.ndarray, inner: float, outer: float,
+                    *, constant: bool) -> float:
+    """Weighted least-squares amplitude of the tail's profile on the stamp's between ``inner`` and
+    ``outer``: for the constant term at least 0, for a variation term 0 unless 3 sigma from 0 (so
+    that the wings vary over the image only as far as the stars measure it); 0 if no annulus."""
+    radii, means, inv_var = _profile(stamp, distance, inner, outer)
+    if radii.size == 0:
+        return 0.0
+    shape = _profile(tail, distance, inner, outer)[1]
+    information = (inv_var * shape**2).sum()
+    amplitude = (inv_var * shape * means).sum() / information
+    if constant:
+        return max(amplitude, 0.0)
+    return amplitude if amplitude**2 * information > 9.0 else 0.0

@@ -14,7 +14,9 @@
    ``psf_min_fwhm_ratio`` .. ``psf_max_fwhm_ratio`` times the size guess), the stars with no
    neighbour above ``psf_fallback_neighbor_flux_ratio`` within
    ``psf_fallback_isolation_radius_fwhm`` times the median size of the candidates are used.
-   A field with too few stars for ``psf_degree`` gets a lower degree.  With ``psf_fallback``
+   A field with too few stars for ``psf_degree`` gets a lower degree: degree d >= 1 needs
+   ``psf_stars_per_term`` stars per polynomial term (with 30 stars, 4 of them in a quarter of
+   the chip, a quadratic or cubic variation swung the FWHM there from 5.5 to 10 pixels).  With ``psf_fallback``
    "moffat", a field with at most ``moffat_max_stars`` PSF stars (too few to map pixels), or
    whose pixel fits fail, gets an elliptical Moffat fitted to the stars there are
    (`improc.psf_moffat`), and one with none a Moffat of the sources' size, or of
@@ -51,7 +53,7 @@ from improc.crowded_photometry import deblended_psf_fluxes
 from improc.errors import BadDataError
 from improc.extraction import FWHM_APERTURE_MULTIPLES, TooFewSourcesError, aperture_photometry, extract_sources
 from improc.hidden_sources import find_hidden_sources
-from improc.psf import PixelPSF
+from improc.psf import PixelPSF, n_terms
 from improc.psf_fit import TooFewPSFStarsError, fit_psf, min_psf_stars
 from improc.psf_moffat import (DEFAULT_BETA, MoffatFit, MoffatFitError, default_moffat, fit_moffat_psf,
                                moffat_pixel_psf, size_from_sources)
@@ -116,6 +118,7 @@ class _Options:
     min_fwhm_sources: int
     aperture_multiples: tuple[float, ...]
     psf_degree: int
+    psf_stars_per_term: float
     psf_min_snr: float
     psf_max_stars: int
     psf_isolation_radius_fwhm: float
@@ -149,6 +152,7 @@ class _Options:
         _check(len(self.aperture_multiples) > 0 and all(np.isfinite(m) and m > 0 for m in self.aperture_multiples),
                "aperture_multiples", "a non-empty sequence of values > 0", self.aperture_multiples)
         _check_int(self.psf_degree, "psf_degree", 0, 4)
+        _check(self.psf_stars_per_term > 0, "psf_stars_per_term", "> 0", self.psf_stars_per_term)
         _check(self.psf_min_snr >= 0, "psf_min_snr", ">= 0", self.psf_min_snr)
         _check_int(self.psf_max_stars, "psf_max_stars", 1)
         for name in ("psf_isolation_radius_fwhm", "psf_fallback_isolation_radius_fwhm", "sky_model_nsigma",
@@ -209,7 +213,7 @@ def measure_sources(data: np.ndarray, *, background: np.ndarray, variance: np.nd
                     filter_type: Literal["conv", "matched"] = "matched", max_sources: int = 100_000,
                     min_fwhm_sources: int = 5,
                     aperture_multiples: Sequence[float] = (1.0, 2.0, 3.0, 5.0), psf_degree: int = 3,
-                    psf_min_snr: float = 50.0, psf_max_stars: int = 500, psf_isolation_radius_fwhm: float = 3.0,
+                    psf_stars_per_term: float = 10.0, psf_min_snr: float = 50.0, psf_max_stars: int = 500, psf_isolation_radius_fwhm: float = 3.0,
                     psf_neighbor_flux_ratio: float = 0.05, psf_fallback_isolation_radius_fwhm: float = 5.0,
                     psf_fallback_neighbor_flux_ratio: float = 0.01, psf_min_fwhm_ratio: float = 0.5,
                     psf_max_fwhm_ratio: float = 1.5, sky_refinement_iterations: int = 2,
@@ -259,7 +263,10 @@ def measure_sources(data: np.ndarray, *, background: np.ndarray, variance: np.nd
         Aperture radii in units of the PSF model's FWHM.  Each > 0.
     psf_degree : int
         Polynomial degree of the PSF's variation across the chip, 0..4 (lowered when there are
-        too few PSF stars for it, `improc.psf_fit.min_psf_stars`).
+        too few PSF stars for it: see ``psf_stars_per_term``).
+    psf_stars_per_term : float
+        Fewest PSF stars per term of the spatial polynomial for a degree >= 1 (degree 1 has 3
+        terms, 2 has 6, 3 has 10); degree 0 needs `improc.psf_fit.min_psf_stars` (0).  > 0.
     psf_min_snr : float
         Only stars above this isophotal S/N build the PSF.  >= 0.
     psf_max_stars : int
@@ -333,6 +340,7 @@ def measure_sources(data: np.ndarray, *, background: np.ndarray, variance: np.nd
     o = _Options(threshold=threshold, minarea=minarea, deblend_nthresh=deblend_nthresh, deblend_cont=deblend_cont,
                  filter_type=filter_type, max_sources=max_sources, min_fwhm_sources=min_fwhm_sources,
                  aperture_multiples=tuple(aperture_multiples), psf_degree=psf_degree, psf_min_snr=psf_min_snr,
+                 psf_stars_per_term=psf_stars_per_term,
                  psf_max_stars=psf_max_stars, psf_isolation_radius_fwhm=psf_isolation_radius_fwhm,
                  psf_neighbor_flux_ratio=psf_neighbor_flux_ratio,
                  psf_fallback_isolation_radius_fwhm=psf_fallback_isolation_radius_fwhm,
@@ -508,7 +516,8 @@ def _first_psf(data: np.ndarray, table: Table, o: _Options, *, background: np.nd
         if moffat and (len(idx) <= o.moffat_max_stars or no_size):
             break       # too few stars to map pixels: a Moffat below
         # A small chip or a sparse field cannot constrain the PSF's variation: lower the degree.
-        degree = next((d for d in range(o.psf_degree, -1, -1) if len(idx) >= min_psf_stars(d)), None)
+        degree = next((d for d in range(o.psf_degree, -1, -1)
+                       if len(idx) >= max(min_psf_stars(d), o.psf_stars_per_term * n_terms(d) * (d > 0))), None)
 
         def psf_on(sky: np.ndarray, idx: np.ndarray = idx, degree: int | None = degree) -> PixelPSF:
             # Outlier rejection (cosmic rays, unmasked defects) can leave too few stars for the

@@ -124,7 +124,7 @@ class FileStore:
         return path
 
     def write(self, relpath: str, writer: Callable[[Path], None], *, overwrite: bool = False,
-              kind: str = "file") -> str:
+              kind: str = "file", placed: list[Path] | None = None) -> str:
         """Write a file atomically and return its md5.
 
         An existing file is never replaced unless ``overwrite`` is set: product files are
@@ -140,6 +140,10 @@ class FileStore:
             Replace an existing file.
         kind : str
             What the file holds (a product's class name), for `models.faults.fault_point`.
+        placed : list of Path, optional
+            The new file's path is appended the moment it is in place (not when overwriting), so
+            that a caller undoing a save knows of it even if a signal interrupts this call after
+            its own clean-up can no longer run.
 
         Returns
         -------
@@ -158,7 +162,7 @@ class FileStore:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(tmp_name)
-        placed = False
+        linked = False
         try:
             writer(tmp)
             os.chmod(tmp, _FILE_MODE)
@@ -171,13 +175,15 @@ class FileStore:
             else:
                 # link() fails if the name was taken meanwhile, so two writers never clobber.
                 os.link(tmp, final)
-                placed = True
+                linked = True
+                if placed is not None:
+                    placed.append(final)
                 tmp.unlink()
             _fsync_folder(final.parent)
             fault_point("file_in_place", kind)
         except BaseException:       # also KeyboardInterrupt, SIGTERM (pipeline.cli): leave nothing
             tmp.unlink(missing_ok=True)
-            if placed:
+            if linked:
                 final.unlink(missing_ok=True)
             raise
         return md5
@@ -261,10 +267,11 @@ class FileBackedMixin:
                                       "name: save it through a DataStore, which names it")
         return stem
 
-    def save_file(self, store: FileStore) -> Path:
-        """Write the product's file atomically; set ``filepath`` and ``md5sum``; return the path."""
+    def save_file(self, store: FileStore, placed: list[Path] | None = None) -> Path:
+        """Write the product's file atomically; set ``filepath`` and ``md5sum``; return the path.
+        ``placed`` gets the path as soon as the file is in place (`FileStore.write`)."""
         relpath = self.file_stem(store) + self.file_extension
-        self.md5sum = store.write(relpath, self._write, kind=type(self).__name__)
+        self.md5sum = store.write(relpath, self._write, kind=type(self).__name__, placed=placed)
         self.filepath = relpath
         return store.absolute(relpath)
 

@@ -101,9 +101,13 @@ class Measurements(UUIDMixin, Base):
     flux_apertures: Mapped[list] = mapped_column(sa.JSON, default=list, doc="ADU, at MeasurementSet.aper_radii.")
     flux_apertures_err: Mapped[list] = mapped_column(sa.JSON, default=list)
     centroid_offset: Mapped[float | None] = mapped_column(sa.Double, default=None, doc="Pixels.")
+    centroid_offset_sigma: Mapped[float | None] = mapped_column(sa.Double, default=None,
+                                                                doc="centroid_offset over its noise.")
     elongation: Mapped[float | None] = mapped_column(sa.Double, default=None)
     width_ratio: Mapped[float | None] = mapped_column(sa.Double, default=None)
     n_bad_pixels: Mapped[int] = mapped_column(default=0)
+    bad_fraction: Mapped[float | None] = mapped_column(sa.Double, default=None,
+                                                       doc="Fraction of bad pixels within 1 FWHM.")
     negative_fraction: Mapped[float | None] = mapped_column(sa.Double, default=None)
     dipole_ratio: Mapped[float | None] = mapped_column(sa.Double, default=None)
     is_bad: Mapped[bool] = mapped_column(default=False)

@@ -116,7 +116,10 @@ def _save_once(new: list[object], context: Context, session: Session | None,
     try:
         for product in new:
             if isinstance(product, FileBackedMixin) and product.md5sum is None:
-                written.append(product.save_file(context.store))
+                # the path joins `written` inside the store's write, the moment the file is in
+                # place: a SIGTERM handled just after the write's own clean-up could run would
+                # otherwise leave an orphan file
+                product.save_file(context.store, placed=written)
         scope = context.session() if session is None else _joined(session)
         with scope as sess:
             # One flush per object keeps parents before children: the tables have foreign keys

@@ -41,6 +41,8 @@ class ExtractionParams(StepParams):
     aperture_multiples: tuple[float, ...] = param(
         (1.0, 2.0, 3.0, 5.0), "Aperture radii in units of the PSF's FWHM.")
     psf_degree: int = param(3, "Polynomial degree of the PSF's variation across the chip.")
+    psf_stars_per_term: float = param(10.0, "Fewest PSF stars per term of the PSF's spatial polynomial for a degree "
+                                      ">= 1 (fewer lower the degree; 3, 6, 10 terms for degrees 1, 2, 3).")
     psf_min_snr: float = param(50.0, "Only stars above this S/N build the PSF.")
     psf_max_stars: int = param(500, "At most this many PSF stars (the brightest).")
     psf_isolation_radius_fwhm: float = param(
@@ -92,7 +94,12 @@ class Extractor(Step):
     # 1.1: neighbours' wings beyond the model radius subtracted in the joint PSF fit
     # 1.2: no sky positions in the source list (they depend on the astrometric solution)
     # 1.3: a Moffat PSF for fields with too few stars for a pixel model
-    version = "1.3.0"
+    # 1.4: the pixel PSF's wings beyond 3 FWHM are its azimuthal mean profile (they were noise
+    #      summing to -15 % .. +30 % of the flux, which ZOGY turned into residuals around bright stars)
+    # 1.5: the PSF's spatial degree needs 10 stars per polynomial term (30 stars took a cubic
+    #      whose FWHM swung from 5.5 to 10 px where few stars were); the wings' Moffat tail is
+    #      fitted from 2 FWHM out to the stamp's edge (not 4 FWHM), as far as the stars measure it
+    version = "1.5.0"
     Params = ExtractionParams
     inputs = (Input("image"), Input("background"))
     outputs = (Output("sources", SourceList, parents={"image_id": "image", "background_id": "background"}),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from improc.measurements import COLUMNS, apply_cuts, measure_detections
+from improc.psf import half_maximum_fwhm
 from models.measurements import Measurements, MeasurementSet
 from pipeline.data_store import DataStore
 from pipeline.parameters import ParameterError, StepParams, param
@@ -34,22 +35,22 @@ class MeasuringParams(StepParams):
 
     aperture_radii: tuple[float, ...] = param((3.0, 5.0, 8.0), "Radii of the aperture fluxes, pixels.")
     fit_radius_fwhm: float = param(2.0, "Radius of the PSF fit and of the pixel statistics, in FWHM of P_D.")
-    max_shift: float = param(1.0, "Largest move of the PSF-fit position from the detection, pixels.")
+    max_shift_fwhm: float = param(0.5, "Largest move of the PSF-fit position from the detection, in FWHM of P_D "
+                                       "(S_corr's peak moves off a transient on a galaxy, whose light raises the "
+                                       "source noise on one side).")
     drop_cuts: dict = param(
-        {"width_ratio": [0.4, None], "n_bad_pixels": [None, 25]},
+        {"width_ratio": [0.4, None], "bad_fraction": [None, 0.5]},
         "Detections failing any of these {column: [min, max]} are not stored (cosmic-ray-like spikes, "
         "detections mostly on bad pixels).")
     bad_cuts: dict = param(
-        # (negative_fraction is not among them: within 2 FWHM a faint source's outer pixels are
-        # noise, and half of them negative, as for a dipole.  centroid_offset and dipole_ratio 0.4
-        # also mark some faint true transients bad -- injected S/N 5-50 ones have centroid offsets
-        # of median 1.4-1.6 px and dipole ratios of median 0.36-0.42 -- but without them the
-        # residuals of bright stars (noisy PSF wings, issue 10) pass: 52 spurious kept detections
-        # instead of 19 on the 512 x 512 test field.  Revisit once the PSF wings are fixed.)
+        # (Shapes of a faint source are noisy: its pixel-by-pixel centroid wanders by a pixel or
+        # two, so the centroid is cut in units of its noise, and a dipole's negative lobe counts
+        # only where significant.  negative_fraction is not cut: within 2 FWHM half of a faint
+        # source's outer pixels are negative.)
         {"elongation": [None, 2.0], "width_ratio": [0.6, 1.6], "dipole_ratio": [None, 0.4],
-         "centroid_offset": [None, 1.5]},
+         "centroid_offset_sigma": [None, 5.0]},
         "Detections failing any of these are stored with is_bad (elongated, too narrow or broad for "
-        "the PSF, dipoles of misaligned or mismatched stars).")
+        "the PSF, dipoles of misaligned or mismatched stars, lopsided blobs).")
 
     def validate(self) -> None:
         for name in ("drop_cuts", "bad_cuts"):
@@ -59,8 +60,8 @@ class MeasuringParams(StepParams):
                                          f"{', '.join(COLUMNS)}")
                 if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2):
                     raise ParameterError(f"measuring {name}[{column!r}] must be [min, max], got {bounds!r}")
-        if self.fit_radius_fwhm <= 0 or self.max_shift < 0:
-            raise ParameterError("measuring fit_radius_fwhm must be > 0 and max_shift >= 0")
+        if self.fit_radius_fwhm <= 0 or self.max_shift_fwhm < 0:
+            raise ParameterError("measuring fit_radius_fwhm must be > 0 and max_shift_fwhm >= 0")
 
 
 class Measurer(Step):
@@ -70,7 +71,14 @@ class Measurer(Step):
     # 1.1: negative_fraction no longer among the default bad cuts (it marked faint sources bad)
     # 1.2: centroid_offset dropped from the bad cuts and dipole_ratio's raised to 0.8, then both
     #      reverted (spurious detections 19 -> 52 on the 512 test field): results as 1.1
-    version = "1.2.0"
+    # 1.3: P_D's FWHM (the fit radius's unit) from its area above half maximum, not from its
+    #      second moments (which the wings dominate: 1.2 px from a noisy model, ~7 from a Moffat's);
+    #      centroid_offset's peak is that of D smoothed by a 3 x 3 box within 1 FWHM
+    # 1.4: shapes that a faint source's noise does not fake: the centroid offset from the PSF
+    #      model's windowed centroid, cut in sigma; dipole lobes from matched-filter significance,
+    #      counted from -3 sigma; dropped only when half the core is bad (not 25 pixels of the
+    #      2-FWHM disc); the PSF fit may move 0.5 FWHM (S_corr's peak is off a transient on a galaxy)
+    version = "1.4.0"
     Params = MeasuringParams
     inputs = (Input("sub_image"), Input("detections"), Input("cutouts"), Input("wcs"), Input("zp"))
     outputs = (Output("measurement_set", MeasurementSet, parents={"cutouts_id": "cutouts"}),)
@@ -79,10 +87,10 @@ class Measurer(Step):
         sub, detections, wcs, zp = ds.get_sub_image(), ds.get_detections(), ds.get_wcs(), ds.get_zp()
         p = self.params
         psf = difference_psf(sub)
-        fwhm = _fwhm(psf(sub.nx / 2.0, sub.ny / 2.0))
+        fwhm = half_maximum_fwhm(psf(sub.nx / 2.0, sub.ny / 2.0))
         table = measure_detections(sub.data, detections.x, detections.y, psf, weight=sub.weight, flags=sub.flags,
                                    aperture_radii=tuple(p.aperture_radii), fit_radius=p.fit_radius_fwhm * fwhm,
-                                   max_shift=p.max_shift)
+                                   max_shift=p.max_shift_fwhm * fwhm)
         n = len(table)
         drop = apply_cuts(table, {k: tuple(v) for k, v in p.drop_cuts.items()}) if n else None
         bad = apply_cuts(table, {k: tuple(v) for k, v in p.bad_cuts.items()}) if n else None
@@ -102,8 +110,11 @@ class Measurer(Step):
                 flux_psf_err=err, mag_psf=mag, mag_psf_err=mag_err, snr=float(table["snr_psf"][i]),
                 flux_apertures=[float(table[f"apflux_{k}"][i]) for k in range(len(p.aperture_radii))],
                 flux_apertures_err=[float(table[f"apfluxerr_{k}"][i]) for k in range(len(p.aperture_radii))],
-                centroid_offset=_finite(table["centroid_offset"][i]), elongation=_finite(table["elongation"][i]),
+                centroid_offset=_finite(table["centroid_offset"][i]),
+                centroid_offset_sigma=_finite(table["centroid_offset_sigma"][i]),
+                elongation=_finite(table["elongation"][i]),
                 width_ratio=_finite(table["width_ratio"][i]), n_bad_pixels=int(table["n_bad_pixels"][i]),
+                bad_fraction=_finite(table["bad_fraction"][i]),
                 negative_fraction=_finite(table["negative_fraction"][i]),
                 dipole_ratio=_finite(table["dipole_ratio"][i]), is_bad=bool(bad.is_bad[i]),
                 bad_reasons=",".join(bad.reasons(i)) or None))
@@ -120,12 +131,3 @@ class Measurer(Step):
 def _finite(value) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
-
-
-def _fwhm(stamp: np.ndarray) -> float:
-    """FWHM of a stamp from its second moments (a Gaussian's), pixels."""
-    h = stamp.shape[0] // 2
-    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
-    total = stamp.sum()
-    var = float(np.sum(stamp * (xx**2 + yy**2)) / total / 2.0)
-    return 2.3548 * np.sqrt(max(var, 0.25))

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-04 22:45:24.779991
+Create Date: 2026-12-05 01:17:00.886168
 """
 from alembic import op
 import sqlalchemy as sa
@@ -351,9 +351,11 @@ def upgrade() -> None:
     sa.Column('flux_apertures', sa.JSON(), nullable=False),
     sa.Column('flux_apertures_err', sa.JSON(), nullable=False),
     sa.Column('centroid_offset', sa.Double(), nullable=True),
+    sa.Column('centroid_offset_sigma', sa.Double(), nullable=True),
     sa.Column('elongation', sa.Double(), nullable=True),
     sa.Column('width_ratio', sa.Double(), nullable=True),
     sa.Column('n_bad_pixels', sa.Integer(), nullable=False),
+    sa.Column('bad_fraction', sa.Double(), nullable=True),
     sa.Column('negative_fraction', sa.Double(), nullable=True),
     sa.Column('dipole_ratio', sa.Double(), nullable=True),
     sa.Column('is_bad', sa.Boolean(), nullable=False),

@@ -124,6 +124,55 @@ def test_dipole_indicator_separates_dipole_from_point_source(zoo):
         assert m["dipole"]["chi2_psf"] > 10 * m["point"]["chi2_psf"]
 
 
+def test_faint_point_sources_are_not_dipoles_or_lopsided(grid):
+    """At S/N 7 noise alone used to make a point source's pixel-by-pixel 'negative lobe' half
+    its light and move its peak pixel by 1-3 pixels; the significance-based measures do not."""
+    psf, model, x, y, flux = grid
+    rng = np.random.default_rng(9)
+    weight = np.full(model.shape, SIGMA**-2)
+    tables = [measure_detections(model * 7.0 / 50.0 + rng.normal(0, SIGMA, model.shape), x, y, psf, weight=weight)
+              for _ in range(4)]                                   # 4 x 225 sources of S/N 7
+    dipole = np.concatenate([t["dipole_ratio"] for t in tables])
+    offset = np.concatenate([t["centroid_offset_sigma"] for t in tables])
+    assert np.mean(dipole > 0.4) < 0.05                            # measured 2 % (the old measure: ~50 %)
+    assert np.mean(offset > 5.0) < 0.01                            # measured 0 % (99th percentile 2.8)
+    assert 0.35 < np.median(offset) < 0.7                          # measured 0.5 (see COLUMNS)
+
+
+def test_lopsided_blend_has_a_significant_centroid_offset():
+    """A S/N 50 source with an equal companion 4 pixels away (FWHM 3.6): the PSF fit stays near
+    one of them (max_shift), the windowed centroid moves between them."""
+    shape = (101, 101)
+    psf = moffat_psf(shape)
+    f50 = flux_at_snr(psf, 50.0)
+    weight = np.full(shape, SIGMA**-2)
+    for seed in range(3):
+        single = np.zeros(shape)
+        add_source(single, psf, 50.0, 50.0, f50)
+        blend = single.copy()
+        add_source(blend, psf, 54.0, 50.0, f50)
+        noise = np.random.default_rng(seed).normal(0, SIGMA, shape)
+        alone = measure_detections(single + noise, [50.0], [50.0], psf, weight=weight)
+        lopsided = measure_detections(blend + noise, [50.0], [50.0], psf, weight=weight)
+        assert alone["centroid_offset_sigma"][0] < 2.0                  # measured 0.2-0.9
+        assert lopsided["centroid_offset_sigma"][0] > 10.0              # measured ~26
+
+
+def test_bad_fraction_counts_the_core():
+    shape = (101, 101)
+    psf = moffat_psf(shape)
+    image = np.zeros(shape)
+    add_source(image, psf, 50.0, 50.0, 20000.0)
+    flags = np.zeros(shape, np.uint16)
+    flags[:, 50:] = PixelFlag.BAD                         # the right half of the image
+    table = measure_detections(image + np.random.default_rng(3).normal(0, SIGMA, shape), [50.0, 20.0],
+                               [50.0, 50.0], psf, weight=np.full(shape, SIGMA**-2), flags=flags)
+    core = np.hypot(*np.meshgrid(np.arange(-4, 5), np.arange(-4, 5))) <= table.meta["psf_fwhm"]
+    expected = np.mean(np.meshgrid(np.arange(-4, 5), np.arange(-4, 5))[0][core] >= 0)
+    assert abs(table["bad_fraction"][0] - expected) < 0.05      # about half
+    assert table["bad_fraction"][1] == 0.0
+
+
 def test_width_ratio_separates_spike_and_blob_from_point_source(zoo):
     for seed in range(3):
         m = _measure_zoo(zoo, seed)

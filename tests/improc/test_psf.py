@@ -286,3 +286,25 @@ def test_weight_and_mask_are_used():
     weight = np.full(shape, 1.0 / (SKY + READ_NOISE**2))
     psf = fit_psf(data, x, y, background=0.0, weight=weight, mask=mask, gain=1.0, fwhm_guess=3.8, degree=1)
     assert max_error(psf, 255.5, 255.5, shape) < 0.01
+
+
+def test_half_maximum_fwhm_of_a_moffat_ignores_its_wings():
+    from improc.psf import half_maximum_fwhm
+
+    off = np.arange(-30, 31)
+    r2 = off[None, :] ** 2 + off[:, None] ** 2
+    for beta in (2.0, 3.0, 6.0):
+        alpha = 5.0 / (2 * np.sqrt(2 ** (1 / beta) - 1))
+        stamp = (1 + r2 / alpha**2) ** -beta
+        assert half_maximum_fwhm(stamp) == pytest.approx(5.0, rel=0.03)
+        noisy = stamp + np.where(r2 > 15**2, np.random.default_rng(1).normal(0, 0.01, stamp.shape), 0.0)
+        assert half_maximum_fwhm(noisy) == pytest.approx(half_maximum_fwhm(stamp), rel=0.005)
+
+
+@pytest.mark.parametrize(("stamp", "options", "match"), [(np.ones((4, 4)), {}, "odd size"),
+                                                         (np.ones((5, 5)), {"oversample": 0}, "oversample")])
+def test_half_maximum_fwhm_rejects_bad_input(stamp, options, match):
+    from improc.psf import half_maximum_fwhm
+
+    with pytest.raises(ValueError, match=match):
+        half_maximum_fwhm(stamp, **options)

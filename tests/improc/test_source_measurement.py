@@ -99,10 +99,15 @@ def test_sky_refinement_iterations_change_the_fluxes(field, measured):
     np.testing.assert_array_equal(unrefined.sources["is_psf_star"][:n], measured.sources["is_psf_star"][:n])
     assert unrefined.fwhm_pixels != measured.fwhm_pixels
     # on the sky of the background mesh (raised by the sources' wings) the PSF fluxes are low
-    i_star, i_src, _ = _matched(sim, unrefined.sources)
-    bright = _bright(sim)[i_star]
-    ratio = np.asarray(unrefined.sources["psfflux"])[i_src] / np.asarray(sim.stars["flux_adu"])[i_star]
-    assert np.median(ratio[bright]) < 0.97
+    # (0.985 of the truth, against 1.003 refined; below 0.97 while the PSF model's wings were
+    # noise, which took part of the sky's error)
+    ratios = []
+    for result in (unrefined, measured):
+        i_star, i_src, _ = _matched(sim, result.sources)
+        bright = _bright(sim)[i_star]
+        ratio = np.asarray(result.sources["psfflux"])[i_src] / np.asarray(sim.stars["flux_adu"])[i_star]
+        ratios.append(np.median(ratio[bright]))
+    assert ratios[0] < 0.99 and ratios[1] - ratios[0] > 0.01, ratios
 
 
 def test_stricter_psf_isolation_keeps_fewer_psf_stars(field, measured):

@@ -123,9 +123,10 @@ def test_references_subtraction_and_measurements_recover_the_injected_transients
     assert abs(np.median(ratios) - 1.0) < 0.05
     matched = {int(np.argmin(np.hypot(xy[:, 0] - t["x"], xy[:, 1] - t["y"]))) for t in truth} if len(xy) else set()
     spurious = [m for i, m in enumerate(kept) if i not in matched]
-    # Today's figure (19 on this 512 x 512 field) is set by the residuals of bright stars, whose
-    # PSF models are imperfect; issue 10 asks for <= 25 per 2048 x 2048, real/bogus scoring for 5.
-    assert len(spurious) <= 25, [repr(m) for m in spurious]
+    # 19 here while the fitted PSFs' wings were noise (a square patch of residuals around each
+    # bright star); 2 since extraction 1.4 (Moffat-tail wings) and measuring 1.2 (35 of the 36
+    # S/N >= 10 transients kept).  Issue 10 asks for <= 25 per 2048 x 2048.
+    assert len(spurious) <= 2, [repr(m) for m in spurious]
     m = kept[0]
     assert m.sub_data.shape == (41, 41) and m.new_weight.shape == (41, 41)
     assert np.isfinite(m.ref_data).all()
