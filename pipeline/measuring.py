@@ -78,7 +78,8 @@ class Measurer(Step):
     #      model's windowed centroid, cut in sigma; dipole lobes from matched-filter significance,
     #      counted from -3 sigma; dropped only when half the core is bad (not 25 pixels of the
     #      2-FWHM disc); the PSF fit may move 0.5 FWHM (S_corr's peak is off a transient on a galaxy)
-    version = "1.4.0"
+    # 1.5: PSF clips rendered with extraction 1.6's shift matrices (rounding-level changes)
+    version = "1.5.0"
     Params = MeasuringParams
     inputs = (Input("sub_image"), Input("detections"), Input("cutouts"), Input("wcs"), Input("zp"))
     outputs = (Output("measurement_set", MeasurementSet, parents={"cutouts_id": "cutouts"}),)

@@ -98,7 +98,8 @@ class PhotoCalibrator(Step):
     #      the transformation are recorded on the ZeroPoint
     # 1.4: clipping never tighter than the calibrators' own errors (with 8 stars, four agreeing to
     #      2 mmag clipped the rest at 1-3 sigma and the fit failed)
-    version = "1.4.0"
+    # 1.5: model aperture sums from clips laid out in mosaics (rounding-level changes)
+    version = "1.5.0"
     Params = PhotoCalParams
     inputs = (Input("image"), Input("background"), Input("sources"), Input("psf"), Input("wcs"))
     outputs = (Output("zp", ZeroPoint, parents={"image_id": "image", "wcs_id": "wcs", "psf_id": "psf",

@@ -60,6 +60,10 @@ class SubtractionParams(StepParams):
                                        "spread by the broader PSF, falls below this many sigma.")
     background_box: int = param(64, "Mesh, pixels, of the smooth background removed from D and S_corr after "
                                 "subtraction (the two skies' residual offsets; 0: none).")
+    background_filter: int = param(3, "Median filter, in boxes, over D's background mesh (odd; 1: none).")
+    score_background_filter: int = param(1, "Median filter, in boxes, over S_corr's background mesh (odd; 1: none, "
+                                         "so that boxes at the chip's edges and flagged borders keep their own "
+                                         "level).")
     min_registration_sigma_px: float = param(0.0, "Least registration noise per axis in S_corr, pixels "
                                              "(added to what the WCS uncertainties give).")
 
@@ -68,6 +72,9 @@ class SubtractionParams(StepParams):
             raise ParameterError(f"subtraction tile_size must be >= 16, got {self.tile_size}")
         if self.background_box != 0 and self.background_box < 8:
             raise ParameterError(f"subtraction background_box must be 0 or >= 8, got {self.background_box}")
+        for name in ("background_filter", "score_background_filter"):
+            if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
+                raise ParameterError(f"subtraction {name} must be odd and >= 1, got {getattr(self, name)}")
         if self.mask_dilation_fwhm < 0 or self.hidden_light_nsigma <= 0 or self.min_registration_sigma_px < 0:
             raise ParameterError("subtraction mask_dilation_fwhm and min_registration_sigma_px must be >= 0 "
                                  "and hidden_light_nsigma > 0")
@@ -132,7 +139,11 @@ class Subtractor(Step):
     # 1.3: ... from the PSF stars both images measured (sources of S/N >= 10, blends and galaxies
     # among them, gave 0.14 px where 0.013 px was true); the residual smooth background of D and
     # S_corr removed (64-px mesh: the two skies' offsets moved S_corr's tile means by -0.6..+0.3)
-    version = "1.3.0"
+    # 1.4: PSF clips rendered with extraction 1.6's shift matrices (D differs from 1.3 by rounding);
+    #      S_corr's residual background mesh is not median-filtered (score_background_filter 1): a
+    #      3 x 3 filter left offsets of +1 sigma along the chip's edges.  D's keeps its filter: its
+    #      PSF fluxes feel the unfiltered mesh's noise (faint transients' pulls 1.06 -> 1.09)
+    version = "1.4.0"
     Params = SubtractionParams
     inputs = (Input("image"), Input("background"), Input("psf"), Input("wcs"), Input("zp"),
               Input("reference", tag_param="reference_tag"))
@@ -179,9 +190,10 @@ class Subtractor(Step):
             # sources and bad pixels out, to 2 FWHM of the new image's PSF
             busy = (result.flags != 0) | (np.abs(score_corr) > 4.0)
             grow = int(np.ceil(2.0 * psf.model.fwhm_pixels))
-            box = self.params.background_box
-            data = data - residual_background(data, busy, box=box, busy_radius=grow)
-            score_corr = score_corr - residual_background(score_corr, busy, box=box, busy_radius=grow)
+            mesh = dict(box=self.params.background_box, busy_radius=grow)
+            data = data - residual_background(data, busy, filter_size=self.params.background_filter, **mesh)
+            score_corr = score_corr - residual_background(score_corr, busy,
+                                                          filter_size=self.params.score_background_filter, **mesh)
         sub = ds.new_product(self, "sub_image", data=data, weight=result.weight, flags=result.flags,
                              wcs=wcs.wcs, instrument=image.instrument, type=ImageType.DIFFERENCE,
                              section_id=image.section_id, filter=image.filter, mjd=image.mjd,

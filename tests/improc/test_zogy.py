@@ -405,3 +405,29 @@ def test_errors_name_the_argument():
         detect_peaks(a, threshold=-1.0)
     with pytest.raises(ValueError, match="mask must have the shape of score"):
         detect_peaks(a, mask=np.zeros((3, 3), bool))
+
+
+def test_residual_background_keeps_an_offset_of_one_box_beside_a_flagged_border():
+    """An offset confined to one mesh box beside a flagged border (as D and S_corr keep along a
+    chip's edge) is followed by the unfiltered mesh and erased by a 3 x 3 median filter, whose
+    neighbours outvote it."""
+    from improc.zogy import residual_background
+
+    rng = np.random.default_rng(3)
+    ny, nx = 512, 512
+    truth = np.zeros((ny, nx), np.float32)
+    truth[192:256, 0:64] = 0.8                 # one box, at the border
+    image = (truth + rng.normal(0.0, 1.0, (ny, nx))).astype(np.float32)
+    busy = np.zeros((ny, nx), bool)
+    busy[:, :16] = True                        # the flagged border
+    busy[300:330, 300:330] = True              # a masked source
+    image[busy] = 50.0                         # whatever is there must not matter
+    inside = np.s_[200:248, 16:56]
+    unfiltered = residual_background(image, busy, box=64)
+    assert 0.5 < float(np.mean(unfiltered[inside])) < 0.9     # bicubic between box centres
+    assert float(np.mean(np.abs(unfiltered[:, 200:]))) < 0.05  # 1/64 per box where there is nothing
+    assert abs(float(np.mean(unfiltered[300:330, 300:330]))) < 0.1
+    filtered = residual_background(image, busy, box=64, filter_size=3)
+    assert abs(float(np.mean(filtered[inside]))) < 0.1
+    with pytest.raises(ValueError, match="filter_size"):
+        residual_background(image, busy, box=64, filter_size=2)
