@@ -393,6 +393,13 @@ def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool =
     for y0, y1, x0, x1 in tiles:
         values = score[y0:y1, x0:x1][free[y0:y1, x0:x1]]
         out.tile_std.append(float(np.std(values)) if values.size > 500 else float("nan"))
+        if show_missed and values.size > 500 and abs(out.tile_std[-1] - 1) > 0.04:
+            mad = 1.4826 * np.median(np.abs(values - np.median(values)))
+            window = np.where(free[y0:y1, x0:x1], np.abs(score[y0:y1, x0:x1]), 0)
+            iy, ix = np.unravel_index(int(np.argmax(window)), window.shape)
+            print(f"  tile y {y0}-{y1} x {x0}-{x1}: std {out.tile_std[-1]:.3f}, robust {mad:.3f}, "
+                  f"mean {values.mean():+.3f}, |S|>4 in {np.mean(np.abs(values) > 4):.1e} of {values.size}, "
+                  f"max |S| {window.max():.1f} at ({x0 + ix}, {y0 + iy})")
     corner_ids = {int(np.argmin(tiles[:, 0] + tiles[:, 2])), int(np.argmin(tiles[:, 0] - tiles[:, 3])),
                   int(np.argmin(-tiles[:, 1] + tiles[:, 2])), int(np.argmax(tiles[:, 1] + tiles[:, 3]))}
     out.corners = [out.tile_std[i] for i in sorted(corner_ids)]
@@ -407,7 +414,7 @@ def print_table(outcomes: list[Outcome]) -> None:
     print("\n" + " " * 34 + "".join(f"{o.label:>{width}}" for o in outcomes))
 
     def row(name, cells, target=""):
-        print(f"{name:<34}" + "".join(f"{c:>{width}}" for c in cells) + (f"   {target}" if target else ""))
+        print(f"{name:<34}" + "".join(f" {c:>{width - 1}}" for c in cells) + (f"   {target}" if target else ""))
 
     row("image", [f"{o.shape[1]} x {o.shape[0]}" for o in outcomes])
     for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):

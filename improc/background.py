@@ -321,20 +321,30 @@ def _sorted_median(ordered: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 def _clip_sorted(run: np.ndarray, centre: float, spread: float, clip_sigma: float,
                  n_iter: int) -> tuple[float, float, int]:
-    """Iterated sigma clip of sorted finite values: the kept ones are a contiguous run."""
+    """Iterated sigma clip of sorted finite values: the kept ones are a contiguous run.
+
+    Each iteration's mean and standard deviation come from cumulative sums of the run taken
+    about its first centre (so the squares do not lose precision to a large sky level): a few
+    lookups per iteration instead of a pass over the box's pixels.
+    """
     count = run.size
+    if not (np.isfinite(centre) and np.isfinite(spread)):
+        return np.nan, np.nan, 0
+    origin = centre
+    shifted = run.astype(np.float64) - origin
+    sums = np.concatenate(([0.0], np.cumsum(shifted)))
+    squares = np.concatenate(([0.0], np.cumsum(shifted * shifted)))
     for _ in range(n_iter):
         if not (np.isfinite(centre) and np.isfinite(spread)):
             return np.nan, np.nan, 0
-        lo = np.searchsorted(run, centre - clip_sigma * spread, "left")
-        hi = np.searchsorted(run, centre + clip_sigma * spread, "right")
-        kept = run[lo:hi].astype(np.float64)
-        count = kept.size
+        lo = int(np.searchsorted(run, centre - clip_sigma * spread, "left"))
+        hi = int(np.searchsorted(run, centre + clip_sigma * spread, "right"))
+        count = hi - lo
         if count == 0:
             return np.nan, np.nan, 0
-        centre = float(kept.sum()) / count
-        kept -= centre
-        spread = float(np.sqrt(np.dot(kept, kept) / count))
+        mean = (sums[hi] - sums[lo]) / count
+        centre = origin + mean
+        spread = float(np.sqrt(max((squares[hi] - squares[lo]) / count - mean * mean, 0.0)))
     return centre, spread, count
 
 
