@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from scipy import ndimage
 
 from improc.alignment import local_jacobian, psf_on_grid, warp_noise_power
 from improc.errors import BadDataError
@@ -142,7 +143,10 @@ class Subtractor(Step):
     # 1.4: PSF clips rendered with extraction 1.6's shift matrices (D differs from 1.3 by rounding);
     #      S_corr's residual background mesh is not median-filtered (score_background_filter 1): a
     #      3 x 3 filter left offsets of +1 sigma along the chip's edges.  D's keeps its filter: its
-    #      PSF fluxes feel the unfiltered mesh's noise (faint transients' pulls 1.06 -> 1.09)
+    #      PSF fluxes feel the unfiltered mesh's noise (faint transients' pulls 1.06 -> 1.09).
+    #      The meshes' busy pixels: the (already spread) flags as they are, only the sources grown
+    #      by 2 FWHM; growing the flags again left the boxes between a saturated star and the
+    #      chip's edge mostly busy, with S_corr at -0.9 there
     version = "1.4.0"
     Params = SubtractionParams
     inputs = (Input("image"), Input("background"), Input("psf"), Input("wcs"), Input("zp"),
@@ -187,10 +191,13 @@ class Subtractor(Step):
                                f"{exc}") from exc
         data, score_corr = result.data, result.score_corr
         if self.params.background_box:
-            # sources and bad pixels out, to 2 FWHM of the new image's PSF
-            busy = (result.flags != 0) | (np.abs(score_corr) > 4.0)
+            # bad pixels out, and sources to 2 FWHM of the new image's PSF (the flags were
+            # spread already: growing them again would leave the boxes beside a saturated
+            # star mostly busy, and their offsets uncorrected)
             grow = int(np.ceil(2.0 * psf.model.fwhm_pixels))
-            mesh = dict(box=self.params.background_box, busy_radius=grow)
+            sources = ndimage.maximum_filter((np.abs(score_corr) > 4.0).view(np.uint8), size=2 * grow + 1)
+            busy = (result.flags != 0) | sources.astype(bool)
+            mesh = dict(box=self.params.background_box, busy_radius=0)
             data = data - residual_background(data, busy, filter_size=self.params.background_filter, **mesh)
             score_corr = score_corr - residual_background(score_corr, busy,
                                                           filter_size=self.params.score_background_filter, **mesh)
