@@ -108,6 +108,7 @@ class Outcome:
     zp_errors: list = field(default_factory=list)
     efficiencies: list = field(default_factory=list)  # S_corr peak / S/N, field transients, S/N > 10
     tile_std: list = field(default_factory=list)      # per tile, nan without enough free pixels
+    static: list = field(default_factory=list)        # PSF flux on D / flux, static sources of S/N > 50
     corners: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     peak_rss_mb: float = 0.0
@@ -132,6 +133,11 @@ class Outcome:
         return float(1.4826 * np.median(np.abs(pulls - np.median(pulls)))) if pulls.size > 2 else float("nan")
 
 
+def _robust(values) -> float:
+    values = np.asarray(values, float)
+    return float(1.4826 * np.median(np.abs(values - np.median(values)))) if values.size > 2 else float("nan")
+
+
 def pooled(outcomes: list[Outcome]) -> Outcome:
     """One Outcome of several runs of the same kind (bins, counts and lists added up)."""
     first = outcomes[0]
@@ -140,7 +146,8 @@ def pooled(outcomes: list[Outcome]) -> Outcome:
                         for k, (lo, hi, _, _) in enumerate(first.bins)])
     for name in ("n_flagged", "spurious", "n_kept", "n_bad"):
         setattr(out, name, sum(getattr(o, name) for o in outcomes))
-    for name in ("ratios", "pulls", "pull_snr", "in_field", "zp_errors", "efficiencies", "tile_std", "corners"):
+    for name in ("ratios", "pulls", "pull_snr", "in_field", "zp_errors", "efficiencies", "tile_std", "corners",
+                 "static"):
         setattr(out, name, [v for o in outcomes for v in getattr(o, name)])
     out.seconds = {k: float(np.median([o.seconds[k] for o in outcomes if k in o.seconds])) for k in first.seconds}
     out.peak_rss_mb = max(o.peak_rss_mb for o in outcomes)
@@ -313,6 +320,28 @@ def _faint_misses(ds, new_sim, snr: np.ndarray, missed: np.ndarray) -> None:
         print(f"  undetected ones: S_corr max near the truth / S/N, median {np.median(peaks):.2f}")
 
 
+def static_residuals(ds, tx: np.ndarray, ty: np.ndarray) -> np.ndarray:
+    """PSF-fit flux on D over the new image's PSF flux, for its sources of S/N > 50 more than 20 px
+    from any transient: what static sources leave on D (measuring's ``static_flux_error``)."""
+    from improc.measurements import measure_detections
+    from improc.psf import half_maximum_fwhm
+    from pipeline.subtraction import difference_psf
+
+    sub, sources = ds.get_sub_image(), ds.get_sources().data
+    x, y = np.asarray(sources["x"], float), np.asarray(sources["y"], float)
+    flux = np.asarray(sources["psfflux"], float)
+    snr = flux / np.asarray(sources["psffluxerr"], float)
+    near = np.min(np.hypot(x[:, None] - tx[None], y[:, None] - ty[None]), axis=1) < 20 if len(tx) else False
+    use = (snr > 50) & ~near & (x > 40) & (x < sub.nx - 40) & (y > 40) & (y < sub.ny - 40)
+    if not use.any():
+        return np.zeros(0)
+    psf = difference_psf(sub)
+    table = measure_detections(sub.data, x[use], y[use], psf, weight=sub.weight, flags=sub.flags,
+                               fit_radius=2.0 * half_maximum_fwhm(psf(sub.nx / 2.0, sub.ny / 2.0)), max_shift=0.0)
+    ratio = np.asarray(table["flux_psf"], float) / flux[use]
+    return ratio[np.isfinite(ratio)]
+
+
 def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool = False) -> Outcome:
     """The acceptance figures of one run against the truth."""
     from scipy import ndimage
@@ -405,6 +434,7 @@ def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool =
     corner_ids = {int(np.argmin(tiles[:, 0] + tiles[:, 2])), int(np.argmin(tiles[:, 0] - tiles[:, 3])),
                   int(np.argmin(-tiles[:, 1] + tiles[:, 2])), int(np.argmax(tiles[:, 1] + tiles[:, 3]))}
     out.corners = [out.tile_std[i] for i in sorted(corner_ids)]
+    out.static = list(static_residuals(ds, tx, ty))
     out.seconds = {s: float(ds.stats[s]["seconds"]) for s in STEPS if s in ds.stats}
     out.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return out
@@ -444,6 +474,8 @@ def print_table(outcomes: list[Outcome]) -> None:
     row("flux pulls std, S/N < 20 | >= 20",
         [f"{o.pull_std(np.asarray(o.pull_snr) < 20):.2f} | {o.pull_std(np.asarray(o.pull_snr) >= 20):.2f}"
          for o in outcomes])
+    row("static sources S/N > 50: D / flux", [f"{_robust(o.static):.4f} (n={len(o.static)})" for o in outcomes],
+        "(robust scatter)")
     row("new image's zp - truth, mag", [" ".join(f"{v:+.4f}" for v in o.zp_errors) for o in outcomes])
     row("S_corr peak / S/N, field, S/N > 10",
         [f"{np.median(o.efficiencies):.3f}" if o.efficiencies else "-" for o in outcomes], "(median)")

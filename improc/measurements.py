@@ -52,7 +52,7 @@ from astropy.table import Column, Table
 from improc.flags import PixelFlag
 from improc.psf import PixelPSF, cut_stamps, nearest_pixel
 
-__all__ = ["COLUMNS", "PSFLike", "measure_detections", "CutResult", "apply_cuts"]
+__all__ = ["COLUMNS", "PSFLike", "measure_detections", "static_flux", "CutResult", "apply_cuts"]
 
 #: Detections measured together (bounds the memory of the stamps).
 _CHUNK = 1024
@@ -418,6 +418,54 @@ def measure_detections(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PSFL
     sep_data = np.ascontiguousarray(np.where(bad_map, 0.0, data), dtype=float)
     columns.update(_apertures(sep_data, variance, bad_map, columns["x_psf"], columns["y_psf"], radii))
     return _table(columns, radii, radius, fwhm)
+
+
+def static_flux(ref: np.ndarray, ref_weight: np.ndarray, ref_flags: np.ndarray, psf: PSFLike,
+                x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The static scene's PSF-weighted flux at each detection, from the reference's stamps.
+
+    A PSF fit on D leaves a residual of every static source under it: the PSF models of both
+    images are good to a percent or two, so a transient on a bright galaxy's core, or beside a
+    bright star, inherits a share of that source's flux that D's pixel noise does not describe.
+    This is the flux such an error scales with: ``sum(P R) / sum(P^2)`` over the good pixels of
+    each reference stamp R (the reference on the new image's grid and flux scale, centred on the
+    detection's pixel) with P the PSF at the detection's position.  For a point source of P's
+    shape it is its flux; where the reference's PSF is 1.4 times broader or sharper than P it is
+    0.68 or 1.32 times the flux (2 / (1 + r^2) for Gaussians, r the reference's width over P's),
+    ample for an error term.
+
+    Parameters
+    ----------
+    ref, ref_weight, ref_flags : numpy.ndarray
+        (n, s, s) reference stamps of data (sky-subtracted, new-image ADU), weight and flags, as
+        cut by `improc.cutouts.make_cutouts` (odd ``s``); pixels with flags or weight <= 0 are
+        not used.
+    psf : PixelPSF or callable
+        PSF of D (`PSFLike`), evaluated at each (x, y).
+    x, y : numpy.ndarray
+        (n,) detection positions, 0-based pixels (the stamps' centres are their pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n,) flux in the stamps' units; NaN where no good pixel is under the PSF.
+    """
+    ref = np.asarray(ref, dtype=float)
+    if ref.ndim != 3 or ref.shape[1] != ref.shape[2] or ref.shape[1] % 2 == 0:
+        raise ValueError(f"ref must be (n, s, s) stamps of odd side, got shape {ref.shape}")
+    x, y = np.atleast_1d(np.asarray(x, dtype=float)), np.atleast_1d(np.asarray(y, dtype=float))
+    if x.shape != (ref.shape[0],) or y.shape != x.shape:
+        raise ValueError(f"need one position per stamp: {ref.shape[0]} stamps, {x.size} and {y.size} positions")
+    if x.size == 0:
+        return np.zeros(0)
+    good = (np.asarray(ref_flags) == 0) & (np.asarray(ref_weight) > 0) & np.isfinite(ref)
+    # the PSF at each detection's sub-pixel position on the stamps' grid (far wings beyond the
+    # cutout carry no weight worth having)
+    stamps = np.where(good, _ShiftedPSF(psf, x, y, ref.shape[1] // 2).at(x, y), 0.0)
+    norm = np.sum(stamps * stamps, axis=(1, 2))
+    total = np.sum(stamps * np.where(good, ref, 0.0), axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, total / norm, np.nan)
 
 
 def _measure_chunk(data, weight, bad_map, psf, x, y, radius, max_shift, fwhm,

@@ -3,7 +3,9 @@ difference image (`improc.measurements`), and the cuts that mark or drop them.
 
 Each detection is measured on D with its PSF P_D (`pipeline.subtraction.difference_psf`): the
 flux is in the new image's ADU (the magnitude uses the new image's zero point), the sky position
-comes from the new image's fitted WCS at the PSF-fit position.  Two sets of thresholds
+comes from the new image's fitted WCS at the PSF-fit position.  The flux error is D's pixel noise
+and, in quadrature, ``static_flux_error`` times the static scene's flux under the PSF (from the
+reference's stamp): what a bright host or neighbour leaves on D.  Two sets of thresholds
 ``{column: [min, max]}`` (None for no bound; columns of `improc.measurements.COLUMNS`) apply:
 a detection failing ``drop_cuts`` is not stored, one failing ``bad_cuts`` is stored with
 ``is_bad`` and the names of the cuts in ``bad_reasons``.
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from improc.measurements import COLUMNS, apply_cuts, measure_detections
+from improc.measurements import COLUMNS, apply_cuts, measure_detections, static_flux
 from improc.psf import half_maximum_fwhm
 from models.measurements import Measurements, MeasurementSet
 from pipeline.data_store import DataStore
@@ -38,6 +40,11 @@ class MeasuringParams(StepParams):
     max_shift_fwhm: float = param(0.5, "Largest move of the PSF-fit position from the detection, in FWHM of P_D "
                                        "(S_corr's peak moves off a transient on a galaxy, whose light raises the "
                                        "source noise on one side).")
+    static_flux_error: float = param(
+        0.015, "Fraction of the static scene's flux under the PSF (`improc.measurements.static_flux` of "
+               "the reference) added in quadrature to the PSF-fit flux error: what bright static sources "
+               "leave on D (their PSF-fit fluxes on D scatter by 1.5 % of their flux on the simulated pairs "
+               "of bench/bench_difference.py); 0: D's pixel noise alone.")
     drop_cuts: dict = param(
         {"width_ratio": [0.4, None], "bad_fraction": [None, 0.5]},
         "Detections failing any of these {column: [min, max]} are not stored (cosmic-ray-like spikes, "
@@ -60,6 +67,8 @@ class MeasuringParams(StepParams):
                                          f"{', '.join(COLUMNS)}")
                 if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2):
                     raise ParameterError(f"measuring {name}[{column!r}] must be [min, max], got {bounds!r}")
+        if not 0 <= self.static_flux_error < 1:
+            raise ParameterError(f"measuring static_flux_error must be in [0, 1), got {self.static_flux_error}")
         if self.fit_radius_fwhm <= 0 or self.max_shift_fwhm < 0:
             raise ParameterError("measuring fit_radius_fwhm must be > 0 and max_shift_fwhm >= 0")
 
@@ -78,7 +87,9 @@ class Measurer(Step):
     #      model's windowed centroid, cut in sigma; dipole lobes from matched-filter significance,
     #      counted from -3 sigma; dropped only when half the core is bad (not 25 pixels of the
     #      2-FWHM disc); the PSF fit may move 0.5 FWHM (S_corr's peak is off a transient on a galaxy)
-    # 1.5: PSF clips rendered with extraction 1.6's shift matrices (rounding-level changes)
+    # 1.5: PSF clips rendered with extraction 1.6's shift matrices (rounding-level changes); the
+    #      flux error includes static_flux_error times the static scene's flux under the PSF (a
+    #      transient on a bright galaxy's core had a pull of +7: 1.7 % of the galaxy's flux left on D)
     version = "1.5.0"
     Params = MeasuringParams
     inputs = (Input("sub_image"), Input("detections"), Input("cutouts"), Input("wcs"), Input("zp"))
@@ -93,6 +104,13 @@ class Measurer(Step):
                                    aperture_radii=tuple(p.aperture_radii), fit_radius=p.fit_radius_fwhm * fwhm,
                                    max_shift=p.max_shift_fwhm * fwhm)
         n = len(table)
+        if n and p.static_flux_error > 0:
+            ref = ds.get_cutouts().stamps.ref
+            static = static_flux(ref.data, ref.weight, ref.flags, psf, np.asarray(detections.x, float),
+                                 np.asarray(detections.y, float))
+            extra = p.static_flux_error * np.clip(np.nan_to_num(static), 0.0, None)
+            table["flux_psf_err"] = np.hypot(np.asarray(table["flux_psf_err"], float), extra)
+            table["snr_psf"] = np.asarray(table["flux_psf"], float) / np.asarray(table["flux_psf_err"], float)
         drop = apply_cuts(table, {k: tuple(v) for k, v in p.drop_cuts.items()}) if n else None
         bad = apply_cuts(table, {k: tuple(v) for k, v in p.bad_cuts.items()}) if n else None
         ra, dec = wcs.wcs.pixel_to_world_values(np.asarray(table["x_psf"]), np.asarray(table["y_psf"]))
