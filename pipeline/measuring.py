@@ -41,10 +41,10 @@ class MeasuringParams(StepParams):
                                        "(S_corr's peak moves off a transient on a galaxy, whose light raises the "
                                        "source noise on one side).")
     static_flux_error: float = param(
-        0.015, "Fraction of the static scene's flux under the PSF (`improc.measurements.static_flux` of "
-               "the reference) added in quadrature to the PSF-fit flux error: what bright static sources "
-               "leave on D (their PSF-fit fluxes on D scatter by 1.5 % of their flux on the simulated pairs "
-               "of bench/bench_difference.py); 0: D's pixel noise alone.")
+        0.01, "Fraction of the static scene's flux under the PSF (`improc.measurements.static_flux` of "
+              "the reference) added in quadrature to the PSF-fit flux error: what bright static sources "
+              "leave on D (their PSF-fit fluxes on D scatter by 0.95-1.15 % of their flux on the simulated "
+              "pairs of bench/bench_difference.py); 0: D's pixel noise alone.")
     drop_cuts: dict = param(
         {"width_ratio": [0.4, None], "bad_fraction": [None, 0.5]},
         "Detections failing any of these {column: [min, max]} are not stored (cosmic-ray-like spikes, "
