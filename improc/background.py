@@ -467,23 +467,42 @@ def _structure_mask(values: np.ndarray, mesh: BackgroundMesh, usable: np.ndarray
     # smooth / weight > threshold * noise where weight > 0.2 (float32 is ample for a threshold)
     found = (weight > 0.2) & (smooth > (threshold * noise) * weight)
     del weight, smooth
-    if f > 1:
-        found = np.repeat(np.repeat(found, f, axis=0), f, axis=1)[:ny, :nx]
+    if f > 1:       # back to full columns; the rows are repeated by the dilation
+        found = np.repeat(found, f, axis=1)[:, :nx]
     grow = int(np.ceil(2 * sigma))
-    return _disc_dilation(found, grow)
+    return _disc_dilation(found, grow, repeat=f, ny=ny)
 
 
-def _disc_dilation(found: np.ndarray, radius: int) -> np.ndarray:
+def _disc_dilation(found: np.ndarray, radius: int, *, repeat: int = 1, ny: int | None = None) -> np.ndarray:
     """Binary dilation by the disc ``hypot(dx, dy) <= radius``, as rows: the OR over row offsets
-    dy of the image dilated along x by the disc's half-width at dy, shifted by dy."""
-    ny = found.shape[0]
-    out = np.zeros_like(found)
+    dy of the image dilated along x by the disc's half-width at dy, shifted by dy.
+
+    Parameters
+    ----------
+    found
+        (ny', nx) boolean image; each of its rows stands for ``repeat`` rows of the image dilated.
+    radius
+        Disc radius in pixels.
+    repeat
+        Rows of the image per row of ``found`` (the dilation along x runs on ``found``'s rows, 1 /
+        ``repeat`` of the work, before they are repeated).
+    ny
+        Rows of the image (``ny' * repeat`` cropped); default ``ny' * repeat``.
+
+    Returns
+    -------
+    numpy.ndarray
+        (ny, nx) boolean dilated image.
+    """
+    ny = found.shape[0] * repeat if ny is None else ny
+    out = np.zeros((ny, found.shape[1]), bool)
     rows: dict[int, np.ndarray] = {}
     for dy in range(-radius, radius + 1):
         width = int(np.floor(np.sqrt(radius**2 - dy**2)))
         if width not in rows:
-            rows[width] = ndimage.maximum_filter1d(found.view(np.uint8), 2 * width + 1, axis=1,
-                                                   mode="constant").view(bool)
+            wide = ndimage.maximum_filter1d(found.view(np.uint8), 2 * width + 1, axis=1,
+                                            mode="constant").view(bool)
+            rows[width] = np.repeat(wide, repeat, axis=0)[:ny] if repeat > 1 else wide
         if dy >= 0:
             out[dy:] |= rows[width][:ny - dy]
         else:
