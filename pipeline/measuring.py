@@ -41,10 +41,12 @@ class MeasuringParams(StepParams):
                                        "(S_corr's peak moves off a transient on a galaxy, whose light raises the "
                                        "source noise on one side).")
     static_flux_error: float = param(
-        0.01, "Fraction of the static scene's flux under the PSF (`improc.measurements.static_flux` of "
-              "the reference) added in quadrature to the PSF-fit flux error: what bright static sources "
-              "leave on D (their PSF-fit fluxes on D scatter by 0.95-1.15 % of their flux on the simulated "
-              "pairs of bench/bench_difference.py); 0: D's pixel noise alone.")
+        0.0, "Fraction of the static scene's flux under the PSF (`improc.measurements.static_flux` of "
+             "the reference) added in quadrature to the PSF-fit flux error: what bright static sources "
+             "leave on D (their PSF-fit fluxes on D scatter by 0.95-1.15 % of their flux on the simulated "
+             "pairs of bench/bench_difference.py); 0: D's pixel noise alone.  Off by default: 0.01 "
+             "brought four fields' pulls from 1.14 to 1.02 but one field's to 0.87 (a galaxy host's "
+             "residual is a smaller share of its PSF-weighted flux than a star's).")
     drop_cuts: dict = param(
         {"width_ratio": [0.4, None], "bad_fraction": [None, 0.5]},
         "Detections failing any of these {column: [min, max]} are not stored (cosmic-ray-like spikes, "
@@ -87,9 +89,9 @@ class Measurer(Step):
     #      model's windowed centroid, cut in sigma; dipole lobes from matched-filter significance,
     #      counted from -3 sigma; dropped only when half the core is bad (not 25 pixels of the
     #      2-FWHM disc); the PSF fit may move 0.5 FWHM (S_corr's peak is off a transient on a galaxy)
-    # 1.5: PSF clips rendered with extraction 1.6's shift matrices (rounding-level changes); the
-    #      flux error includes static_flux_error times the static scene's flux under the PSF (a
-    #      transient on a bright galaxy's core had a pull of +7: 1.7 % of the galaxy's flux left on D)
+    # 1.5: PSF clips rendered with extraction 1.6's shift matrices (rounding-level changes); an
+    #      optional flux-error term, static_flux_error times the static scene's flux under the PSF
+    #      (off by default; a transient on a bright galaxy's core had a pull of +7)
     version = "1.5.0"
     Params = MeasuringParams
     inputs = (Input("sub_image"), Input("detections"), Input("cutouts"), Input("wcs"), Input("zp"))
