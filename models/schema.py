@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import logging
 import pkgutil
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,25 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     SchemaError
         The database has SeeChange tables holding rows but no recorded revision.
     """
+    for attempt in range(_SQLITE_LOCK_RETRIES + 1):
+        try:
+            _upgrade_once(engine, revision)
+            return
+        except sa.exc.OperationalError as exc:
+            # SQLite answers "database is locked" at once, without waiting out its busy timeout,
+            # when waiting could deadlock (e.g. a fresh file switching to WAL while another
+            # migrator holds it); the migration was rolled back whole, so try again
+            if engine.dialect.name != "sqlite" or "locked" not in str(exc) or attempt == _SQLITE_LOCK_RETRIES:
+                raise
+            log.info("database %s is locked by another migrator; trying again", engine.url)
+            time.sleep(0.2 * (attempt + 1))
+
+
+_SQLITE_LOCK_RETRIES = 5
+
+
+def _upgrade_once(engine: Engine, revision: str) -> None:
+    """One attempt of `upgrade`."""
     from alembic import command
 
     target = head_revision() if revision == "head" else revision
