@@ -50,8 +50,7 @@ Usage::
                                      [--seeds 1] [--diagnose] [--only 1.4|0.9] [--timing-only]
 
 ``--quick``: 1024 x 1024 (100 transients), no 2048 x 4096 timing.  ``--timing-only``: the
-2048 x 4096 pair alone (time it on an idle machine: a second job on the other core slows it
-by half).
+2048 x 4096 pair alone (time it on an idle machine: a second job on the other core slows it).
 """
 
 from __future__ import annotations

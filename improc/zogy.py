@@ -613,7 +613,7 @@ def _parabola_offset(score: np.ndarray, iy: np.ndarray, ix: np.ndarray, sign: np
 
 
 def residual_background(image: np.ndarray, busy: np.ndarray, *, box: int = 64,
-                        busy_radius: int = 0, filter_size: int = 1) -> np.ndarray:
+                        filter_size: int = 1) -> np.ndarray:
     """The smooth background left in a difference image or score: a sep mesh of ``box`` pixels
     (median-filtered over ``filter_size`` boxes, bicubic) over the pixels that are not ``busy``.
 
@@ -639,11 +639,10 @@ def residual_background(image: np.ndarray, busy: np.ndarray, *, box: int = 64,
     image : numpy.ndarray
         (ny, nx) D or S_corr.
     busy : numpy.ndarray
-        (ny, nx) bool: pixels to leave out (flagged, or on sources).
+        (ny, nx) bool: pixels to leave out (flagged, or on sources with their wings: grow them
+        first).
     box : int
         Mesh size, pixels (>= 8).
-    busy_radius : int
-        ``busy`` is first grown by a square of this half-side, pixels (>= 0).
     filter_size : int
         Median filter over the mesh, in boxes (odd, >= 1; 1 = none).
 
@@ -654,13 +653,10 @@ def residual_background(image: np.ndarray, busy: np.ndarray, *, box: int = 64,
     """
     import sep
 
-    if box < 8 or busy_radius < 0 or filter_size < 1 or filter_size % 2 == 0:
-        raise ValueError(f"need box >= 8, busy_radius >= 0 and an odd filter_size >= 1, got {box}, "
-                         f"{busy_radius} and {filter_size}")
+    if box < 8 or filter_size < 1 or filter_size % 2 == 0:
+        raise ValueError(f"need box >= 8 and an odd filter_size >= 1, got {box} and {filter_size}")
     image = np.asarray(image)
     busy = np.asarray(busy, bool) | ~np.isfinite(image)
-    if busy_radius:
-        busy = ndimage.maximum_filter(busy.view(np.uint8), size=2 * busy_radius + 1).astype(bool)
     if busy.all():
         return np.zeros(image.shape, np.float32)
     data = np.ascontiguousarray(np.where(busy, 0.0, image), dtype=np.float32)

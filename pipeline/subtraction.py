@@ -197,10 +197,10 @@ class Subtractor(Step):
             grow = int(np.ceil(2.0 * psf.model.fwhm_pixels))
             sources = ndimage.maximum_filter((np.abs(score_corr) > 4.0).view(np.uint8), size=2 * grow + 1)
             busy = (result.flags != 0) | sources.astype(bool)
-            mesh = dict(box=self.params.background_box, busy_radius=0)
-            data = data - residual_background(data, busy, filter_size=self.params.background_filter, **mesh)
-            score_corr = score_corr - residual_background(score_corr, busy,
-                                                          filter_size=self.params.score_background_filter, **mesh)
+            box = self.params.background_box
+            data = data - residual_background(data, busy, box=box, filter_size=self.params.background_filter)
+            score_corr = score_corr - residual_background(score_corr, busy, box=box,
+                                                          filter_size=self.params.score_background_filter)
         sub = ds.new_product(self, "sub_image", data=data, weight=result.weight, flags=result.flags,
                              wcs=wcs.wcs, instrument=image.instrument, type=ImageType.DIFFERENCE,
                              section_id=image.section_id, filter=image.filter, mjd=image.mjd,
