@@ -21,7 +21,10 @@ where S/N 5.5 in the new image is 4.65 in S_corr and a 5-sigma threshold finds ~
 table prints the measured ratio (S_corr at the transient over its S/N in the new image).
 
 Everything runs on SQLite in a temporary directory, one process pinned to one CPU (with
-OMP/OPENBLAS/MKL threads = 1).  Reported, against the injected truth (a transient is recovered
+OMP/OPENBLAS/MKL threads = 1) whose freed memory is kept for reuse as the ``seechange`` command
+keeps it (`util.memory.keep_freed_memory`; ``--release-memory`` leaves malloc as it is, and the
+kernel's first touch of every full-frame block then adds 1-2 s on a machine with fragmented
+memory).  Reported, against the injected truth (a transient is recovered
 by a kept -- not ``is_bad`` -- measurement within 1.5 pixels; transients whose 7 x 7 pixels
 touch a flagged pixel of the difference are left out and counted):
 
@@ -48,6 +51,7 @@ Usage::
 
     python bench/bench_difference.py [--quick] [--size 2048] [--no-timing] [--keep DIR] [--ref-depth 10]
                                      [--seeds 1] [--diagnose] [--only 1.4|0.9] [--timing-only]
+                                     [--release-memory]
 
 ``--quick``: 1024 x 1024 (100 transients), no 2048 x 4096 timing.  ``--timing-only``: the
 2048 x 4096 pair alone (time it on an idle machine: a second job on the other core slows it).
@@ -520,8 +524,15 @@ def main() -> None:
     parser.add_argument("--only", choices=("1.4", "0.9"), help="one direction only (by the new image's seeing)")
     parser.add_argument("--seeds", type=int, default=1, help="independent fields per direction, pooled")
     parser.add_argument("--timing-only", action="store_true", help="only the 2048 x 4096 timing pair")
+    parser.add_argument("--release-memory", action="store_true",
+                        help="leave glibc's malloc as it is (freed full-frame blocks go back to the kernel) "
+                             "instead of keeping them as the seechange command does (util/memory.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if not args.release_memory:
+        from util.memory import keep_freed_memory
+
+        print(f"freed memory kept for reuse, as the seechange command does: {keep_freed_memory()}")
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     size = 1024 if args.quick else args.size

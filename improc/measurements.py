@@ -414,8 +414,9 @@ def measure_detections(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PSFL
         for name, values in _measure_chunk(data, weight, bad_map, psf, x[part], y[part], radius,
                                            max_shift, fwhm, half).items():
             columns[name][part] = values
-    variance = np.divide(1.0, weight, out=np.zeros(data.shape), where=~bad_map)
-    sep_data = np.ascontiguousarray(np.where(bad_map, 0.0, data), dtype=float)
+    # float32 planes: sep reads its pixels as C floats whatever the array's type
+    variance = np.divide(np.float32(1.0), weight, out=np.zeros(data.shape, np.float32), where=~bad_map)
+    sep_data = np.ascontiguousarray(np.where(bad_map, np.float32(0.0), data), dtype=np.float32)
     columns.update(_apertures(sep_data, variance, bad_map, columns["x_psf"], columns["y_psf"], radii))
     return _table(columns, radii, radius, fwhm)
 

@@ -306,7 +306,9 @@ def _terminate(signum, _frame) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``seechange`` command."""
     from pipeline.runner import error_line
+    from util.memory import keep_freed_memory
 
+    keep_freed_memory()   # a pipeline process: reuse freed full-frame blocks (util/memory.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
