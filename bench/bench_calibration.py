@@ -19,7 +19,9 @@ OpenBLAS's and scipy.fft's threads then share it) of a parent that imports nothi
 carries a parent's RSS at fork into the child's ``ru_maxrss``.  Per step the table gives seconds
 (best of ``--repeat`` runs), the process's peak RSS when the step ends (``ru_maxrss``), and, from
 one more run under ``tracemalloc`` (slower, so its times are not used), the peak of memory that
-Python and numpy held during the step.  Targets: <= 5 s in total on one core, peak <= 1 GB.
+Python and numpy held during the step.  Each child keeps its freed memory for reuse as the
+``seechange`` command does (`util.memory.keep_freed_memory`); with the environment variable
+``SEECHANGE_BENCH_RELEASE_MEMORY=1`` it leaves malloc as it is.  Targets: <= 5 s in total on one core, peak <= 1 GB.
 
 Usage (from anywhere)::
 
@@ -164,6 +166,10 @@ def child_main(phase: str, info: dict, *, trace: bool, profile: bool, all_cores:
     """Run one phase and print its report as one JSON line (after a profile, if asked)."""
     if not all_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if os.environ.get("SEECHANGE_BENCH_RELEASE_MEMORY") != "1":
+        from util.memory import keep_freed_memory
+
+        keep_freed_memory()     # as the seechange command does (util/memory.py)
     import numpy  # noqa: F401  (imports first, so that they count in the baseline, not the phase)
     import astropy.table  # noqa: F401
     import pipeline.top  # noqa: F401
