@@ -52,7 +52,7 @@ from astropy.table import Column, Table
 from improc.flags import PixelFlag
 from improc.psf import PixelPSF, cut_stamps, nearest_pixel
 
-__all__ = ["COLUMNS", "PSFLike", "measure_detections", "static_flux", "CutResult", "apply_cuts"]
+__all__ = ["COLUMNS", "PSFLike", "measure_detections", "static_mismatch_flux", "CutResult", "apply_cuts"]
 
 #: Detections measured together (bounds the memory of the stamps).
 _CHUNK = 1024
@@ -421,19 +421,20 @@ def measure_detections(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PSFL
     return _table(columns, radii, radius, fwhm)
 
 
-def static_flux(ref: np.ndarray, ref_weight: np.ndarray, ref_flags: np.ndarray, psf: PSFLike,
-                x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The static scene's PSF-weighted flux at each detection, from the reference's stamps.
+def static_mismatch_flux(ref: np.ndarray, ref_weight: np.ndarray, ref_flags: np.ndarray, psf: PSFLike,
+                         x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The static scene's flux at each detection as a PSF-model mismatch leaves it on D.
 
-    A PSF fit on D leaves a residual of every static source under it: the PSF models of both
-    images are good to a percent or two, so a transient on a bright galaxy's core, or beside a
-    bright star, inherits a share of that source's flux that D's pixel noise does not describe.
-    This is the flux such an error scales with: ``sum(P R) / sum(P^2)`` over the good pixels of
-    each reference stamp R (the reference on the new image's grid and flux scale, centred on the
-    detection's pixel) with P the PSF at the detection's position.  For a point source of P's
-    shape it is its flux; where the reference's PSF is 1.4 times broader or sharper than P it is
-    0.68 or 1.32 times the flux (2 / (1 + r^2) for Gaussians, r the reference's width over P's),
-    ample for an error term.
+    The PSF models of both images are good to a percent or so, and the commonest error is in
+    their width.  A width error turns every static source S into a residual on D of S convolved
+    with a zero-sum kernel shaped like the PSF's Laplacian, so a PSF fit at a detection picks up
+    about ``sum(L S)`` with ``L`` the Laplacian of the PSF: large for a star or a galaxy's cusp,
+    small for a smooth galaxy's disc and zero for a flat sky.  This returns ``sum(L R) / sum(L P)``
+    over the good pixels of each reference stamp R (the reference on the new image's grid and flux
+    scale, centred on the detection's pixel), P being the PSF at the detection's position: a point
+    source of P's shape gives its flux; for Gaussians, a source r times P's width gives
+    ``(2 / (1 + r^2))^2`` of its flux: 0.16 for a blob twice as broad, 0.46 for a star seen through a
+    reference PSF 1.4 times broader, 2.0 through one 1.4 times sharper.  A flux error then adds a fraction of it (`pipeline.measuring`'s ``static_flux_error``).
 
     Parameters
     ----------
@@ -449,7 +450,8 @@ def static_flux(ref: np.ndarray, ref_weight: np.ndarray, ref_flags: np.ndarray, 
     Returns
     -------
     numpy.ndarray
-        (n,) flux in the stamps' units; NaN where no good pixel is under the PSF.
+        (n,) flux in the stamps' units (it can be negative, e.g. in a ring); NaN where no good
+        pixel is under the PSF.
     """
     ref = np.asarray(ref, dtype=float)
     if ref.ndim != 3 or ref.shape[1] != ref.shape[2] or ref.shape[1] % 2 == 0:
@@ -461,12 +463,16 @@ def static_flux(ref: np.ndarray, ref_weight: np.ndarray, ref_flags: np.ndarray, 
         return np.zeros(0)
     good = (np.asarray(ref_flags) == 0) & (np.asarray(ref_weight) > 0) & np.isfinite(ref)
     # the PSF at each detection's sub-pixel position on the stamps' grid (far wings beyond the
-    # cutout carry no weight worth having)
-    stamps = np.where(good, _ShiftedPSF(psf, x, y, ref.shape[1] // 2).at(x, y), 0.0)
-    norm = np.sum(stamps * stamps, axis=(1, 2))
-    total = np.sum(stamps * np.where(good, ref, 0.0), axis=(1, 2))
+    # cutout carry no weight worth having), and its 5-point Laplacian (zero beyond the stamp)
+    stamps = _ShiftedPSF(psf, x, y, ref.shape[1] // 2).at(x, y)
+    padded = np.pad(stamps, ((0, 0), (1, 1), (1, 1)))
+    laplacian = (padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+                 - 4.0 * stamps)
+    laplacian = np.where(good, laplacian, 0.0)
+    norm = np.sum(laplacian * stamps, axis=(1, 2))
+    total = np.sum(laplacian * np.where(good, ref, 0.0), axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, total / norm, np.nan)
+        return np.where(norm < 0, total / norm, np.nan)
 
 
 def _measure_chunk(data, weight, bad_map, psf, x, y, radius, max_shift, fwhm,

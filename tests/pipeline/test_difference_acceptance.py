@@ -53,7 +53,9 @@ def test_spurious_detections_after_the_cuts(outcomes):
 def test_psf_flux_on_the_difference(outcomes):
     for o in outcomes.values():
         assert len(o.ratios) > 40 and abs(o.bias) <= 0.02       # measured +0.2 .. +0.7 %
-        assert 0.9 <= o.pull_std() <= 1.1                       # measured 1.05, 1.10 (two fields each)
+        # measuring 1.6 (the static-mismatch error term): ~0.91 and 1.07 on this field (its sharper-
+        # reference pulls are the lowest of four fields); pooled over four fields 1.06 and 1.06
+        assert 0.9 <= o.pull_std() <= 1.1
 
 
 def test_score_is_normalized_in_every_tile(outcomes):
