@@ -506,8 +506,7 @@ def _structure_mask(values: np.ndarray, mesh: BackgroundMesh, usable: np.ndarray
     resid[:ny, :nx] -= mesh.counts()
     resid[:ny, :nx][~usable] = 0.0
     use[:ny, :nx] = usable
-    resid = resid.reshape(by, f, bx, f).mean(axis=(1, 3))
-    use = use.reshape(by, f, bx, f).mean(axis=(1, 3))
+    resid, use = _block_means(resid, f), _block_means(use, f)
     weight = ndimage.gaussian_filter(use, sigma / f, truncate=3.0)
     smooth = ndimage.gaussian_filter(resid, sigma / f, truncate=3.0)
     # white noise through a unit-sum Gaussian
@@ -519,6 +518,22 @@ def _structure_mask(values: np.ndarray, mesh: BackgroundMesh, usable: np.ndarray
         found = np.repeat(found, f, axis=1)[:, :nx]
     grow = int(np.ceil(2 * sigma))
     return _disc_dilation(found, grow, repeat=f, ny=ny)
+
+
+def _block_means(image: np.ndarray, f: int) -> np.ndarray:
+    """Means of the f x f blocks of a float32 image whose sides are multiples of f.
+
+    For f = 2 the sums are ``(a00 + a01) + (a10 + a11)``, the order in which
+    ``reshape(..).mean(axis=(1, 3))`` adds them (the same float32 values), from strided views
+    at a fifth of the time; other f take that mean.
+    """
+    ny, nx = image.shape
+    if f != 2:
+        return image.reshape(ny // f, f, nx // f, f).mean(axis=(1, 3))
+    pairs = np.add(image[:, 0::2], image[:, 1::2])       # (a00 + a01) on even rows, (a10 + a11) on odd
+    out = np.add(pairs[0::2], pairs[1::2])
+    out /= np.float32(4)
+    return out
 
 
 def _disc_dilation(found: np.ndarray, radius: int, *, repeat: int = 1, ny: int | None = None) -> np.ndarray:

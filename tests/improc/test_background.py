@@ -185,3 +185,15 @@ def test_sorted_median_deviation_equals_sorting_the_deviations(seed):
     deviation.sort(axis=1)
     expected = _sorted_median(deviation, n)
     assert np.array_equal(_sorted_median_deviation(boxes, n, centre), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("f", [1, 2, 3])
+def test_block_means_equal_the_reshaped_mean(f):
+    # the structure mask's binning must give numpy's float32 means exactly (same sums, same order)
+    from improc.background import _block_means
+
+    rng = np.random.default_rng(f)
+    image = (rng.standard_cauchy((12 * f, 6 * f)) * 1e4 + 3e4).astype(np.float32)
+    expected = image.reshape(12, f, 6, f).mean(axis=(1, 3))
+    got = _block_means(image, f)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
