@@ -161,3 +161,39 @@ def test_bad_mesh_arrays():
     with pytest.raises(ValueError, match="rms must be finite"):
         BackgroundMesh(level=np.zeros((2, 3)), rms=np.full((2, 3), np.nan), box_size=64,
                        filter_size=3, shape=(100, 150))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sorted_median_deviation_equals_sorting_the_deviations(seed):
+    # the binary search on two sorted runs must give the very value of the sort it replaces:
+    # ties (rounded values), large offsets (float32 rounding), NaN tails and empty rows
+    from improc.background import _sorted_median, _sorted_median_deviation
+
+    rng = np.random.default_rng(seed)
+    rows, width = int(rng.integers(1, 8)), int(rng.integers(1, 40))
+    boxes = (rng.normal(0, rng.choice([1e-3, 1.0, 1e4]), (rows, width)) + rng.choice([0.0, 1e5]))
+    boxes = boxes.astype(np.float32)
+    if seed % 3 == 0:
+        boxes = np.round(boxes)
+    n = rng.integers(0, width + 1, rows)
+    n[0] = 0 if seed % 5 == 0 else n[0]
+    for i in range(rows):
+        boxes[i, n[i]:] = np.nan
+    boxes.sort(axis=1)
+    centre = _sorted_median(boxes, n).astype(np.float32)
+    deviation = np.abs(boxes - centre[:, None])
+    deviation.sort(axis=1)
+    expected = _sorted_median(deviation, n)
+    assert np.array_equal(_sorted_median_deviation(boxes, n, centre), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("f", [1, 2, 3])
+def test_block_means_equal_the_reshaped_mean(f):
+    # the structure mask's binning must give numpy's float32 means exactly (same sums, same order)
+    from improc.background import _block_means
+
+    rng = np.random.default_rng(f)
+    image = (rng.standard_cauchy((12 * f, 6 * f)) * 1e4 + 3e4).astype(np.float32)
+    expected = image.reshape(12, f, 6, f).mean(axis=(1, 3))
+    got = _block_means(image, f)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)

@@ -232,3 +232,17 @@ def test_lanczos_matrices_resample_onto_a_shifted_grid():
     np.testing.assert_allclose(w, kernel / kernel.sum(axis=2, keepdims=True), atol=1e-14)
     np.testing.assert_array_equal(_lanczos_matrices(offsets, size, transposed=True), np.swapaxes(w, 1, 2))
     np.testing.assert_allclose(w[0], np.eye(size), atol=1e-15)          # no shift, no change
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stamp_dilation_equals_binary_dilation(seed):
+    # the row-wise dilation of the neighbour mask must be ndimage's, stamp by stamp, edges included
+    from scipy import ndimage
+
+    from improc.psf_fit import _dilate_stamps, _disc
+
+    rng = np.random.default_rng(seed)
+    fwhm, size = rng.uniform(0.5, 9.0), int(rng.integers(1, 40))
+    found = rng.random((int(rng.integers(1, 6)), size, size)) < rng.choice([0.005, 0.05, 0.3])
+    disc = _disc(2 * int(np.ceil(fwhm)) + 1, fwhm)
+    assert np.array_equal(_dilate_stamps(found, disc), ndimage.binary_dilation(found, structure=disc[None]))
