@@ -21,7 +21,8 @@ carries a parent's RSS at fork into the child's ``ru_maxrss``.  Per step the tab
 one more run under ``tracemalloc`` (slower, so its times are not used), the peak of memory that
 Python and numpy held during the step.  Each child keeps its freed memory for reuse as the
 ``seechange`` command does (`util.memory.keep_freed_memory`); with the environment variable
-``SEECHANGE_BENCH_RELEASE_MEMORY=1`` it leaves malloc as it is.  Targets: <= 5 s in total on one core, peak <= 1 GB.
+``SEECHANGE_BENCH_RELEASE_MEMORY=1`` it leaves malloc as it is.  Targets: <= 5 s in total on
+one core, peak <= 1 GB.
 
 Usage (from anywhere)::
 

@@ -433,8 +433,9 @@ def static_mismatch_flux(ref: np.ndarray, ref_weight: np.ndarray, ref_flags: np.
     over the good pixels of each reference stamp R (the reference on the new image's grid and flux
     scale, centred on the detection's pixel), P being the PSF at the detection's position: a point
     source of P's shape gives its flux; for Gaussians, a source r times P's width gives
-    ``(2 / (1 + r^2))^2`` of its flux: 0.16 for a blob twice as broad, 0.46 for a star seen through a
-    reference PSF 1.4 times broader, 2.0 through one 1.4 times sharper.  A flux error then adds a fraction of it (`pipeline.measuring`'s ``static_flux_error``).
+    ``(2 / (1 + r^2))^2`` of its flux: 0.16 for a blob twice as broad, 0.46 for a star seen
+    through a reference PSF 1.4 times broader, 2.0 through one 1.4 times sharper.  The flux
+    error adds a fraction of it (`pipeline.measuring`'s ``static_flux_error``).
 
     Parameters
     ----------

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from improc.background import disc_dilation
 from improc.errors import BadDataError
 from improc.psf import PixelPSF, cut_stamps, n_terms, nearest_pixel, shifted_stamps, toeplitz_stack
 from improc.psf_modes import (denoised, embed_coefficients, fit_coefficients, fit_modes, normalized,
@@ -169,29 +170,7 @@ def _neighbour_mask(chi: np.ndarray, fwhm: float, core: np.ndarray, threshold: f
     sigma = fwhm / 2.3548
     smooth = ndimage.gaussian_filter(chi, sigma=(0, sigma, sigma), mode="constant", truncate=3.0)
     bumps = (smooth * (2.0 * np.sqrt(np.pi) * sigma) > threshold) & ~core
-    return _dilate_stamps(bumps, _disc(2 * int(np.ceil(fwhm)) + 1, fwhm))
-
-
-def _dilate_stamps(found: np.ndarray, disc: np.ndarray) -> np.ndarray:
-    """Binary dilation of each (S, S) stamp of ``found`` (n, S, S) by the symmetric ``disc`` (k, k),
-    nothing outside the stamps: `ndimage.binary_dilation` with ``structure=disc[None]``, as the OR
-    over the disc's rows of the stamps dilated along x by the row's half-width, shifted by its
-    offset (a few 1-d maximum filters instead of one pass per disc pixel)."""
-    out = np.zeros(found.shape, bool)
-    size = found.shape[1]
-    wide: dict[int, np.ndarray] = {}
-    for row, dy in zip(disc, range(-(disc.shape[0] // 2), disc.shape[0] // 2 + 1)):
-        half = int(np.count_nonzero(row)) // 2      # a centred run of 2 half + 1 pixels
-        if not row.any() or abs(dy) >= size:
-            continue
-        if half not in wide:
-            wide[half] = ndimage.maximum_filter1d(found.view(np.uint8), 2 * half + 1, axis=2,
-                                                  mode="constant").view(bool)
-        if dy >= 0:
-            out[:, dy:] |= wide[half][:, :size - dy]
-        else:
-            out[:, :size + dy] |= wide[half][:, -dy:]
-    return out
+    return disc_dilation(bumps, fwhm)
 
 
 def _reject_stars(chi: np.ndarray, stars: _Stars, core_mask: np.ndarray, clip_sigma: float) -> None:

@@ -110,8 +110,8 @@ class Measurer(Step):
         n = len(table)
         if n and p.static_flux_error > 0:
             ref = ds.get_cutouts().stamps.ref
-            static = static_mismatch_flux(ref.data, ref.weight, ref.flags, psf, np.asarray(detections.x, float),
-                                 np.asarray(detections.y, float))
+            static = static_mismatch_flux(ref.data, ref.weight, ref.flags, psf,
+                                          np.asarray(detections.x, float), np.asarray(detections.y, float))
             extra = p.static_flux_error * np.abs(np.nan_to_num(static))
             table["flux_psf_err"] = np.hypot(np.asarray(table["flux_psf_err"], float), extra)
             table["snr_psf"] = np.asarray(table["flux_psf"], float) / np.asarray(table["flux_psf_err"], float)

@@ -239,10 +239,11 @@ def test_stamp_dilation_equals_binary_dilation(seed):
     # the row-wise dilation of the neighbour mask must be ndimage's, stamp by stamp, edges included
     from scipy import ndimage
 
-    from improc.psf_fit import _dilate_stamps, _disc
+    from improc.background import disc_dilation
+    from improc.psf_fit import _disc
 
     rng = np.random.default_rng(seed)
     fwhm, size = rng.uniform(0.5, 9.0), int(rng.integers(1, 40))
     found = rng.random((int(rng.integers(1, 6)), size, size)) < rng.choice([0.005, 0.05, 0.3])
     disc = _disc(2 * int(np.ceil(fwhm)) + 1, fwhm)
-    assert np.array_equal(_dilate_stamps(found, disc), ndimage.binary_dilation(found, structure=disc[None]))
+    assert np.array_equal(disc_dilation(found, fwhm), ndimage.binary_dilation(found, structure=disc[None]))
