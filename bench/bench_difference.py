@@ -38,7 +38,10 @@ touch a flagged pixel of the difference are left out and counted):
   standard deviation, a robust one (1.4826 MAD) and that of the transients not on galaxies;
 * S_corr's standard deviation per ZOGY tile (the difference's ``PSF_TILES``) in transient-free
   areas: unflagged, 12 pixels or more from any |S_corr| > 4 and 15 from any transient;
-  the smallest and largest over the tiles, and the four corner tiles;
+  the smallest and largest over the tiles, and the four corner tiles; and the same for the
+  same subtraction of white noise (`pure_noise_score`: the images' PSFs, flags, weights and
+  tiles, S_corr right by construction), what chance alone gives: a tile's std scatters by
+  ~0.02 (S_corr is correlated over the PSF's area);
 * the seconds of subtraction (warp of the reference included), detection, cutting and
   measuring from ``ds.stats``, and the process's peak RSS.
 
@@ -111,6 +114,7 @@ class Outcome:
     zp_errors: list = field(default_factory=list)
     efficiencies: list = field(default_factory=list)  # S_corr peak / S/N, field transients, S/N > 10
     tile_std: list = field(default_factory=list)      # per tile, nan without enough free pixels
+    noise_tile_std: list = field(default_factory=list)  # the same, both images replaced by white noise
     static: list = field(default_factory=list)        # PSF flux on D / flux, static sources of S/N > 50
     corners: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
@@ -150,7 +154,7 @@ def pooled(outcomes: list[Outcome]) -> Outcome:
     for name in ("n_flagged", "spurious", "n_kept", "n_bad"):
         setattr(out, name, sum(getattr(o, name) for o in outcomes))
     for name in ("ratios", "pulls", "pull_snr", "in_field", "zp_errors", "efficiencies", "tile_std", "corners",
-                 "static"):
+                 "static", "noise_tile_std"):
         setattr(out, name, [v for o in outcomes for v in getattr(o, name)])
     out.seconds = {k: float(np.median([o.seconds[k] for o in outcomes if k in o.seconds])) for k in first.seconds}
     out.peak_rss_mb = max(o.peak_rss_mb for o in outcomes)
@@ -323,6 +327,43 @@ def _faint_misses(ds, new_sim, snr: np.ndarray, missed: np.ndarray) -> None:
         print(f"  undetected ones: S_corr max near the truth / S/N, median {np.median(peaks):.2f}")
 
 
+def pure_noise_score(ds, seed: int) -> np.ndarray:
+    """S_corr of the same subtraction with both images replaced by white noise of their weights.
+
+    The same PSFs, flags, tiles, flux ratio, registration noise and residual background mesh as
+    the difference of ``ds`` (the reference's noise is drawn on its own grid from its white
+    weight and warped as its pixels were): S_corr that is normalized right by construction.
+    Its per-tile standard deviations, in the same transient-free pixels, are what chance alone
+    gives the tile line: a tile's std scatters by ~0.02 at 1.4" (S_corr is correlated over the
+    PSF's area, so a 256-pixel tile holds only ~1,000 independent values).
+    """
+    import dataclasses
+
+    from improc.alignment import warp_image
+    from pipeline.reference_alignment import aligned_reference
+    from pipeline.top import Pipeline
+
+    step = next(s for s in Pipeline(ds.context).steps if s.process == "subtraction")
+    image, psf, wcs, sub = ds.get_image(), ds.get_psf(), ds.get_wcs(), ds.get_sub_image()
+    aligned = aligned_reference(ds)
+    rng = np.random.default_rng(seed)
+
+    def noise(weight: np.ndarray) -> np.ndarray:
+        good = weight > 0
+        values = rng.standard_normal(weight.shape, dtype=np.float32) / np.sqrt(np.where(good, weight, 1.0))
+        return np.where(good, values, 0.0).astype(np.float32)
+
+    ref = aligned.image
+    white = ref.extra("WHITE_WEIGHT")
+    ref_weight = ref.weight if white is None else np.asarray(white, dtype=np.float32)
+    warped = warp_image(noise(ref_weight), ref_weight, ref.flags, source_wcs=aligned.solution,
+                        target_wcs=wcs.wcs, target_shape=image.data.shape)
+    result = step.compute((noise(image.weight), image.weight, image.flags), psf.model,
+                          dataclasses.replace(aligned, warped=warped), wcs.wcs,
+                          (float(sub.header["REGSIGMA"]),) * 2)
+    return step.without_residual_background(result, psf.model.fwhm_pixels)[1]
+
+
 def static_residuals(ds, tx: np.ndarray, ty: np.ndarray) -> np.ndarray:
     """PSF-fit flux on D over the new image's PSF flux, for its sources of S/N > 50 more than 20 px
     from any transient: what static sources leave on D (measuring's ``static_flux_error``)."""
@@ -434,6 +475,9 @@ def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool =
             print(f"  tile y {y0}-{y1} x {x0}-{x1}: std {out.tile_std[-1]:.3f}, robust {mad:.3f}, "
                   f"mean {values.mean():+.3f}, |S|>4 in {np.mean(np.abs(values) > 4):.1e} of {values.size}, "
                   f"max |S| {window.max():.1f} at ({x0 + ix}, {y0 + iy})")
+    noise_score = pure_noise_score(ds, seed=int(tiles.sum()) % 10_000)
+    out.noise_tile_std = [float(np.std(v)) if v.size > 500 else float("nan")
+                          for v in (noise_score[y0:y1, x0:x1][free[y0:y1, x0:x1]] for y0, y1, x0, x1 in tiles)]
     corner_ids = {int(np.argmin(tiles[:, 0] + tiles[:, 2])), int(np.argmin(tiles[:, 0] - tiles[:, 3])),
                   int(np.argmin(-tiles[:, 1] + tiles[:, 2])), int(np.argmax(tiles[:, 1] + tiles[:, 3]))}
     out.corners = [out.tile_std[i] for i in sorted(corner_ids)]
@@ -489,6 +533,14 @@ def print_table(outcomes: list[Outcome]) -> None:
     row("S_corr std, corner tiles", [" ".join(f"{v:.2f}" for v in o.corners) for o in outcomes])
     row("tiles within 0.95-1.05",
         [f"{np.sum(np.abs(np.asarray(o.tile_std) - 1) <= 0.05)}/{np.sum(np.isfinite(o.tile_std))}"
+         for o in outcomes])
+    # chance alone: the same subtraction of white noise (pure_noise_score)
+    row("pure noise: std per tile min..max",
+        [f"{np.nanmin(o.noise_tile_std):.3f}..{np.nanmax(o.noise_tile_std):.3f}" for o in outcomes])
+    row("pure noise: mean, scatter",
+        [f"{np.nanmean(o.noise_tile_std):.4f}, {np.nanstd(o.noise_tile_std):.4f}" for o in outcomes])
+    row("pure noise: tiles within 0.95-1.05",
+        [f"{np.sum(np.abs(np.asarray(o.noise_tile_std) - 1) <= 0.05)}/{np.sum(np.isfinite(o.noise_tile_std))}"
          for o in outcomes])
     for step in STEPS:
         row(f"{step} s", [f"{o.seconds.get(step, float('nan')):.2f}" for o in outcomes])
