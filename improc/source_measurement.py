@@ -405,6 +405,7 @@ def _measure(data: np.ndarray, *, background: np.ndarray, variance: np.ndarray, 
     limit = o.sky_model_nsigma * noise if refinements else None      # the same for every refinement
     model = None
     for _ in range(refinements):
+        model = None        # not held through the next refinement's (its peak of memory)
         background, model = _refined_sky(data, x, y, psf, background, model_limit=limit,
                                          box_size=min(o.sky_refinement_box_size, *data.shape), **fluxes)
         psf = psf_on(background)
