@@ -95,14 +95,26 @@ def cut_stamps(image: np.ndarray | float, ix: np.ndarray, iy: np.ndarray, half: 
     inside : ndarray of bool
         Same shape; False for pixels off the image.
     """
+    ix, iy = np.asarray(ix), np.asarray(iy)
     off = np.arange(-half, half + 1)
-    yy = np.asarray(iy)[:, None, None] + off[None, :, None]
-    xx = np.asarray(ix)[:, None, None] + off[None, None, :]
-    inside = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1])
+    rows = iy[:, None] + off[None, :]
+    cols = ix[:, None] + off[None, :]
+    # the stamp's pixels on the image: its rows on the image and its columns on the image
+    inside = (((rows >= 0) & (rows < shape[0]))[:, :, None] & ((cols >= 0) & (cols < shape[1]))[:, None, :])
     if np.ndim(image) == 0:
         return np.where(inside, float(image), 0.0), inside
-    values = image[np.clip(yy, 0, shape[0] - 1), np.clip(xx, 0, shape[1] - 1)].astype(float)
-    return np.where(inside, values, 0.0), inside
+    image = np.asarray(image)
+    side = 2 * half + 1
+    stamps = np.empty((ix.size, side, side))
+    whole = (ix >= half) & (ix < shape[1] - half) & (iy >= half) & (iy < shape[0] - half)
+    if whole.any():
+        # stamps wholly on the image are windows of it: one copy, without (n, side, side) index arrays
+        stamps[whole] = sliding_window_view(image, (side, side))[iy[whole] - half, ix[whole] - half]
+    if not whole.all():
+        cut = ~whole
+        values = image[np.clip(rows[cut], 0, shape[0] - 1)[:, :, None], np.clip(cols[cut], 0, shape[1] - 1)[:, None, :]]
+        stamps[cut] = np.where(inside[cut], values, 0)
+    return stamps, inside
 
 
 def half_maximum_fwhm(stamp: np.ndarray, *, oversample: int = 15) -> float:

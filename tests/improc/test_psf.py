@@ -308,3 +308,28 @@ def test_half_maximum_fwhm_rejects_bad_input(stamp, options, match):
 
     with pytest.raises(ValueError, match=match):
         half_maximum_fwhm(stamp, **options)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ">f4", np.float64, bool])
+def test_cut_stamps_equal_a_padded_cut(dtype):
+    # windows of the image for stamps wholly on it, clipped indices for the others: both must be
+    # the stamp of the zero-padded image, pixel for pixel, and ``inside`` its footprint
+    from improc.psf import cut_stamps
+
+    rng = np.random.default_rng(3)
+    shape = (23, 17)
+    image = (rng.normal(size=shape) * 100).astype(dtype)
+    for half in (0, 2, 9):
+        ix, iy = rng.integers(-12, shape[1] + 12, 60), rng.integers(-12, shape[0] + 12, 60)
+        stamps, inside = cut_stamps(image, ix, iy, half, shape)
+        pad = half + 12
+        padded = np.pad(image.astype(float), pad)
+        footprint = np.pad(np.ones(shape, bool), pad)
+        for k in range(ix.size):
+            rows = slice(iy[k] - half + pad, iy[k] + half + 1 + pad)
+            cols = slice(ix[k] - half + pad, ix[k] + half + 1 + pad)
+            assert np.array_equal(stamps[k], padded[rows, cols])
+            assert np.array_equal(inside[k], footprint[rows, cols])
+        assert stamps.dtype == np.float64
+        constant, inside_c = cut_stamps(2.5, ix, iy, half, shape)
+        assert np.array_equal(inside_c, inside) and np.array_equal(constant, np.where(inside, 2.5, 0.0))
