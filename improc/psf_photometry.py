@@ -295,8 +295,8 @@ def model_aperture_sums(psf: PixelPSF, x: np.ndarray, y: np.ndarray, flux: np.nd
                         radii: tuple[float, ...] | list[float], *, subpix: int = 5) -> np.ndarray:
     """What each star's own PSF model puts into circular apertures centred on it, as sep sums it.
 
-    Each star's clip (``flux * psf.get_clip(x, y)``, at its sub-pixel position) is laid on its
-    own cell of a mosaic and summed by ``sep.sum_circle`` with the same sub-pixel sampling as the
+    Each star's clip (``flux * psf.get_clip(x, y)``, at its sub-pixel position, moved with
+    float32 products as in the model images of `deblended_psf_fluxes`) is laid on its own cell of a mosaic and summed by ``sep.sum_circle`` with the same sub-pixel sampling as the
     image apertures, so the sums use exactly the pixel weights of the apertures on the image.
     Subtracting these from apertures on a model of all the stars leaves the light of each star's
     neighbours in its apertures.
@@ -335,7 +335,7 @@ def model_aperture_sums(psf: PixelPSF, x: np.ndarray, y: np.ndarray, flux: np.nd
     per_row = 32
     for start in range(0, good.size, _RENDER_CHUNK):
         idx = good[start:start + _RENDER_CHUNK]
-        clips = psf.get_clips(x[idx], y[idx], flux[idx])
+        clips = psf.get_clips(x[idx], y[idx], flux[idx], dtype=np.float32)      # as the model images' clips
         rows = -(-idx.size // per_row)
         mosaic = np.zeros((rows * cell, per_row * cell))
         k = np.arange(idx.size)

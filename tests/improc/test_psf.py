@@ -333,3 +333,25 @@ def test_cut_stamps_equal_a_padded_cut(dtype):
         assert stamps.dtype == np.float64
         constant, inside_c = cut_stamps(2.5, ix, iy, half, shape)
         assert np.array_equal(inside_c, inside) and np.array_equal(constant, np.where(inside, 2.5, 0.0))
+
+
+def test_float32_clips_match_float64_clips():
+    # float32 products move the stamps to ~1e-7 of the peak; window and flux as for float64
+    rng = np.random.default_rng(5)
+    size = 25
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    basis = np.zeros((3, size, size))
+    basis[0] = np.exp(-(xx**2 + yy**2) / (2 * 2.0**2))
+    basis[0] /= basis[0].sum()
+    basis[1] = 0.01 * basis[0] * xx
+    psf = PixelPSF(basis, 1, x0=100.0, y0=100.0, xscale=100.0, yscale=100.0, image_shape=(200, 200))
+    x, y = rng.uniform(0, 200, 300), rng.uniform(0, 200, 300)
+    flux = rng.uniform(1.0, 1e5, 300)
+    for window in (None, 5):
+        double = psf.get_clips(x, y, flux, window=window)
+        single = psf.get_clips(x, y, flux, window=window, dtype=np.float32)
+        assert single.dtype == np.float32 and single.shape == double.shape
+        assert (np.abs(single - double).max(axis=(1, 2)) / double.max(axis=(1, 2))).max() < 1e-6
+        assert np.abs(single.sum(axis=(1, 2), dtype=np.float64) / double.sum(axis=(1, 2)) - 1).max() < 1e-6
+    with pytest.raises(ValueError, match="dtype"):
+        psf.get_clips(x, y, dtype=np.int32)
