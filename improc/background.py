@@ -156,13 +156,20 @@ class BackgroundMesh:
         """``By @ mesh @ Bx.T`` as float32, in blocks of rows (no full-size float64 temporary);
         every ``step``-th row and column only."""
         by, bx = self._basis()
+        out = np.empty((by[::step].shape[0], bx[::step].shape[0]), np.float32)
+        for rows, block in self._map_blocks(mesh, step):
+            out[rows] = block
+        return out
+
+    def _map_blocks(self, mesh: np.ndarray, step: int = 1):
+        """The rows of `_full_map` block by block: (slice of rows, float32 block), for a caller
+        that needs the map only once (the same values, without the full-size plane)."""
+        by, bx = self._basis()
         by, bx = by[::step], bx[::step]
-        out = np.empty((by.shape[0], bx.shape[0]), np.float32)
         right = np.ascontiguousarray(bx.T)
         for start in range(0, by.shape[0], _MAP_ROWS):
             rows = slice(start, start + _MAP_ROWS)
-            out[rows] = (by[rows] @ mesh) @ right
-        return out
+            yield rows, ((by[rows] @ mesh) @ right).astype(np.float32)
 
     def counts(self) -> np.ndarray:
         """Full (ny, nx) float32 map of the sky level (bicubic spline through the mesh)."""
@@ -338,7 +345,9 @@ def _sorted_median_deviation(ordered: np.ndarray, n: np.ndarray, centre: np.ndar
     out = np.full(ordered.shape[0], np.nan)
     if rows.size == 0:
         return out
-    data, count, c = ordered[rows], n[rows].astype(np.int64), centre[rows].astype(np.float32)
+    # every row has values in the usual case: then no copy of the rows
+    data = ordered if rows.size == ordered.shape[0] else ordered[rows]
+    count, c = n[rows].astype(np.int64), centre[rows].astype(np.float32)
     index = np.arange(rows.size)
     # below: values < c, whose deviations c - x ascend read backwards from index below - 1
     below = np.minimum(np.count_nonzero(data < c[:, None], axis=1), count)
@@ -551,12 +560,17 @@ def _structure_mask(values: np.ndarray, mesh: BackgroundMesh, usable: np.ndarray
     ny, nx = values.shape
     by, bx = -(-ny // f), -(-nx // f)
     resid = np.zeros((by * f, bx * f), np.float32)       # padded with unusable pixels
-    use = np.zeros((by * f, bx * f), np.float32)
     resid[:ny, :nx] = values
-    resid[:ny, :nx] -= mesh.counts()
+    for rows, counts in mesh._map_blocks(mesh.level):    # no full-size map of the sky
+        resid[rows, :nx] -= counts
     resid[:ny, :nx][~usable] = 0.0
+    resid = _block_means(resid, f)
+    # the binned fraction of usable pixels, k / f**2, as _block_means gives it from 0s and 1s
+    # (sums of small integers are exact in any order), from the booleans without a float plane
+    use = np.zeros((by * f, bx * f), bool)
     use[:ny, :nx] = usable
-    resid, use = _block_means(resid, f), _block_means(use, f)
+    use = use.reshape(by, f, bx, f).sum(axis=(1, 3), dtype=np.uint8).astype(np.float32)
+    use /= np.float32(f * f)
     weight = ndimage.gaussian_filter(use, sigma / f, truncate=3.0)
     smooth = ndimage.gaussian_filter(resid, sigma / f, truncate=3.0)
     # white noise through a unit-sum Gaussian
@@ -611,7 +625,7 @@ def disc_dilation(found: np.ndarray, radius: float, *, repeat: int = 1, ny: int 
     """
     ny = found.shape[-2] * repeat if ny is None else ny
     out = np.zeros(found.shape[:-2] + (ny, found.shape[-1]), bool)
-    rows: dict[int, np.ndarray] = {}
+    offsets: dict[int, list[int]] = {}      # row offsets dy by the disc's half-width there
     reach = int(np.floor(radius))
     for dy in range(-reach, reach + 1):
         if abs(dy) >= ny:
@@ -621,12 +635,15 @@ def disc_dilation(found: np.ndarray, radius: float, *, repeat: int = 1, ny: int 
             width += 1
         while width > 0 and width**2 + dy**2 > radius**2:
             width -= 1
-        if width not in rows:
-            wide = ndimage.maximum_filter1d(found.view(np.uint8), 2 * width + 1, axis=-1,
-                                            mode="constant").view(bool)
-            rows[width] = np.repeat(wide, repeat, axis=-2)[..., :ny, :] if repeat > 1 else wide
-        if dy >= 0:
-            out[..., dy:, :] |= rows[width][..., :ny - dy, :]
-        else:
-            out[..., :ny + dy, :] |= rows[width][..., -dy:, :]
+        offsets.setdefault(width, []).append(dy)
+    # one half-width at a time: a single dilated plane alive besides ``out``
+    for width, dys in offsets.items():
+        wide = ndimage.maximum_filter1d(found.view(np.uint8), 2 * width + 1, axis=-1, mode="constant").view(bool)
+        if repeat > 1:
+            wide = np.repeat(wide, repeat, axis=-2)[..., :ny, :]
+        for dy in dys:
+            if dy >= 0:
+                out[..., dy:, :] |= wide[..., :ny - dy, :]
+            else:
+                out[..., :ny + dy, :] |= wide[..., -dy:, :]
     return out

@@ -418,6 +418,7 @@ def _measure(data: np.ndarray, *, background: np.ndarray, variance: np.ndarray, 
     # and a fit of every source with it costs as much as a refinement.
     if model is None:
         _, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
+    model = model.astype(np.float32)        # what the search uses: half the memory held through it
     hidden = find_hidden_sources(data, model, x, y, point_like=point,
                                  extent=o.extended_extent_factor * np.sqrt(table["npix"] / np.pi),
                                  background=background, variance=variance,

@@ -249,3 +249,32 @@ def test_clip_sorted_rows_equal_the_clip_of_each_row(seed):
                          else (np.nan, np.nan, 0) for i in range(rows)]).T
     got = _clip_sorted(boxes, n, centre, spread, clip_sigma, n_iter)
     assert np.array_equal(got, expected, equal_nan=True)
+
+
+def test_map_blocks_are_the_full_map_row_by_row():
+    # the structure mask subtracts the sky block by block: the very values of counts()
+    rng = np.random.default_rng(2)
+    mesh = BackgroundMesh(level=rng.normal(100, 5, (5, 3)), rms=np.ones((5, 3)), box_size=128, filter_size=3,
+                          shape=(600, 301))
+    full = mesh.counts()
+    got = np.full(full.shape, np.nan, np.float32)
+    for rows, block in mesh._map_blocks(mesh.level):
+        assert block.dtype == np.float32
+        got[rows] = block
+    assert np.array_equal(got, full)
+
+
+def test_disc_dilation_with_repeated_rows_equals_ndimage():
+    # the structure mask dilates 2 x 2 binned rows, repeated, by a disc: one plane per half-width
+    from scipy import ndimage
+
+    from improc.background import disc_dilation
+
+    rng = np.random.default_rng(4)
+    found = rng.random((21, 33)) < 0.02
+    for radius, repeat, ny in ((8, 2, 41), (3.5, 1, None), (0.5, 2, 42)):
+        full = np.repeat(found, repeat, axis=0)[:ny]
+        r = int(np.floor(radius))
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        expected = ndimage.binary_dilation(full, structure=yy**2 + xx**2 <= radius**2)
+        assert np.array_equal(disc_dilation(found, radius, repeat=repeat, ny=ny), expected)
