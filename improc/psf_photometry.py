@@ -299,8 +299,9 @@ def model_aperture_sums(psf: PixelPSF, x: np.ndarray, y: np.ndarray, flux: np.nd
     """What each star's own PSF model puts into circular apertures centred on it, as sep sums it.
 
     Each star's clip (``flux * psf.get_clip(x, y)``, at its sub-pixel position, moved with
-    float32 products as in the model images of `deblended_psf_fluxes`) is laid on its own cell of a mosaic and summed by ``sep.sum_circle`` with the same sub-pixel sampling as the
-    image apertures, so the sums use exactly the pixel weights of the apertures on the image.
+    float32 products as in the model images of `deblended_psf_fluxes`) is laid on its own cell
+    of a mosaic and summed by ``sep.sum_circle`` with the same sub-pixel sampling as the image
+    apertures, so the sums use exactly the pixel weights of the apertures on the image.
     Subtracting these from apertures on a model of all the stars leaves the light of each star's
     neighbours in its apertures.
 
