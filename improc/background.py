@@ -156,13 +156,20 @@ class BackgroundMesh:
         """``By @ mesh @ Bx.T`` as float32, in blocks of rows (no full-size float64 temporary);
         every ``step``-th row and column only."""
         by, bx = self._basis()
+        out = np.empty((by[::step].shape[0], bx[::step].shape[0]), np.float32)
+        for rows, block in self._map_blocks(mesh, step):
+            out[rows] = block
+        return out
+
+    def _map_blocks(self, mesh: np.ndarray, step: int = 1):
+        """The rows of `_full_map` block by block: (slice of rows, float32 block), for a caller
+        that needs the map only once (the same values, without the full-size plane)."""
+        by, bx = self._basis()
         by, bx = by[::step], bx[::step]
-        out = np.empty((by.shape[0], bx.shape[0]), np.float32)
         right = np.ascontiguousarray(bx.T)
         for start in range(0, by.shape[0], _MAP_ROWS):
             rows = slice(start, start + _MAP_ROWS)
-            out[rows] = (by[rows] @ mesh) @ right
-        return out
+            yield rows, ((by[rows] @ mesh) @ right).astype(np.float32)
 
     def counts(self) -> np.ndarray:
         """Full (ny, nx) float32 map of the sky level (bicubic spline through the mesh)."""
@@ -301,10 +308,10 @@ def _clipped_box_means(values: np.ndarray, usable: np.ndarray, box_size: int, cl
     n_finite = np.count_nonzero(np.isfinite(boxes), axis=1)
     centre = _sorted_median(boxes, n_finite)
     spread = 1.4826 * _sorted_median_deviation(boxes, n_finite, centre.astype(np.float32))
-    out = np.full((3, boxes.shape[0]), np.nan)
-    out[2] = 0
-    for k in np.flatnonzero(n_finite > 0):
-        out[:, k] = _clip_sorted(boxes[k, :n_finite[k]], centre[k], spread[k], clip_sigma, n_iter)
+    out = np.empty((3, boxes.shape[0]))
+    for start in range(0, boxes.shape[0], _CLIP_ROWS):
+        rows = slice(start, start + _CLIP_ROWS)
+        out[:, rows] = _clip_sorted(boxes[rows], n_finite[rows], centre[rows], spread[rows], clip_sigma, n_iter)
     level, rms, count = out.reshape(3, ny_mesh, nx_mesh)
     return level, rms, count.astype(np.int64)
 
@@ -338,7 +345,9 @@ def _sorted_median_deviation(ordered: np.ndarray, n: np.ndarray, centre: np.ndar
     out = np.full(ordered.shape[0], np.nan)
     if rows.size == 0:
         return out
-    data, count, c = ordered[rows], n[rows].astype(np.int64), centre[rows].astype(np.float32)
+    # every row has values in the usual case: then no copy of the rows
+    data = ordered if rows.size == ordered.shape[0] else ordered[rows]
+    count, c = n[rows].astype(np.int64), centre[rows].astype(np.float32)
     index = np.arange(rows.size)
     # below: values < c, whose deviations c - x ascend read backwards from index below - 1
     below = np.minimum(np.count_nonzero(data < c[:, None], axis=1), count)
@@ -367,33 +376,83 @@ def _sorted_median_deviation(ordered: np.ndarray, n: np.ndarray, centre: np.ndar
     return out
 
 
-def _clip_sorted(run: np.ndarray, centre: float, spread: float, clip_sigma: float,
-                 n_iter: int) -> tuple[float, float, int]:
-    """Iterated sigma clip of sorted finite values: the kept ones are a contiguous run.
+#: Mesh boxes clipped together by `_clip_sorted` (two float64 cumulative sums of theirs, a few MB).
+_CLIP_ROWS = 32
 
-    Each iteration's mean and standard deviation come from cumulative sums of the run taken
-    about its first centre (so the squares do not lose precision to a large sky level): a few
-    lookups per iteration instead of a pass over the box's pixels.
+
+def _clip_sorted(ordered: np.ndarray, n: np.ndarray, centre: np.ndarray, spread: np.ndarray, clip_sigma: float,
+                 n_iter: int) -> np.ndarray:
+    """Iterated sigma clip of each sorted row's finite values: the kept ones are a contiguous run.
+
+    Each iteration's mean and standard deviation come from cumulative sums of the row taken
+    about its first centre (so the squares do not lose precision to a large sky level), and the
+    run's ends from a binary search of all the rows at once: a few lookups per row and iteration
+    instead of a pass over the box's pixels, and no Python loop over the boxes.
+
+    Parameters
+    ----------
+    ordered
+        (n_rows, n_values) float32 rows sorted ascending, the first ``n`` values finite.
+    n
+        (n_rows,) number of finite values of each row.
+    centre, spread
+        (n_rows,) float64 starting centre and standard deviation (the median and the scaled MAD).
+    clip_sigma
+        Values further than this many standard deviations from the centre are left out.
+    n_iter
+        Clipping iterations.
+
+    Returns
+    -------
+    numpy.ndarray
+        (3, n_rows): clipped mean, standard deviation and number of values kept; NaN, NaN, 0 for
+        a row without values, or whose centre or spread is not finite, or whose clip keeps none.
     """
-    count = run.size
-    if not (np.isfinite(centre) and np.isfinite(spread)):
-        return np.nan, np.nan, 0
-    origin = centre
-    shifted = run.astype(np.float64) - origin
-    sums = np.concatenate(([0.0], np.cumsum(shifted)))
-    squares = np.concatenate(([0.0], np.cumsum(shifted * shifted)))
+    n = np.asarray(n, dtype=np.int64)
+    origin = np.asarray(centre, dtype=np.float64)
+    centre, spread, count = origin.copy(), np.asarray(spread, dtype=np.float64).copy(), n.copy()
+    alive = (n > 0) & np.isfinite(centre) & np.isfinite(spread)
+    width = ordered.shape[1]
+    shifted = ordered.astype(np.float64)
+    shifted -= origin[:, None]
+    # prefix sums with a leading 0 column; the NaN tails only reach entries past each row's run
+    sums = np.zeros((ordered.shape[0], width + 1))
+    squares = np.zeros_like(sums)
+    np.cumsum(shifted, axis=1, out=sums[:, 1:])
+    np.square(shifted, out=shifted)
+    np.cumsum(shifted, axis=1, out=squares[:, 1:])
+    del shifted
+    index = np.arange(ordered.shape[0])
     for _ in range(n_iter):
-        if not (np.isfinite(centre) and np.isfinite(spread)):
-            return np.nan, np.nan, 0
-        lo = int(np.searchsorted(run, centre - clip_sigma * spread, "left"))
-        hi = int(np.searchsorted(run, centre + clip_sigma * spread, "right"))
-        count = hi - lo
-        if count == 0:
-            return np.nan, np.nan, 0
-        mean = (sums[hi] - sums[lo]) / count
-        centre = origin + mean
-        spread = float(np.sqrt(max((squares[hi] - squares[lo]) / count - mean * mean, 0.0)))
-    return centre, spread, count
+        alive &= np.isfinite(centre) & np.isfinite(spread)
+        lo = _searchsorted_rows(ordered, n, np.where(alive, centre - clip_sigma * spread, 0.0), right=False)
+        hi = _searchsorted_rows(ordered, n, np.where(alive, centre + clip_sigma * spread, 0.0), right=True)
+        kept = hi - lo
+        alive &= kept > 0
+        safe = np.where(alive, kept, 1)
+        mean = (sums[index, hi] - sums[index, lo]) / safe
+        var = (squares[index, hi] - squares[index, lo]) / safe - mean * mean
+        centre = np.where(alive, origin + mean, centre)
+        spread = np.where(alive, np.sqrt(np.maximum(var, 0.0)), spread)
+        count = np.where(alive, kept, count)
+    return np.where(alive, np.stack([centre, spread, count]), np.array([np.nan, np.nan, 0.0])[:, None])
+
+
+def _searchsorted_rows(ordered: np.ndarray, n: np.ndarray, values: np.ndarray, *, right: bool) -> np.ndarray:
+    """``np.searchsorted(ordered[i, :n[i]], values[i], side)`` for every row i at once (a binary
+    search in step over the rows; float32 rows compared with float64 values, as numpy does)."""
+    lo, hi = np.zeros_like(n), n.copy()
+    index = np.arange(ordered.shape[0])
+    last = max(ordered.shape[1] - 1, 0)
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            return lo
+        mid = (lo + hi) // 2
+        value = ordered[index, np.minimum(mid, last)].astype(np.float64)
+        after = value <= values if right else value < values       # the answer lies beyond mid
+        lo = np.where(open_ & after, mid + 1, lo)
+        hi = np.where(open_ & ~after, mid, hi)
 
 
 def residual_background(residual: np.ndarray, *, mask: np.ndarray | None = None, box_size: int = 128,
@@ -501,12 +560,17 @@ def _structure_mask(values: np.ndarray, mesh: BackgroundMesh, usable: np.ndarray
     ny, nx = values.shape
     by, bx = -(-ny // f), -(-nx // f)
     resid = np.zeros((by * f, bx * f), np.float32)       # padded with unusable pixels
-    use = np.zeros((by * f, bx * f), np.float32)
     resid[:ny, :nx] = values
-    resid[:ny, :nx] -= mesh.counts()
+    for rows, counts in mesh._map_blocks(mesh.level):    # no full-size map of the sky
+        resid[rows, :nx] -= counts
     resid[:ny, :nx][~usable] = 0.0
+    resid = _block_means(resid, f)
+    # the binned fraction of usable pixels, k / f**2, as _block_means gives it from 0s and 1s
+    # (sums of small integers are exact in any order), from the booleans without a float plane
+    use = np.zeros((by * f, bx * f), bool)
     use[:ny, :nx] = usable
-    resid, use = _block_means(resid, f), _block_means(use, f)
+    use = use.reshape(by, f, bx, f).sum(axis=(1, 3), dtype=np.uint8).astype(np.float32)
+    use /= np.float32(f * f)
     weight = ndimage.gaussian_filter(use, sigma / f, truncate=3.0)
     smooth = ndimage.gaussian_filter(resid, sigma / f, truncate=3.0)
     # white noise through a unit-sum Gaussian
@@ -561,7 +625,7 @@ def disc_dilation(found: np.ndarray, radius: float, *, repeat: int = 1, ny: int 
     """
     ny = found.shape[-2] * repeat if ny is None else ny
     out = np.zeros(found.shape[:-2] + (ny, found.shape[-1]), bool)
-    rows: dict[int, np.ndarray] = {}
+    offsets: dict[int, list[int]] = {}      # row offsets dy by the disc's half-width there
     reach = int(np.floor(radius))
     for dy in range(-reach, reach + 1):
         if abs(dy) >= ny:
@@ -571,12 +635,15 @@ def disc_dilation(found: np.ndarray, radius: float, *, repeat: int = 1, ny: int 
             width += 1
         while width > 0 and width**2 + dy**2 > radius**2:
             width -= 1
-        if width not in rows:
-            wide = ndimage.maximum_filter1d(found.view(np.uint8), 2 * width + 1, axis=-1,
-                                            mode="constant").view(bool)
-            rows[width] = np.repeat(wide, repeat, axis=-2)[..., :ny, :] if repeat > 1 else wide
-        if dy >= 0:
-            out[..., dy:, :] |= rows[width][..., :ny - dy, :]
-        else:
-            out[..., :ny + dy, :] |= rows[width][..., -dy:, :]
+        offsets.setdefault(width, []).append(dy)
+    # one half-width at a time: a single dilated plane alive besides ``out``
+    for width, dys in offsets.items():
+        wide = ndimage.maximum_filter1d(found.view(np.uint8), 2 * width + 1, axis=-1, mode="constant").view(bool)
+        if repeat > 1:
+            wide = np.repeat(wide, repeat, axis=-2)[..., :ny, :]
+        for dy in dys:
+            if dy >= 0:
+                out[..., dy:, :] |= wide[..., :ny - dy, :]
+            else:
+                out[..., :ny + dy, :] |= wide[..., -dy:, :]
     return out

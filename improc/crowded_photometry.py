@@ -34,7 +34,7 @@ from improc.psf_photometry import PSFFluxes, _render, checked_fit_inputs
 
 __all__ = ["deblended_psf_fluxes"]
 
-#: Stars whose whole float64 clips are rendered at a time.
+#: Stars whose whole clips are rendered at a time.
 _CHUNK = 256
 
 
@@ -56,9 +56,9 @@ class _Clips:
         inside = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1]) & self.ok[:, None, None]
         near = (off[None, None, :] - dx[:, None, None]) ** 2 + (off[None, :, None] - dy[:, None, None]) ** 2
         self.unit = np.empty((xs.size, psf.size, psf.size), np.float32)      # whole stamps, for the model image
-        for start in range(0, xs.size, _CHUNK):        # few float64 clips at a time
+        for start in range(0, xs.size, _CHUNK):        # few clips at a time
             part = slice(start, start + _CHUNK)
-            self.unit[part] = psf.get_clips(xs[part], ys[part])
+            self.unit[part] = psf.get_clips(xs[part], ys[part], dtype=np.float32)
         clips = self.unit[:, c - h:c + h + 1, c - h:c + h + 1]
         self.clip = np.where(inside & (near <= extent**2), clips, 0.0).astype(np.float32)
         self.disc = (near <= radius**2) & inside       # each star's own fit disc

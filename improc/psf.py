@@ -95,14 +95,26 @@ def cut_stamps(image: np.ndarray | float, ix: np.ndarray, iy: np.ndarray, half: 
     inside : ndarray of bool
         Same shape; False for pixels off the image.
     """
+    ix, iy = np.asarray(ix), np.asarray(iy)
     off = np.arange(-half, half + 1)
-    yy = np.asarray(iy)[:, None, None] + off[None, :, None]
-    xx = np.asarray(ix)[:, None, None] + off[None, None, :]
-    inside = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1])
+    rows = iy[:, None] + off[None, :]
+    cols = ix[:, None] + off[None, :]
+    # the stamp's pixels on the image: its rows on the image and its columns on the image
+    inside = (((rows >= 0) & (rows < shape[0]))[:, :, None] & ((cols >= 0) & (cols < shape[1]))[:, None, :])
     if np.ndim(image) == 0:
         return np.where(inside, float(image), 0.0), inside
-    values = image[np.clip(yy, 0, shape[0] - 1), np.clip(xx, 0, shape[1] - 1)].astype(float)
-    return np.where(inside, values, 0.0), inside
+    image = np.asarray(image)
+    side = 2 * half + 1
+    stamps = np.empty((ix.size, side, side))
+    whole = (ix >= half) & (ix < shape[1] - half) & (iy >= half) & (iy < shape[0] - half)
+    if whole.any():
+        # stamps wholly on the image are windows of it: one copy, without (n, side, side) index arrays
+        stamps[whole] = sliding_window_view(image, (side, side))[iy[whole] - half, ix[whole] - half]
+    if not whole.all():
+        cut = ~whole
+        values = image[np.clip(rows[cut], 0, shape[0] - 1)[:, :, None], np.clip(cols[cut], 0, shape[1] - 1)[:, None, :]]
+        stamps[cut] = np.where(inside[cut], values, 0)
+    return stamps, inside
 
 
 def half_maximum_fwhm(stamp: np.ndarray, *, oversample: int = 15) -> float:
@@ -208,17 +220,19 @@ def shifted_stamps(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, *, window
 
     Returns the central ``2 window + 1`` square (all of it for None), shape (n, m, m); with
     ``derivatives``, shape (3, n, m, m): the moved stamps and their derivatives with respect to
-    the star's x and y.
+    the star's x and y.  The products run in the stamps' floating dtype (float32 stamps: half
+    the work, for clips that are stored as float32 anyway).
     """
     size = stamps.shape[-1]
-    rows_y = shift_matrices(dy, size, window=window)
-    cols_x = shift_matrices(dx, size, window=window, transposed=True)
+    dtype = stamps.dtype if stamps.dtype in (np.float32, np.float64) else np.float64
+    rows_y = shift_matrices(dy, size, window=window).astype(dtype, copy=False)
+    cols_x = shift_matrices(dx, size, window=window, transposed=True).astype(dtype, copy=False)
     left = rows_y @ stamps
     if not derivatives:
         return left @ cols_x
     return np.stack([left @ cols_x,
-                     left @ shift_matrices(dx, size, window=window, derivative=True, transposed=True),
-                     (shift_matrices(dy, size, window=window, derivative=True) @ stamps) @ cols_x])
+                     left @ shift_matrices(dx, size, window=window, derivative=True, transposed=True).astype(dtype, copy=False),
+                     (shift_matrices(dy, size, window=window, derivative=True).astype(dtype, copy=False) @ stamps) @ cols_x])
 
 
 def _validated_basis(basis: np.ndarray, degree: int) -> np.ndarray:
@@ -310,25 +324,29 @@ class PixelPSF:
         return np.tensordot(self.coefficients(x, y), self.basis, axes=1)
 
     def get_clips(self, x: np.ndarray, y: np.ndarray, flux: np.ndarray | float = 1.0, *,
-                  window: int | None = None) -> np.ndarray:
+                  window: int | None = None, dtype: type = np.float64) -> np.ndarray:
         """Clips (n, size, size) of stars at image positions (x, y); see `get_clip`.
 
         ``window``: only the central ``2 window + 1`` square of each clip, shape (n, m, m), with
         the values of the whole clip (scaled so that the whole clip sums to ``flux``).
+        ``dtype``: np.float64, or np.float32 to move the stamps with float32 products (about
+        1e-7 of the peak from the float64 clips, at ~60 % of the time).
         """
         x = np.atleast_1d(np.asarray(x, dtype=float))
         y = np.atleast_1d(np.asarray(y, dtype=float))
         flux = np.broadcast_to(np.asarray(flux, dtype=float), x.shape)
         _, _, dx, dy = nearest_pixel(x, y)
         m = self.size if window is None else 2 * min(int(window), self.size // 2) + 1
-        clips = np.empty((x.size, m, m))
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be np.float32 or np.float64, got {dtype!r}")
+        clips = np.empty((x.size, m, m), dtype)
         # in chunks: the temporaries stay small (cache-sized, and no fresh pages to fault in)
         for start in range(0, x.size, _CLIP_CHUNK):
             part = slice(start, start + _CLIP_CHUNK)
             stamps = self.stamps_at(x[part], y[part])
             # a move keeps a stamp's sum (every column of a shift matrix sums to 1)
             scale = flux[part] / stamps.sum(axis=(1, 2))
-            clips[part] = shifted_stamps(stamps, dx[part], dy[part], window=window)
+            clips[part] = shifted_stamps(stamps.astype(dtype, copy=False), dx[part], dy[part], window=window)
             clips[part] *= scale[:, None, None]
         return clips
 

@@ -26,7 +26,9 @@
    are below ``sky_model_nsigma`` times the noise, is added to it and the PSF refitted on the
    refined sky, ``sky_refinement_iterations`` times (a PSF fitted on a sky that is too high has
    wings too low, which raises the next estimate of the sky).
-4. Detect again on image - PSF models (`improc.hidden_sources.find_hidden_sources`): faint
+4. Detect again on image - PSF models (`improc.hidden_sources.find_hidden_sources`; the models
+   of the last sky refinement, whose PSF differs from the refitted one by far less than the
+   search's allowance for model errors): faint
    neighbours ``hidden_min_separation_fwhm`` to ``hidden_max_separation_fwhm`` FWHM from a
    point source (a size at most ``extended_size_ratio`` times the size guess) and away from
    extended ones, that deblending merged into them (flag RESIDUAL); closer ones are blends.
@@ -403,15 +405,22 @@ def _measure(data: np.ndarray, *, background: np.ndarray, variance: np.ndarray, 
     # a PSF fitted on a biased sky has biased wings (a default PSF, fitted to nothing, has no say)
     refinements = o.sky_refinement_iterations if kind != "moffat_default" else 0
     limit = o.sky_model_nsigma * noise if refinements else None      # the same for every refinement
+    model = None
     for _ in range(refinements):
-        background = _refined_sky(data, x, y, psf, background, model_limit=limit,
-                                  box_size=min(o.sky_refinement_box_size, *data.shape), **fluxes)
+        model = None        # not held through the next refinement's (its peak of memory)
+        background, model = _refined_sky(data, x, y, psf, background, model_limit=limit,
+                                         box_size=min(o.sky_refinement_box_size, *data.shape), **fluxes)
         psf = psf_on(background)
     del limit
     fwhm = float(psf.fwhm_pixels)
     radii = tuple(float(m * fwhm) for m in o.aperture_multiples)
     point = ~(np.asarray(table["fwhm"], float) > o.extended_size_ratio * guess)     # not extended
-    _, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
+    # The hidden neighbours are searched for under the last refinement's models of the sources:
+    # the PSF refitted since moved by far less than the 2 % model error the search allows for,
+    # and a fit of every source with it costs as much as a refinement.
+    if model is None:
+        _, model = deblended_psf_fluxes(data, x, y, psf, background=background, **fluxes)
+    model = np.asarray(model, dtype=np.float32)        # what the search uses: half the memory held
     hidden = find_hidden_sources(data, model, x, y, point_like=point,
                                  extent=o.extended_extent_factor * np.sqrt(table["npix"] / np.pi),
                                  background=background, variance=variance,
@@ -564,9 +573,10 @@ def _first_psf(data: np.ndarray, table: Table, o: _Options, *, background: np.nd
 
 def _refined_sky(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, background: np.ndarray, *,
                  model_limit: np.ndarray, box_size: int, variance: np.ndarray,
-                 mask: np.ndarray | None, gain: float | None) -> np.ndarray:
+                 mask: np.ndarray | None, gain: float | None) -> tuple[np.ndarray, np.ndarray]:
     """``background`` plus the clipped mean of image - sky - PSF models (`residual_background`),
-    where the models are below ``model_limit`` (``sky_model_nsigma`` times the noise)."""
+    where the models are below ``model_limit`` (``sky_model_nsigma`` times the noise); and the
+    (ny, nx) float32 image of those models (`deblended_psf_fluxes`)."""
     _, model = deblended_psf_fluxes(data, x, y, psf, background=background, variance=variance, mask=mask,
                                     gain=gain)
     unreliable = model > model_limit
@@ -574,11 +584,11 @@ def _refined_sky(data: np.ndarray, x: np.ndarray, y: np.ndarray, psf: PixelPSF, 
         unreliable |= np.asarray(mask, dtype=bool)
     residual = np.subtract(data, background, dtype=np.float32)
     residual -= model      # float32 is ample for a sky level
-    del model
+    model = model.astype(np.float32)    # kept for the hidden-source search, which works in float32
     try:
-        return background + residual_background(residual, mask=unreliable, box_size=box_size).counts()
+        return background + residual_background(residual, mask=unreliable, box_size=box_size).counts(), model
     except ValueError:      # the sources' models cover nearly every box: nothing to refine on
-        return background
+        return background, model
 
 
 def _remove_neighbour_light(table: Table, model: np.ndarray, psf: PixelPSF, x: np.ndarray, y: np.ndarray,

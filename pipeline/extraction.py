@@ -101,7 +101,9 @@ class Extractor(Step):
     #      fitted from 2 FWHM out to the stamp's edge (not 4 FWHM), as far as the stars measure it
     # 1.6: PSF clips moved by shift matrices, not FFTs; crowded photometry by conjugate gradients
     #      (same figures; values differ from 1.5 in the 10th-13th digit)
-    version = "1.6.0"
+    # 1.7: hidden neighbours searched for under the last sky refinement's source models (one
+    #      joint PSF fit of every source less)
+    version = "1.7.0"
     Params = ExtractionParams
     inputs = (Input("image"), Input("background"))
     outputs = (Output("sources", SourceList, parents={"image_id": "image", "background_id": "background"}),

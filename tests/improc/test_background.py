@@ -197,3 +197,84 @@ def test_block_means_equal_the_reshaped_mean(f):
     expected = image.reshape(12, f, 6, f).mean(axis=(1, 3))
     got = _block_means(image, f)
     assert got.dtype == np.float32 and np.array_equal(got, expected)
+
+
+def _clip_one_row(run, centre, spread, clip_sigma, n_iter):
+    """The clip of one sorted run as it was done box by box (the reference of the row-wise one)."""
+    count = run.size
+    if not (np.isfinite(centre) and np.isfinite(spread)):
+        return np.nan, np.nan, 0
+    origin = centre
+    shifted = run.astype(np.float64) - origin
+    sums = np.concatenate(([0.0], np.cumsum(shifted)))
+    squares = np.concatenate(([0.0], np.cumsum(shifted * shifted)))
+    for _ in range(n_iter):
+        if not (np.isfinite(centre) and np.isfinite(spread)):
+            return np.nan, np.nan, 0
+        lo = int(np.searchsorted(run, centre - clip_sigma * spread, "left"))
+        hi = int(np.searchsorted(run, centre + clip_sigma * spread, "right"))
+        count = hi - lo
+        if count == 0:
+            return np.nan, np.nan, 0
+        mean = (sums[hi] - sums[lo]) / count
+        centre = origin + mean
+        spread = float(np.sqrt(max((squares[hi] - squares[lo]) / count - mean * mean, 0.0)))
+    return centre, spread, count
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_clip_sorted_rows_equal_the_clip_of_each_row(seed):
+    # all the boxes at once must give the very values of clipping them one by one: ties at the
+    # clip limits (rounded values), outliers, large offsets, NaN tails, empty rows, a spread of
+    # 0 or NaN, no iteration at all
+    from improc.background import _clip_sorted, _sorted_median
+
+    rng = np.random.default_rng(seed)
+    rows, width = int(rng.integers(1, 9)), int(rng.integers(1, 60))
+    boxes = rng.normal(0, rng.choice([1e-3, 1.0, 1e4]), (rows, width)) + rng.choice([0.0, 1e5])
+    boxes[rng.random((rows, width)) < 0.1] *= 30.0
+    boxes = boxes.astype(np.float32)
+    if seed % 3 == 0:
+        boxes = np.round(boxes)
+    n = rng.integers(0, width + 1, rows)
+    n[0] = 0 if seed % 5 == 0 else n[0]
+    for i in range(rows):
+        boxes[i, n[i]:] = np.nan
+    boxes.sort(axis=1)
+    centre = _sorted_median(boxes, n)
+    spread = np.array([np.std(boxes[i, :n[i]], dtype=np.float64) if n[i] > 1 else 1.0 for i in range(rows)])
+    spread[rng.random(rows) < 0.2] = rng.choice([0.0, np.nan])
+    clip_sigma, n_iter = float(rng.choice([1.0, 2.5, 3.0])), int(rng.integers(0, 6))
+    expected = np.array([_clip_one_row(boxes[i, :n[i]], centre[i], spread[i], clip_sigma, n_iter) if n[i] > 0
+                         else (np.nan, np.nan, 0) for i in range(rows)]).T
+    got = _clip_sorted(boxes, n, centre, spread, clip_sigma, n_iter)
+    assert np.array_equal(got, expected, equal_nan=True)
+
+
+def test_map_blocks_are_the_full_map_row_by_row():
+    # the structure mask subtracts the sky block by block: the very values of counts()
+    rng = np.random.default_rng(2)
+    mesh = BackgroundMesh(level=rng.normal(100, 5, (5, 3)), rms=np.ones((5, 3)), box_size=128, filter_size=3,
+                          shape=(600, 301))
+    full = mesh.counts()
+    got = np.full(full.shape, np.nan, np.float32)
+    for rows, block in mesh._map_blocks(mesh.level):
+        assert block.dtype == np.float32
+        got[rows] = block
+    assert np.array_equal(got, full)
+
+
+def test_disc_dilation_with_repeated_rows_equals_ndimage():
+    # the structure mask dilates 2 x 2 binned rows, repeated, by a disc: one plane per half-width
+    from scipy import ndimage
+
+    from improc.background import disc_dilation
+
+    rng = np.random.default_rng(4)
+    found = rng.random((21, 33)) < 0.02
+    for radius, repeat, ny in ((8, 2, 41), (3.5, 1, None), (0.5, 2, 42)):
+        full = np.repeat(found, repeat, axis=0)[:ny]
+        r = int(np.floor(radius))
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        expected = ndimage.binary_dilation(full, structure=yy**2 + xx**2 <= radius**2)
+        assert np.array_equal(disc_dilation(found, radius, repeat=repeat, ny=ny), expected)

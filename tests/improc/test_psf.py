@@ -308,3 +308,50 @@ def test_half_maximum_fwhm_rejects_bad_input(stamp, options, match):
 
     with pytest.raises(ValueError, match=match):
         half_maximum_fwhm(stamp, **options)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ">f4", np.float64, bool])
+def test_cut_stamps_equal_a_padded_cut(dtype):
+    # windows of the image for stamps wholly on it, clipped indices for the others: both must be
+    # the stamp of the zero-padded image, pixel for pixel, and ``inside`` its footprint
+    from improc.psf import cut_stamps
+
+    rng = np.random.default_rng(3)
+    shape = (23, 17)
+    image = (rng.normal(size=shape) * 100).astype(dtype)
+    for half in (0, 2, 9):
+        ix, iy = rng.integers(-12, shape[1] + 12, 60), rng.integers(-12, shape[0] + 12, 60)
+        stamps, inside = cut_stamps(image, ix, iy, half, shape)
+        pad = half + 12
+        padded = np.pad(image.astype(float), pad)
+        footprint = np.pad(np.ones(shape, bool), pad)
+        for k in range(ix.size):
+            rows = slice(iy[k] - half + pad, iy[k] + half + 1 + pad)
+            cols = slice(ix[k] - half + pad, ix[k] + half + 1 + pad)
+            assert np.array_equal(stamps[k], padded[rows, cols])
+            assert np.array_equal(inside[k], footprint[rows, cols])
+        assert stamps.dtype == np.float64
+        constant, inside_c = cut_stamps(2.5, ix, iy, half, shape)
+        assert np.array_equal(inside_c, inside) and np.array_equal(constant, np.where(inside, 2.5, 0.0))
+
+
+def test_float32_clips_match_float64_clips():
+    # float32 products move the stamps to ~1e-7 of the peak; window and flux as for float64
+    rng = np.random.default_rng(5)
+    size = 25
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    basis = np.zeros((3, size, size))
+    basis[0] = np.exp(-(xx**2 + yy**2) / (2 * 2.0**2))
+    basis[0] /= basis[0].sum()
+    basis[1] = 0.01 * basis[0] * xx
+    psf = PixelPSF(basis, 1, x0=100.0, y0=100.0, xscale=100.0, yscale=100.0, image_shape=(200, 200))
+    x, y = rng.uniform(0, 200, 300), rng.uniform(0, 200, 300)
+    flux = rng.uniform(1.0, 1e5, 300)
+    for window in (None, 5):
+        double = psf.get_clips(x, y, flux, window=window)
+        single = psf.get_clips(x, y, flux, window=window, dtype=np.float32)
+        assert single.dtype == np.float32 and single.shape == double.shape
+        assert (np.abs(single - double).max(axis=(1, 2)) / double.max(axis=(1, 2))).max() < 1e-6
+        assert np.abs(single.sum(axis=(1, 2), dtype=np.float64) / double.sum(axis=(1, 2)) - 1).max() < 1e-6
+    with pytest.raises(ValueError, match="dtype"):
+        psf.get_clips(x, y, dtype=np.int32)
