@@ -20,7 +20,7 @@ OMP/OPENBLAS/MKL/NUMBA threads = 1:
     ``stdpipe.subtraction.run_zogy`` on our warped reference (it does not align) with the same
     PSFs (as PSFEx-like dictionaries of the reference PSF on the new grid), noise maps, flux
     ratio and astrometric noise, no flux or shift fitting, 8 x 16 sub-images overlapping by
-    50 pixels (as our 256-pixel tiles); bad pixels of either image set to 0 with the median
+    50 pixels (as our tiles were before subtraction 1.5; ours are 512 px now); bad pixels of either image set to 0 with the median
     error (run_zogy itself transforms masked pixels' values).
 ``sfft``
     The ``sfft`` package's CPU (``Numpy`` backend) path, ``SingleSFFTConfigure.SSC`` (numba
@@ -378,7 +378,7 @@ def ours_phase(folder: Path) -> dict:
     noise = _noise(result.data, result.psf_at(NX / 2, NY / 2), d["free"], d["new_weight"],
                    d["warped_white_weight"], d["flux_ratio"], result.score_corr)
     return {"seconds": seconds, "noise": noise, "input_rss_mb": input_rss,
-            "notes": {"tiles": f"{len(result.tiles)} of 256 x 256, windows with margins",
+            "notes": {"tiles": f"{len(result.tiles)} of at most {int(np.max(np.diff(result.tiles[:, :2])))} px a side, windows with margins",
                       "peaks |S_corr| >= 5": len(peaks),
                       "flagged fraction of D": f"{(result.flags != 0).mean():.3f}"}}
 
