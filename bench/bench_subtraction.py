@@ -20,7 +20,7 @@ OMP/OPENBLAS/MKL/NUMBA threads = 1:
     ``stdpipe.subtraction.run_zogy`` on our warped reference (it does not align) with the same
     PSFs (as PSFEx-like dictionaries of the reference PSF on the new grid), noise maps, flux
     ratio and astrometric noise, no flux or shift fitting, 8 x 16 sub-images overlapping by
-    50 pixels (as our tiles were before subtraction 1.5; ours are 512 px now); bad pixels of either image set to 0 with the median
+    50 pixels (as our 256-pixel tiles); bad pixels of either image set to 0 with the median
     error (run_zogy itself transforms masked pixels' values).
 ``sfft``
     The ``sfft`` package's CPU (``Numpy`` backend) path, ``SingleSFFTConfigure.SSC`` (numba

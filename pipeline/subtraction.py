@@ -54,11 +54,11 @@ class SubtractionParams(StepParams):
     registration: Literal["auto", "wcs", "sources"] = param(
         "auto", "'wcs': the two fitted WCSs as they are; 'sources': also register the images on the sources "
         "both measured (the offset the WCSs miss); 'auto': 'sources' when a WCS was not fitted to a catalog.")
-    tile_size: int = param(512, "Largest side of a ZOGY tile's core, pixels; each tile has its own PSFs (at "
+    tile_size: int = param(256, "Largest side of a ZOGY tile's core, pixels; each tile has its own PSFs (at "
                            "the tile's centre).  A tile's S_corr is correlated over the PSF's area, so a 256-pixel "
                            "tile holds ~1,000 independent values and its standard deviation scatters by 0.02 from "
-                           "chance alone; 512 pixels halves that, at the cost of following the PSF's variation "
-                           "more coarsely.")
+                           "chance alone; 512-pixel tiles halve that but follow the PSF's variation too coarsely "
+                           "for D's PSF fluxes (pulls 1.06 -> 1.08-1.11 with a sharper new image).")
     mask_dilation_fwhm: float = param(1.0, "Half-side, in FWHM of the broader PSF, over which bad pixels "
                                       "spread their flags in the difference.")
     hidden_light_nsigma: float = param(3.0, "Bad pixels hiding light spread their flags to where that light, "
@@ -151,13 +151,7 @@ class Subtractor(Step):
     #      The meshes' busy pixels: the (already spread) flags as they are, only the sources grown
     #      by 2 FWHM; growing the flags again left the boxes between a saturated star and the
     #      chip's edge mostly busy, with S_corr at -0.9 there
-    # 1.5: tiles of 512 pixels (were 256).  White noise through the same subtraction (the
-    #      images' PSFs, flags and weights: bench_difference's pure-noise rows) put 13 of 256
-    #      tiles outside S_corr std 1.00 +- 0.05 at 1.4" (scatter 0.0205) where the real
-    #      images put 6: the normalization was right and the tile too small to show it.  At
-    #      512 pixels 128 of 128 tiles are within (0.961..1.013), the other figures as they
-    #      were (static residuals 0.0107 instead of 0.0095 with the sharper new image).
-    version = "1.5.0"
+    version = "1.4.0"
     Params = SubtractionParams
     inputs = (Input("image"), Input("background"), Input("psf"), Input("wcs"), Input("zp"),
               Input("reference", tag_param="reference_tag"))

@@ -63,13 +63,14 @@ def test_score_is_normalized_in_every_tile(outcomes):
         std, noise = np.asarray(o.tile_std), np.asarray(o.noise_tile_std)
         ok = np.isfinite(std) & np.isfinite(noise)
         std, noise = std[ok], noise[ok]
-        assert std.size >= 15                   # 16 tiles of 512 px
-        # 1.00 +- 0.05 in every tile, corners too; measured 0.961..1.013 over 8 fields
-        assert np.all(np.abs(std - 1.0) <= 0.05)
-        assert np.all(np.abs(np.asarray(o.corners) - 1.0) <= 0.05)
+        assert std.size >= 60
         # White noise through the same subtraction (its PSFs, flags, weights, tiles and mesh) is
-        # S_corr normalized right by construction: the images' tiles must scatter about as its
-        # tiles do, about the same mean (a few tiles off by 3 % would double the scatter).
-        # Measured over 4 fields: scatter 0.0096 and 0.0056.
+        # S_corr normalized right by construction; its 256-px tiles scatter by 0.0205 (new 1.4")
+        # and 0.014, so that 1.00 +- 0.05 is 2.4 of those and chance alone puts a tile or two
+        # of 64 outside it (13 of 256 over four fields; the images: 6, none on this field).  The
+        # images' tiles must scatter as the noise's do, about the same mean: a normalization 5 %
+        # off in a quarter of the tiles would raise the scatter by half.  Measured over four
+        # fields: scatter 0.0196 and 0.0128 against the noise's 0.0205 and 0.0140.
+        assert np.sum(np.abs(std - 1.0) > 0.05) <= 1 and np.all(np.abs(std - 1.0) <= 0.07)
         assert abs(np.mean(std) - np.mean(noise)) <= 0.01
-        assert np.std(std) <= 1.5 * np.std(noise) + 0.003
+        assert np.std(std) <= 1.3 * np.std(noise) + 0.003
