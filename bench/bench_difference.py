@@ -340,7 +340,7 @@ def pure_noise_score(ds, seed: int) -> np.ndarray:
     import dataclasses
 
     from improc.alignment import warp_image
-    from pipeline.reference_alignment import aligned_reference
+    from pipeline.reference_alignment import aligned_reference, white_weight
     from pipeline.top import Pipeline
 
     step = next(s for s in Pipeline(ds.context).steps if s.process == "subtraction")
@@ -354,8 +354,7 @@ def pure_noise_score(ds, seed: int) -> np.ndarray:
         return np.where(good, values, 0.0).astype(np.float32)
 
     ref = aligned.image
-    white = ref.extra("WHITE_WEIGHT")
-    ref_weight = ref.weight if white is None else np.asarray(white, dtype=np.float32)
+    ref_weight = white_weight(ref)
     warped = warp_image(noise(ref_weight), ref_weight, ref.flags, source_wcs=aligned.solution,
                         target_wcs=wcs.wcs, target_shape=image.data.shape)
     result = step.compute((noise(image.weight), image.weight, image.flags), psf.model,

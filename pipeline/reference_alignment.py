@@ -21,7 +21,7 @@ import numpy as np
 from improc.alignment import Warped, warp_image
 from improc.errors import BadDataError
 
-__all__ = ["AlignedReference", "aligned_reference", "reference_products", "source_shift", "star_flux_ratio", "moved",
+__all__ = ["AlignedReference", "aligned_reference", "reference_products", "white_weight", "source_shift", "star_flux_ratio", "moved",
            "fitted_to_catalog", "bright_sources"]
 
 
@@ -49,6 +49,13 @@ class AlignedReference:
     shift: object = None
     #: The reference's WCS as used (its fitted one, moved by ``shift`` if any).
     solution: object = None
+
+
+def white_weight(image) -> np.ndarray:
+    """The weight of an image's noise as a PSF-sized filter sees it: a coadd's pixels are
+    correlated, so its ``WHITE_WEIGHT`` plane (`pipeline.coaddition`); else its weight."""
+    white = image.extra("WHITE_WEIGHT")
+    return image.weight if white is None else np.asarray(white, dtype=np.float32)
 
 
 def reference_products(ds, reference) -> tuple:
@@ -173,10 +180,7 @@ def aligned_reference(ds) -> AlignedReference:
                 raise BadDataError(f"{pair}: the {which} has no zero point ({z.note}) and too few stars both "
                                    "measured give their flux ratio", badness="BAD_SUBTRACTION")
         ratio, origin = float(10 ** (0.4 * (ref_zp.zp - zp.zp))), "zero_points"
-    # a coadd's pixels are correlated: what a PSF-sized filter sees is its white weight
-    white = ref_image.extra("WHITE_WEIGHT")
-    ref_weight = ref_image.weight if white is None else np.asarray(white, dtype=np.float32)
-    warped = warp_image(ref_image.data - ref_bg.counts, ref_weight, ref_image.flags,
+    warped = warp_image(ref_image.data - ref_bg.counts, white_weight(ref_image), ref_image.flags,
                         source_wcs=ref_solution, target_wcs=wcs.wcs, target_shape=(image.ny, image.nx))
     covered = float(np.mean(warped.weight > 0))
     if covered < 0.01:

@@ -163,15 +163,14 @@ def test_bad_mesh_arrays():
                        filter_size=3, shape=(100, 150))
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_sorted_median_deviation_equals_sorting_the_deviations(seed):
-    # the binary search on two sorted runs must give the very value of the sort it replaces:
-    # ties (rounded values), large offsets (float32 rounding), NaN tails and empty rows
-    from improc.background import _sorted_median, _sorted_median_deviation
-
-    rng = np.random.default_rng(seed)
-    rows, width = int(rng.integers(1, 8)), int(rng.integers(1, 40))
-    boxes = (rng.normal(0, rng.choice([1e-3, 1.0, 1e4]), (rows, width)) + rng.choice([0.0, 1e5]))
+def _sorted_boxes(rng, seed: int, *, max_rows: int, max_width: int, outliers: bool):
+    """Rows of float32 box values sorted with NaN tails, and each row's count of values: ties
+    (rounded values every third seed), large offsets, empty rows (the first, every fifth seed),
+    and with ``outliers`` a tenth of the values 30 times off."""
+    rows, width = int(rng.integers(1, max_rows)), int(rng.integers(1, max_width))
+    boxes = rng.normal(0, rng.choice([1e-3, 1.0, 1e4]), (rows, width)) + rng.choice([0.0, 1e5])
+    if outliers:
+        boxes[rng.random((rows, width)) < 0.1] *= 30.0
     boxes = boxes.astype(np.float32)
     if seed % 3 == 0:
         boxes = np.round(boxes)
@@ -180,6 +179,17 @@ def test_sorted_median_deviation_equals_sorting_the_deviations(seed):
     for i in range(rows):
         boxes[i, n[i]:] = np.nan
     boxes.sort(axis=1)
+    return boxes, n
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sorted_median_deviation_equals_sorting_the_deviations(seed):
+    # the binary search on two sorted runs must give the very value of the sort it replaces:
+    # ties (rounded values), large offsets (float32 rounding), NaN tails and empty rows
+    from improc.background import _sorted_median, _sorted_median_deviation
+
+    rng = np.random.default_rng(seed)
+    boxes, n = _sorted_boxes(rng, seed, max_rows=8, max_width=40, outliers=False)
     centre = _sorted_median(boxes, n).astype(np.float32)
     deviation = np.abs(boxes - centre[:, None])
     deviation.sort(axis=1)
@@ -230,17 +240,8 @@ def test_clip_sorted_rows_equal_the_clip_of_each_row(seed):
     from improc.background import _clip_sorted, _sorted_median
 
     rng = np.random.default_rng(seed)
-    rows, width = int(rng.integers(1, 9)), int(rng.integers(1, 60))
-    boxes = rng.normal(0, rng.choice([1e-3, 1.0, 1e4]), (rows, width)) + rng.choice([0.0, 1e5])
-    boxes[rng.random((rows, width)) < 0.1] *= 30.0
-    boxes = boxes.astype(np.float32)
-    if seed % 3 == 0:
-        boxes = np.round(boxes)
-    n = rng.integers(0, width + 1, rows)
-    n[0] = 0 if seed % 5 == 0 else n[0]
-    for i in range(rows):
-        boxes[i, n[i]:] = np.nan
-    boxes.sort(axis=1)
+    boxes, n = _sorted_boxes(rng, seed, max_rows=9, max_width=60, outliers=True)
+    rows = boxes.shape[0]
     centre = _sorted_median(boxes, n)
     spread = np.array([np.std(boxes[i, :n[i]], dtype=np.float64) if n[i] > 1 else 1.0 for i in range(rows)])
     spread[rng.random(rows) < 0.2] = rng.choice([0.0, np.nan])
