@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.fingerprints import compute_fingerprints, rounded, stored_fingerprints
+from pipeline.fingerprints import compute_fingerprints, rounded, same_figures, stored_fingerprints
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_results_change_only_with_the_version(current):
     for process, entry in current.items():
         if stored.get(process, {}).get("version") != entry["version"]:
             continue    # reported by the test above
-        assert entry["figures"] == stored[process]["figures"], (
+        assert same_figures(entry["figures"], stored[process]["figures"]), (
             f"the results of {process} changed under version {entry['version']}: bump its version "
             "(provenances must change with results), then python -m pipeline.fingerprints --update")
 
@@ -39,3 +39,12 @@ def test_rounding_hides_float_noise_but_not_changes():
     assert rounded(1.0000000001) == rounded(0.9999999999) == 1.0
     assert rounded(31.0212) != rounded(31.0217)
     assert rounded([1, 2.000000001]) == [1, 2.0]
+
+
+def test_figures_match_within_the_tolerance_only():
+    assert same_figures({"n": 3, "sum": 140000.0}, {"n": 3, "sum": 140010.0})    # 7e-5: libraries' noise
+    assert not same_figures({"n": 3, "sum": 140000.0}, {"n": 3, "sum": 140030.0})
+    assert not same_figures({"n": 3, "sum": 1.0}, {"n": 4, "sum": 1.0})
+    assert not same_figures({"n": 3}, {"n": 3, "sum": 1.0})
+    assert same_figures([1.0, 2.0], [1.00001, 2.0]) and not same_figures([1.0], [1.0, 2.0])
+    assert not same_figures(1.0, "1.0") and same_figures(0.0, 0.0)
