@@ -115,6 +115,8 @@ class Outcome:
     efficiencies: list = field(default_factory=list)  # S_corr peak / S/N, field transients, S/N > 10
     tile_std: list = field(default_factory=list)      # per tile, nan without enough free pixels
     noise_tile_std: list = field(default_factory=list)  # the same, both images replaced by white noise
+    area_std: list = field(default_factory=list)      # per AREA_PX square (2 x 2 tiles of 256 px)
+    noise_area_std: list = field(default_factory=list)
     static: list = field(default_factory=list)        # PSF flux on D / flux, static sources of S/N > 50
     corners: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
@@ -154,7 +156,7 @@ def pooled(outcomes: list[Outcome]) -> Outcome:
     for name in ("n_flagged", "spurious", "n_kept", "n_bad"):
         setattr(out, name, sum(getattr(o, name) for o in outcomes))
     for name in ("ratios", "pulls", "pull_snr", "in_field", "zp_errors", "efficiencies", "tile_std", "corners",
-                 "static", "noise_tile_std"):
+                 "static", "noise_tile_std", "area_std", "noise_area_std"):
         setattr(out, name, [v for o in outcomes for v in getattr(o, name)])
     out.seconds = {k: float(np.median([o.seconds[k] for o in outcomes if k in o.seconds])) for k in first.seconds}
     out.peak_rss_mb = max(o.peak_rss_mb for o in outcomes)
@@ -477,6 +479,7 @@ def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool =
     noise_score = pure_noise_score(ds, seed=int(tiles.sum()) % 10_000)
     out.noise_tile_std = [float(np.std(v)) if v.size > 500 else float("nan")
                           for v in (noise_score[y0:y1, x0:x1][free[y0:y1, x0:x1]] for y0, y1, x0, x1 in tiles)]
+    out.area_std, out.noise_area_std = (_area_stds(plane, free) for plane in (score, noise_score))
     corner_ids = {int(np.argmin(tiles[:, 0] + tiles[:, 2])), int(np.argmin(tiles[:, 0] - tiles[:, 3])),
                   int(np.argmin(-tiles[:, 1] + tiles[:, 2])), int(np.argmax(tiles[:, 1] + tiles[:, 3]))}
     out.corners = [out.tile_std[i] for i in sorted(corner_ids)]
@@ -484,6 +487,22 @@ def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool =
     out.seconds = {s: float(ds.stats[s]["seconds"]) for s in STEPS if s in ds.stats}
     out.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return out
+
+
+#: Side of the squares over which S_corr's std is also reported: a 256-px tile's std scatters by
+#: ~0.02 from chance alone (white noise through the same subtraction), a 512-px square's by half.
+AREA_PX = 512
+
+
+def _area_stds(score: np.ndarray, free: np.ndarray) -> list[float]:
+    """S_corr's std over the ``free`` pixels of each AREA_PX square (nan with too few)."""
+    ny, nx = score.shape
+    stds = []
+    for y0 in range(0, ny, AREA_PX):
+        for x0 in range(0, nx, AREA_PX):
+            values = score[y0:y0 + AREA_PX, x0:x0 + AREA_PX][free[y0:y0 + AREA_PX, x0:x0 + AREA_PX]]
+            stds.append(float(np.std(values)) if values.size > 2000 else float("nan"))
+    return stds
 
 
 def print_table(outcomes: list[Outcome]) -> None:
@@ -541,6 +560,10 @@ def print_table(outcomes: list[Outcome]) -> None:
     row("pure noise: tiles within 0.95-1.05",
         [f"{np.sum(np.abs(np.asarray(o.noise_tile_std) - 1) <= 0.05)}/{np.sum(np.isfinite(o.noise_tile_std))}"
          for o in outcomes])
+    for name, attr in (("images", "area_std"), ("pure noise", "noise_area_std")):
+        row(f"{name}: {AREA_PX}-px squares within 5 %",
+            [f"{np.sum(np.abs(np.asarray(getattr(o, attr)) - 1) <= 0.05)}/{np.sum(np.isfinite(getattr(o, attr)))}"
+             f" ({np.nanmin(getattr(o, attr)):.3f}..{np.nanmax(getattr(o, attr)):.3f})" for o in outcomes])
     for step in STEPS:
         row(f"{step} s", [f"{o.seconds.get(step, float('nan')):.2f}" for o in outcomes])
     row("sum of the four steps s", [f"{sum(o.seconds.values()):.2f}" for o in outcomes], "<= 4 s (2048x4096)")

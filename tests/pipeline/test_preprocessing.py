@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 import pytest
 from astropy.io import fits
 
@@ -49,7 +50,13 @@ def test_raw_frame_bad_columns_are_flagged_bad_with_zero_weight(database, sim, t
     assert image.flags.shape == sim.data.shape
     np.testing.assert_array_equal(flagged, bad)
     assert np.all(image.weight[bad] == 0) and np.all(image.weight[~image.flags.astype(bool)] > 0)
-    assert not has_flag(image.flags, "CR", "BAD")[cosmic_only].any()
+    assert not has_flag(image.flags, "BAD")[cosmic_only].any()
+    # the hits are found (not read from the simulator's truth): those away from the bad columns
+    hit = has_flag(image.flags, "CR")
+    clear = cosmic_only & ~ndimage.binary_dilation(bad, iterations=3)
+    assert np.all(hit[clear]) and np.all(image.weight[hit] == 0)
+    # and little else: a noise spike of 5.7 sigma on a faint star's core
+    assert np.sum(hit & ~ndimage.binary_dilation(cosmic_only, structure=np.ones((3, 3)))) <= 2
     # the masked pixels keep their (bias-subtracted) values: masking is not interpolation
     np.testing.assert_allclose(image.data[bad], sim.data[bad], atol=0.51)
 
@@ -61,7 +68,9 @@ def test_raw_frame_without_a_mask_plane_has_no_bad_flags(database, sim, tmp_path
         fits.PrimaryHDU(hdul[0].data, header=hdul[0].header).writeto(tmp_path / "no_bpm.fits")
     image = _preprocess(tmp_path / "no_bpm.fits")
     assert not has_flag(image.flags, "BAD").any()
-    assert np.all(image.weight[(sim.flags & FLAG_BAD_COLUMN) != 0] > 0)
+    columns = (sim.flags & FLAG_BAD_COLUMN) != 0
+    # (a hot column's sharp pixels may be taken for cosmic rays, and flagged CR)
+    assert np.all(image.weight[columns & ~has_flag(image.flags, "CR")] > 0)
 
 
 def test_mask_plane_of_the_wrong_shape_names_the_file(database, sim, tmp_path):
