@@ -185,6 +185,8 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, bad: np.ndarray | 
     work = _padded(image)
     lplus = _padded(laplacian_plus(image))
     iy, ix = np.nonzero(lplus[_PAD:-_PAD, _PAD:-_PAD] > 1.6 * sigma_clip * floor)
+    masked = _padded(bad)                   # bad pixels and hits: not used to fill a hit
+    hit_y, hit_x = np.zeros(0, np.intp), np.zeros(0, np.intp)
     for _ in range(max_iterations):
         fresh = ~(hits[iy, ix] | rejected[iy, ix] | bad[iy, ix])
         iy, ix = iy[fresh], ix[fresh]
@@ -195,33 +197,57 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, bad: np.ndarray | 
         iy, ix, noise = iy[keep], ix[keep], noise[keep]
         fine = np.maximum(_fine_structure(work, iy, ix), 0.01 * noise)
         keep = lplus[iy + _PAD, ix + _PAD] / fine > contrast
+        ny_, nx_ = iy[keep], ix[keep]
+        if ny_.size == 0:
+            break
         new = np.zeros(image.shape, bool)
-        new[iy[keep], ix[keep]] = True
-        if not new.any():
-            break
+        new[ny_, nx_] = True
         for threshold in (sigma_clip, neighbor_fraction * sigma_clip):
-            ny_, nx_ = np.nonzero(_grown(new) & ~new & ~hits & ~bad & ~rejected)
-            if ny_.size:
-                join = _sharpness(lplus, _noise(variance, ny_, nx_), ny_, nx_) > threshold
-                new[ny_[join], nx_[join]] = True
-        labels, _ = ndimage.label(new | hits, structure=np.ones((3, 3), bool))
-        touching = np.unique(labels[near_bad & (labels > 0)])
-        if touching.size:
-            drop = np.isin(labels, touching) & new
-            rejected |= drop
-            new &= ~drop
-        if not new.any():
+            gy, gx = _around(ny_, nx_, 1, image.shape)
+            free = ~(new[gy, gx] | hits[gy, gx] | bad[gy, gx] | rejected[gy, gx])
+            gy, gx = gy[free], gx[free]
+            join = _sharpness(lplus, _noise(variance, gy, gx), gy, gx) > threshold if gy.size else np.zeros(0, bool)
+            new[gy[join], gx[join]] = True
+            ny_, nx_ = np.concatenate([ny_, gy[join]]), np.concatenate([nx_, gx[join]])
+        drop = _touching(ny_, nx_, hit_y, hit_x, near_bad)
+        if drop.any():
+            rejected[ny_[drop], nx_[drop]] = True
+            ny_, nx_ = ny_[~drop], nx_[~drop]
+        if ny_.size == 0:
             break
-        hits |= new
-        ny_, nx_ = np.nonzero(new)
-        _replace(work, ny_, nx_, _padded(hits | bad))
+        hits[ny_, nx_] = True
+        hit_y, hit_x = np.concatenate([hit_y, ny_]), np.concatenate([hit_x, nx_])
+        masked[ny_ + _PAD, nx_ + _PAD] = True
+        _replace(work, ny_, nx_, masked)
         # only what lies within 4 pixels of a replaced one can change (L+ within 1, its 5 x 5
         # median within 3, the fine structure's 9 x 9 windows within 4): search there again
         uy, ux = _around(ny_, nx_, 1, image.shape)
         lplus[uy + _PAD, ux + _PAD] = _lplus_at(work, uy, ux)
         iy, ix = _around(ny_, nx_, 4, image.shape)
-        iy, ix = iy[lplus[iy + _PAD, ix + _PAD] > 1.6 * sigma_clip * floor], ix[lplus[iy + _PAD, ix + _PAD] > 1.6 * sigma_clip * floor]
+        above = lplus[iy + _PAD, ix + _PAD] > 1.6 * sigma_clip * floor
+        iy, ix = iy[above], ix[above]
     return hits
+
+
+def _touching(iy: np.ndarray, ix: np.ndarray, hit_y: np.ndarray, hit_x: np.ndarray,
+              near_bad: np.ndarray) -> np.ndarray:
+    """Which of the new pixels (iy, ix) are 8-connected, through new pixels or earlier hits
+    (hit_y, hit_x), to a pixel of ``near_bad``: a breadth-first walk over the few pixels involved."""
+    width = near_bad.shape[1]
+    new_keys = iy.astype(np.int64) * width + ix
+    members = set(new_keys.tolist()) | set((hit_y.astype(np.int64) * width + hit_x).tolist())
+    seeds = new_keys[near_bad[iy, ix]].tolist()
+    reached = set(seeds)
+    steps = [dy * width + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    while seeds:
+        key = seeds.pop()
+        for step in steps:
+            other = key + step
+            # (the column test keeps a step from wrapping across the image's left or right edge)
+            if other in members and other not in reached and abs(other % width - key % width) <= 1:
+                reached.add(other)
+                seeds.append(other)
+    return np.isin(new_keys, np.fromiter(reached, np.int64, len(reached))) if reached else np.zeros(iy.size, bool)
 
 
 def _grown(mask: np.ndarray) -> np.ndarray:
