@@ -41,7 +41,8 @@ touch a flagged pixel of the difference are left out and counted):
   the smallest and largest over the tiles, and the four corner tiles; and the same for the
   same subtraction of white noise (`pure_noise_score`: the images' PSFs, flags, weights and
   tiles, S_corr right by construction), what chance alone gives: a tile's std scatters by
-  ~0.02 (S_corr is correlated over the PSF's area);
+  ~0.011 for the default 341-pixel tiles, ~0.02 for 256-pixel ones (S_corr is correlated over
+  the PSF's area); and over 512-pixel squares;
 * the seconds of subtraction (warp of the reference included), detection, cutting and
   measuring from ``ds.stats``, and the process's peak RSS.
 
@@ -115,7 +116,7 @@ class Outcome:
     efficiencies: list = field(default_factory=list)  # S_corr peak / S/N, field transients, S/N > 10
     tile_std: list = field(default_factory=list)      # per tile, nan without enough free pixels
     noise_tile_std: list = field(default_factory=list)  # the same, both images replaced by white noise
-    area_std: list = field(default_factory=list)      # per AREA_PX square (2 x 2 tiles of 256 px)
+    area_std: list = field(default_factory=list)      # per AREA_PX square
     noise_area_std: list = field(default_factory=list)
     static: list = field(default_factory=list)        # PSF flux on D / flux, static sources of S/N > 50
     corners: list = field(default_factory=list)
@@ -336,8 +337,9 @@ def pure_noise_score(ds, seed: int) -> np.ndarray:
     the difference of ``ds`` (the reference's noise is drawn on its own grid from its white
     weight and warped as its pixels were): S_corr that is normalized right by construction.
     Its per-tile standard deviations, in the same transient-free pixels, are what chance alone
-    gives the tile line: a tile's std scatters by ~0.02 at 1.4" (S_corr is correlated over the
-    PSF's area, so a 256-pixel tile holds only ~1,000 independent values).
+    gives the tile line: a tile's std scatters by ~0.011 for 341-pixel tiles at 1.4" (S_corr is
+    correlated over the PSF's area, so a 256-pixel tile holds only ~1,000 independent values and
+    scatters by ~0.02).
     """
     import dataclasses
 
@@ -489,8 +491,9 @@ def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool =
     return out
 
 
-#: Side of the squares over which S_corr's std is also reported: a 256-px tile's std scatters by
-#: ~0.02 from chance alone (white noise through the same subtraction), a 512-px square's by half.
+#: Side of the squares over which S_corr's std is also reported, whatever the tiles: a 256-px
+#: tile's std scatters by ~0.02 from chance alone (white noise through the same subtraction), a
+#: 512-px square's by half.
 AREA_PX = 512
 
 

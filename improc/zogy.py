@@ -381,7 +381,7 @@ def zogy_subtract(new: np.ndarray, ref: np.ndarray, *, new_weight: np.ndarray,
                   ref_weight: np.ndarray, new_flags: np.ndarray, ref_flags: np.ndarray,
                   new_psf: PSFLike, ref_psf: PSFLike, flux_ratio: float,
                   ref_noise_power: NoisePower | None = None,
-                  astrometric_sigma: tuple[float, float] = (0.0, 0.0), tile_size: int = 256,
+                  astrometric_sigma: tuple[float, float] = (0.0, 0.0), tile_size: int = 384,
                   margin: int | None = None, mask_dilation_fwhm: float = 1.0,
                   hidden_light_nsigma: float = 3.0) -> ZogyResult:
     """ZOGY subtraction of a reference from a new image on the same pixel grid, in tiles.

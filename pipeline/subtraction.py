@@ -54,11 +54,13 @@ class SubtractionParams(StepParams):
     registration: Literal["auto", "wcs", "sources"] = param(
         "auto", "'wcs': the two fitted WCSs as they are; 'sources': also register the images on the sources "
         "both measured (the offset the WCSs miss); 'auto': 'sources' when a WCS was not fitted to a catalog.")
-    tile_size: int = param(256, "Largest side of a ZOGY tile's core, pixels; each tile has its own PSFs (at "
-                           "the tile's centre).  A tile's S_corr is correlated over the PSF's area, so a 256-pixel "
-                           "tile holds ~1,000 independent values and its standard deviation scatters by 0.02 from "
-                           "chance alone; 512-pixel tiles halve that but follow the PSF's variation too coarsely "
-                           "for D's PSF fluxes (pulls 1.06 -> 1.08-1.11 with a sharper new image).")
+    tile_size: int = param(384, "Largest side of a ZOGY tile's core, pixels (a 2048-pixel side is cut into 6 tiles "
+                           "of 341-342); each tile has its own PSFs (at the tile's centre).  S_corr is correlated "
+                           "over the PSF's area, so the standard deviation over a tile scatters from chance alone: "
+                           "by 0.02 for 256-pixel tiles (white noise through the same subtraction put 13 of 512 "
+                           "such tiles outside 1.00 +- 0.05), 0.011 for these; 512-pixel tiles follow the PSF's "
+                           "variation too coarsely for D's PSF fluxes (pulls 1.06 -> 1.08-1.11 with a sharper new "
+                           "image), these keep them (1.05 / 1.06 over eight fields).")
     mask_dilation_fwhm: float = param(1.0, "Half-side, in FWHM of the broader PSF, over which bad pixels "
                                       "spread their flags in the difference.")
     hidden_light_nsigma: float = param(3.0, "Bad pixels hiding light spread their flags to where that light, "
@@ -151,7 +153,10 @@ class Subtractor(Step):
     #      The meshes' busy pixels: the (already spread) flags as they are, only the sources grown
     #      by 2 FWHM; growing the flags again left the boxes between a saturated star and the
     #      chip's edge mostly busy, with S_corr at -0.9 there
-    version = "1.4.0"
+    # 1.6: ZOGY tiles of at most 384 pixels (341-342 on a 2048-pixel side), were 256: each tile's
+    #      S_corr std within 1.00 +- 0.05 beyond chance (144 / 144 tiles on eight fields); pulls and
+    #      bias as before.  (1.5 was 512-pixel tiles, reverted.)
+    version = "1.6.0"
     Params = SubtractionParams
     inputs = (Input("image"), Input("background"), Input("psf"), Input("wcs"), Input("zp"),
               Input("reference", tag_param="reference_tag"))

@@ -41,20 +41,21 @@ def test_completeness(outcomes):
     faint = [o.completeness(5, 6) for o in outcomes.values()]
     for found, n in (o.completeness(10, 1e9) for o in outcomes.values()):
         assert n > 100 and found >= 0.95 * n                    # measured 100 %, 100 %
-    found, n = map(sum, zip(*faint))                            # S/N 5-6, both directions: ~20 transients
+    found, n = map(sum, zip(*faint))                            # S/N 5-6, both directions: 12 of 21
     assert found >= 0.5 * n
 
 
 def test_spurious_detections_after_the_cuts(outcomes):
     for o in outcomes.values():
-        assert o.spurious <= 25                                 # measured 3-6
+        assert o.spurious <= 25                                 # measured 3 and 3 (cosmic rays flagged)
 
 
 def test_psf_flux_on_the_difference(outcomes):
     for o in outcomes.values():
-        assert len(o.ratios) > 40 and abs(o.bias) <= 0.02       # measured +0.2 .. +0.7 %
-        # measuring 1.6 (the static-mismatch error term): ~0.91 and 1.07 on this field (its sharper-
-        # reference pulls are the lowest of four fields); pooled over four fields 1.06 and 1.06
+        assert len(o.ratios) > 40 and abs(o.bias) <= 0.02       # measured +0.45 and +0.76 %
+        # measuring 1.6 (the static-mismatch error term), 341-px ZOGY tiles: 0.911 and 1.092 on this
+        # field (one field's pull std varies by ~0.06 from chance with ~150 transients); pooled
+        # over four fields per direction 1.05 and 1.06
         assert 0.9 <= o.pull_std() <= 1.1
 
 
@@ -62,15 +63,15 @@ def test_score_is_normalized_in_every_tile(outcomes):
     for o in outcomes.values():
         std, noise = np.asarray(o.tile_std), np.asarray(o.noise_tile_std)
         ok = np.isfinite(std) & np.isfinite(noise)
+        assert ok.sum() == 36                                   # 6 x 6 tiles of 341-342 px, corners too
         std, noise = std[ok], noise[ok]
-        assert std.size >= 60
+        # every tile within 1.00 +- 0.05 (144 of 144 tiles over four fields per direction, this
+        # one among them: 0.961..1.030 and 0.977..1.019)
+        assert np.all(np.abs(std - 1.0) <= 0.05)
         # White noise through the same subtraction (its PSFs, flags, weights, tiles and mesh) is
-        # S_corr normalized right by construction; its 256-px tiles scatter by 0.0205 (new 1.4")
-        # and 0.014, so that 1.00 +- 0.05 is 2.4 of those and chance alone puts a tile or two
-        # of 64 outside it (13 of 256 over four fields; the images: 6, none on this field).  The
-        # images' tiles must scatter as the noise's do, about the same mean: a normalization 5 %
-        # off in a quarter of the tiles would raise the scatter by half.  Measured over four
-        # fields: scatter 0.0196 and 0.0128 against the noise's 0.0205 and 0.0140.
-        assert np.sum(np.abs(std - 1.0) > 0.05) <= 1 and np.all(np.abs(std - 1.0) <= 0.07)
+        # S_corr normalized right by construction; a tile's std scatters by 0.011 from chance
+        # alone.  The images' tiles must scatter as the noise's do, about the same mean: a
+        # normalization 5 % off in a quarter of the tiles would double the scatter.  Measured
+        # over four fields: scatter 0.0134 and 0.0086 against the noise's 0.0115 and 0.0094.
         assert abs(np.mean(std) - np.mean(noise)) <= 0.01
         assert np.std(std) <= 1.3 * np.std(noise) + 0.003
