@@ -104,6 +104,8 @@ class Outcome:
     shape: tuple[int, int]
     runs: int = 1
     bins: list = field(default_factory=list)          # (lo, hi, n, found)
+    usable_snr: list = field(default_factory=list)    # S/N in the new image of every usable transient
+    usable_found: list = field(default_factory=list)  # and whether it was found
     n_flagged: int = 0
     spurious: int = 0
     n_kept: int = 0
@@ -143,6 +145,26 @@ class Outcome:
         return float(1.4826 * np.median(np.abs(pulls - np.median(pulls)))) if pulls.size > 2 else float("nan")
 
 
+def half_completeness_snr(snr, found) -> tuple[float, float]:
+    """S/N at which half the transients are found, and its standard error: a logistic curve in
+    S/N fitted by maximum likelihood to every usable transient of S/N 2-12 (one number from all
+    of them, where a 5-6 bin holds ~50)."""
+    from scipy.optimize import minimize
+
+    snr, found = np.asarray(snr, float), np.asarray(found, bool)
+    use = (snr > 2) & (snr < 12)
+    snr, found = snr[use], found[use]
+    if snr.size < 20 or found.all() or not found.any():
+        return float("nan"), float("nan")
+
+    def negative_log_likelihood(p):
+        z = np.clip((snr - p[0]) / np.exp(p[1]), -30, 30)
+        return float(np.sum(np.logaddexp(0, -z)[found]) + np.sum(np.logaddexp(0, z)[~found]))
+
+    fit = minimize(negative_log_likelihood, [5.5, 0.0], method="BFGS")
+    return float(fit.x[0]), float(np.sqrt(fit.hess_inv[0, 0]))
+
+
 def _robust(values) -> float:
     values = np.asarray(values, float)
     return float(1.4826 * np.median(np.abs(values - np.median(values)))) if values.size > 2 else float("nan")
@@ -157,7 +179,7 @@ def pooled(outcomes: list[Outcome]) -> Outcome:
     for name in ("n_flagged", "spurious", "n_kept", "n_bad"):
         setattr(out, name, sum(getattr(o, name) for o in outcomes))
     for name in ("ratios", "pulls", "pull_snr", "in_field", "zp_errors", "efficiencies", "tile_std", "corners",
-                 "static", "noise_tile_std", "area_std", "noise_area_std"):
+                 "static", "noise_tile_std", "area_std", "noise_area_std", "usable_snr", "usable_found"):
         setattr(out, name, [v for o in outcomes for v in getattr(o, name)])
     out.seconds = {k: float(np.median([o.seconds[k] for o in outcomes if k in o.seconds])) for k in first.seconds}
     out.peak_rss_mb = max(o.peak_rss_mb for o in outcomes)
@@ -437,6 +459,7 @@ def evaluate(ds, new_sim, psf_stamp: np.ndarray, label: str, show_missed: bool =
     for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):
         sel = usable & (snr >= lo) & (snr < hi)
         out.bins.append((lo, hi, int(sel.sum()), int((found & sel).sum())))
+    out.usable_snr, out.usable_found = list(snr[usable]), list(found[usable])
     if len(xy):
         dmin = np.min(np.hypot(xy[:, 0, None] - tx[None], xy[:, 1, None] - ty[None]), axis=1)
         out.spurious = int(np.sum(dmin > SPURIOUS_PX))
@@ -528,6 +551,9 @@ def print_table(outcomes: list[Outcome]) -> None:
         f, n = o.completeness(10, 1e9)
         cells.append(f"{f}/{n} ({f / n:.0%})" if n else "-")
     row("completeness S/N >= 10", cells, ">= 95%")
+    row("S/N of 50 % completeness (logistic fit)",
+        ["{:.2f} +- {:.2f}".format(*half_completeness_snr(o.usable_snr, o.usable_found)) for o in outcomes],
+        "<= 5.5")
     row("transients on flagged pixels", [str(o.n_flagged) for o in outcomes], "(left out)")
     row("kept measurements (not bad)", [str(o.n_kept) for o in outcomes])
     row("measurements marked bad", [str(o.n_bad) for o in outcomes])
