@@ -104,7 +104,9 @@ class Extractor(Step):
     # 1.7: hidden neighbours searched for under the last sky refinement's source models (one
     #      joint PSF fit of every source less)
     # 1.8: one sky refinement, not two (the second moved PSF fluxes by <= 0.04 %; one joint PSF
-    #      fit and one PSF fit less); the hidden-source search on the sky its models were fitted on
+    #      fit and one PSF fit less); the hidden-source search on the sky its models were fitted on;
+    #      the PSF positions fitted under the search's models (and the hidden sources' own fits),
+    #      not under a joint fit of every source (one joint PSF fit less)
     version = "1.8.0"
     Params = ExtractionParams
     inputs = (Input("image"), Input("background"))
