@@ -194,13 +194,42 @@ def _outside_search(shape: tuple[int, int], known: _Known, reach: float | None) 
     if reach is None:
         outside = np.zeros(shape, dtype=bool)
     else:
+        points = known.xy[known.point_like]
         within = np.zeros(shape, dtype=bool)
-        for x, y in known.xy[known.point_like]:
-            _paint_disc(within, x, y, reach)
+        _paint_discs(within, points[:, 0], points[:, 1], np.full(len(points), float(reach)))
         outside = ~within
-    for (x, y), radius in zip(known.xy[~known.point_like], known.extent[~known.point_like]):
-        _paint_disc(outside, x, y, radius)
+    extended = ~known.point_like
+    _paint_discs(outside, known.xy[extended, 0], known.xy[extended, 1], known.extent[extended])
     return outside
+
+
+#: Discs painted at a time by `_paint_discs` (bounds its (n, S, S) temporaries).
+_DISC_CHUNK = 256
+
+
+def _paint_discs(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius: np.ndarray) -> None:
+    """Set to True the pixels of a bool image within ``radius[i]`` of ``(x[i], y[i])``, for all i.
+
+    The discs of a chunk of sources (in order of radius, so that one window size fits them all)
+    are evaluated at once on a square window from each disc's lower-left pixel and set in one
+    fancy-indexed assignment: a Python loop per source cost 35 us each, 0.37 s for the 10,500
+    sources of a 300k stars/deg2 field.  The test of a pixel is the one of a single disc,
+    ``(xx - x)**2 + (yy - y)**2 <= radius**2`` in float64, so the pixels set are the same.
+    """
+    ny, nx = image.shape
+    flat = image.reshape(-1)      # a view: image is a fresh C-contiguous array
+    order = np.argsort(radius, kind="stable")
+    for start in range(0, order.size, _DISC_CHUNK):
+        part = order[start:start + _DISC_CHUNK]
+        px, py, r = x[part], y[part], radius[part]
+        x0, y0 = np.floor(px - r).astype(np.int64), np.floor(py - r).astype(np.int64)
+        # the window from floor(x - r) must reach ceil(x + r): at most 2 ceil(r) + 2 pixels
+        off = np.arange(2 * int(np.ceil(r.max())) + 2)
+        xx = x0[:, None, None] + off[None, None, :]
+        yy = y0[:, None, None] + off[None, :, None]
+        inside = ((xx - px[:, None, None]) ** 2 + (yy - py[:, None, None]) ** 2 <= (r**2)[:, None, None])
+        inside &= (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+        flat[(yy * nx + xx)[inside]] = True
 
 
 def _residual_and_noise(data: np.ndarray, model: np.ndarray, *, background: np.ndarray | float,
@@ -242,13 +271,3 @@ def _kept(found: Table, known: _Known, *, min_separation: float, max_separation:
         points = known.xy[known.point_like]
         keep &= (cKDTree(points).query(xy)[0] <= max_separation) if len(points) else False
     return keep
-
-
-def _paint_disc(image: np.ndarray, x: float, y: float, radius: float) -> None:
-    """Set to True the pixels of a bool image within ``radius`` of (x, y)."""
-    ny, nx = image.shape
-    x0, x1 = max(int(np.floor(x - radius)), 0), min(int(np.ceil(x + radius)) + 1, nx)
-    y0, y1 = max(int(np.floor(y - radius)), 0), min(int(np.ceil(y + radius)) + 1, ny)
-    if x0 < x1 and y0 < y1:
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        image[y0:y1, x0:x1] |= (xx - x) ** 2 + (yy - y) ** 2 <= radius**2

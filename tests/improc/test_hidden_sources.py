@@ -18,7 +18,7 @@ from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
 
 from improc.extraction import SourceFlag, extract_sources
-from improc.hidden_sources import find_hidden_sources
+from improc.hidden_sources import _paint_discs, find_hidden_sources
 from improc.psf import PixelPSF
 from improc.psf_photometry import psf_fluxes, render_sources
 from tests.improc.test_crowded_photometry import SIGMA, SKY, grid, moffat_psf, moffat_stamp, star_image
@@ -292,6 +292,27 @@ def test_masked_flag_comes_from_the_callers_mask(psf, point_fwhm, near_the_edge)
     _, which = matched(found, fx, fy, 2.0)
     assert sorted(which) == list(range(fx.size))
     assert sorted(which[(found["flags"] & SourceFlag.MASKED) > 0]) == list(range(0, fx.size, 2))
+
+
+def test_painted_discs_are_those_of_one_disc_at_a_time():
+    """`_paint_discs` sets exactly the pixels that a disc-by-disc loop sets: discs of mixed radii
+    (0, fractional, over a chunk), centres at pixel centres, edges and corners, off the image."""
+    rng = np.random.default_rng(3)
+    shape = (37, 53)
+    n = 600        # more than one chunk of discs
+    x = np.r_[rng.uniform(-5, shape[1] + 5, n - 6), 0.0, 52.0, 10.0, 3.5, -0.5, 20.0]
+    y = np.r_[rng.uniform(-5, shape[0] + 5, n - 6), 0.0, 36.0, 10.0, 7.25, 40.0, 18.0]
+    radius = np.r_[rng.choice([0.0, 0.7, 2.0, 3.3, 6.5], n - 6), 1.0, 4.0, 0.0, 2.5, 3.0, 9.9]
+    expected = np.zeros(shape, bool)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    for xi, yi, ri in zip(x, y, radius):
+        expected |= (xx - xi) ** 2 + (yy - yi) ** 2 <= ri**2
+    painted = np.zeros(shape, bool)
+    _paint_discs(painted, x, y, radius)
+    np.testing.assert_array_equal(painted, expected)
+    empty = np.zeros(shape, bool)
+    _paint_discs(empty, np.array([]), np.array([]), np.array([]))
+    assert not empty.any()
 
 
 def test_size_cut_applies_without_known_sources(point_fwhm):

@@ -168,3 +168,29 @@ def test_too_few_sources_and_psf_stars(field):
 
 def test_psf_error_is_bad_data():
     assert issubclass(PSFError, BadDataError) and issubclass(PSFError, ValueError)
+
+
+def test_new_sources_are_fitted_and_subtracted_from_the_residual_image():
+    """`_subtract_new_sources` on an image of sky + 6 stars + noise, none of them modelled yet:
+    fluxes within 3 sigma of the truth, the residual at the sky within its noise around them
+    (its mean within the noise plus a 3-sigma flux error spread over the box), and a source on
+    empty sky gets at most a flux within its noise."""
+    from improc.source_measurement import _subtract_new_sources
+    from tests.improc.test_crowded_photometry import SIGMA, SKY, moffat_psf, star_image
+
+    rng = np.random.default_rng(5)
+    shape = (120, 160)
+    psf = moffat_psf(shape)
+    x, y = np.array([30.2, 80.7, 130.4, 40.9, 95.5, 125.1]), np.array([30.6, 35.3, 40.8, 85.1, 90.4, 80.0])
+    flux = np.array([2e4, 5e4, 1e4, 3e4, 8e3, 4e4])
+    image, _ = star_image(shape, x, y, flux, psf, rng)
+    residual = image.astype(np.float32)
+    fitted = _subtract_new_sources(residual, np.r_[x, 60.0], np.r_[y, 100.0], psf, background=SKY,
+                                   variance=SIGMA**2, mask=None)
+    error = SIGMA * np.sqrt(4 * np.pi) * 3.5 / 2.3548      # ~ the PSF-fit error of a flux on a flat sky
+    np.testing.assert_allclose(fitted[:-1], flux, atol=3 * error)
+    assert fitted[-1] == 0.0 or fitted[-1] < 3 * error
+    for xi, yi in zip(x, y):
+        box = residual[int(yi) - 8:int(yi) + 9, int(xi) - 8:int(xi) + 9] - SKY
+        assert abs(box.mean()) < 3 * SIGMA / np.sqrt(box.size) + 3 * error / box.size
+        assert box.std() < 1.3 * SIGMA
