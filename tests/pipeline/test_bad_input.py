@@ -36,7 +36,6 @@ from models.world_coordinates import WorldCoordinates
 from models.zero_point import ZeroPoint
 from models.instruments.synthetic import write_simulated_file
 from improc.extraction import TooFewSourcesError
-from improc.psf_fit import TooFewPSFStarsError
 from pipeline.catalogs import CatalogSource, reference_catalog
 from pipeline.parameters import ParameterError
 from pipeline.step import StepError
@@ -174,9 +173,9 @@ def _degraded_to_the_end(field, database, exposure) -> None:
 def test_image_without_stars_fails_extraction_and_is_flagged(database, tmp_path):
     field = make_field(tmp_path / "sim", size=512, n_stars=0, n_galaxies=0)  # cosmic rays remain
     exposure, _ = ingest_file(field.paths[0])
-    # the cosmic rays that pass for sources are rejected by the PSF fit as outliers
-    _fail(exposure, field.config(database, **STRICT), step="extraction", cause=TooFewPSFStarsError,
-          match=r"need at least \d+ PSF stars for degree \d+, got \d+ after rejecting")
+    # preprocessing flags the cosmic rays, so nothing passes for a source
+    _fail(exposure, field.config(database, **STRICT), step="extraction", cause=TooFewSourcesError,
+          match=r"not enough sources to estimate the FWHM: 0 of 0 have snr")
     _assert_stopped_at("extraction", ImageBadness.NO_STARS, database.store)
 
 
@@ -203,9 +202,10 @@ def test_field_of_saturated_stars_fails_extraction_and_is_flagged(database, tmp_
     inside = sim.stars[sim.stars["in_image"]]
     assert np.mean(inside["saturated"]) > 0.8
     exposure, _ = ingest_file(field.paths[0])
-    # saturated stars do not measure the FWHM, and too few others are bright enough
+    # saturated stars do not measure the FWHM, and no other is bright enough (the two that were,
+    # before preprocessing flagged cosmic rays, were cosmic rays)
     _fail(exposure, field.config(database, **STRICT), step="extraction", cause=TooFewSourcesError,
-          match=r"not enough sources to estimate the FWHM: 2 of \d+ have snr >= 20")
+          match=r"not enough sources to estimate the FWHM: 0 of \d+ have snr >= 20")
     _assert_stopped_at("extraction", ImageBadness.NO_STARS, database.store)
 
 
