@@ -17,14 +17,15 @@ A pixel is hit when ``S' > sigma_clip`` and ``L+ / F > contrast`` (a star's core
 comparable with L+; the paper's ``f_lim``, ~2 for well-sampled images, up to 5 for
 undersampled ones).  The hits' 3 x 3 neighbours join when ``S' > sigma_clip``, and theirs when
 ``S' > neighbor_fraction * sigma_clip`` (a track's fainter ends); a group that touches a pixel
-already known bad (a saturated star's wings, a dead column's neighbours) is left out.  Found pixels are replaced by
-the median of their good 5 x 5 neighbours and the search repeats, for tracks whose pixels shield
-each other, until it finds nothing new.
+already known bad (a saturated star's wings, a dead column's neighbours) is left out.  Found
+pixels are replaced by the median of their good 5 x 5 neighbours and the search repeats within
+4 pixels of them (the reach of the windows below), for tracks whose pixels shield each other,
+until it finds nothing new.
 
-Computation.  L+ and a first S with the image's median noise (a lower bound of every pixel's
-noise, so a superset of the hits) are full-frame; the medians are computed only at those
-candidates, on windows gathered from the image: a few thousand pixels on a sparse field, a few
-percent of a crowded one.
+Computation.  L+ and a first S with 0.8 of the image's median noise (below nearly every
+pixel's noise, so a superset of the hits) are full-frame; the medians are computed only at
+those candidates, on windows gathered from the image: a few thousand pixels on a sparse field,
+a few percent of a crowded one.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, bad: np.ndarray | 
     rejected = np.zeros(image.shape, bool)
     # a saturated star's wings and a bad column's neighbours have sharp edges against the bad
     # pixels: what touches them is not a cosmic ray (nor trusted anyway)
-    near_bad = _grown(bad)
+    near_bad = ndimage.binary_dilation(bad, structure=np.ones((3, 3), bool))
     work = _padded(image)
     lplus = _padded(laplacian_plus(image))
     iy, ix = np.nonzero(lplus[_PAD:-_PAD, _PAD:-_PAD] > 1.6 * sigma_clip * floor)
@@ -250,17 +251,6 @@ def _touching(iy: np.ndarray, ix: np.ndarray, hit_y: np.ndarray, hit_x: np.ndarr
     return np.isin(new_keys, np.fromiter(reached, np.int64, len(reached))) if reached else np.zeros(iy.size, bool)
 
 
-def _grown(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with its 8 neighbours (3 x 3 box), edges not wrapped."""
-    out = mask.copy()
-    out[1:, :] |= mask[:-1, :]
-    out[:-1, :] |= mask[1:, :]
-    rows = out.copy()
-    out[:, 1:] |= rows[:, :-1]
-    out[:, :-1] |= rows[:, 1:]
-    return out
-
-
 def _replace(padded_image: np.ndarray, iy: np.ndarray, ix: np.ndarray, padded_masked: np.ndarray) -> None:
     """Set pixels of a padded image (in place) to the median of their 5 x 5 pixels not masked
     (the median of the image's sample where none is)."""
@@ -270,5 +260,6 @@ def _replace(padded_image: np.ndarray, iy: np.ndarray, ix: np.ndarray, padded_ma
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)        # all masked: the fallback below
         median = np.nanmedian(filled, axis=1)
-    fallback = np.float32(np.median(padded_image[_PAD:-_PAD:7, _PAD:-_PAD:7]))
-    padded_image[iy + _PAD, ix + _PAD] = np.where(np.isfinite(median), median, fallback)
+    if not np.all(np.isfinite(median)):
+        median[~np.isfinite(median)] = np.median(padded_image[_PAD:-_PAD:7, _PAD:-_PAD:7])
+    padded_image[iy + _PAD, ix + _PAD] = median

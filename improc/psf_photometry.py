@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from improc.psf import PixelPSF, cut_stamps, nearest_pixel, shifted_stamps
 
-__all__ = ["PSFFluxes", "checked_fit_inputs", "psf_fluxes", "psf_positions", "render_sources", "model_aperture_sums",
+__all__ = ["PSFFluxes", "add_clips", "checked_fit_inputs", "psf_fluxes", "psf_positions", "render_sources", "model_aperture_sums",
            "select_psf_stars"]
 
 #: Stars processed together by `psf_fluxes` (bounds the memory of the rendered clips).
@@ -272,11 +272,11 @@ def _render(shape: tuple[int, int], x, y, flux, clips_of, size: int, out: np.nda
     ix, iy, _, _ = nearest_pixel(x[keep], y[keep])
     for start in range(0, keep.size, _RENDER_CHUNK):
         part = slice(start, start + _RENDER_CHUNK)
-        _add_clips(model, clips_of(keep[part]), ix[part], iy[part])
+        add_clips(model, clips_of(keep[part]), ix[part], iy[part])
     return model
 
 
-def _add_clips(image: np.ndarray, clips: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
+def add_clips(image: np.ndarray, clips: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
     """Add odd-sized clips (n, S, S) to an (ny, nx) image in place, each centred on pixel
     (ix, iy); the parts off the image are dropped.
 

@@ -65,7 +65,7 @@ from improc.psf import PixelPSF, n_terms, nearest_pixel
 from improc.psf_fit import TooFewPSFStarsError, fit_psf, min_psf_stars
 from improc.psf_moffat import (DEFAULT_BETA, MoffatFit, MoffatFitError, default_moffat, fit_moffat_psf,
                                moffat_pixel_psf, size_from_sources)
-from improc.psf_photometry import (PSFFluxes, _add_clips, model_aperture_sums, psf_fluxes, psf_positions,
+from improc.psf_photometry import (PSFFluxes, add_clips, model_aperture_sums, psf_fluxes, psf_positions,
                                    select_psf_stars)
 
 __all__ = ["PSFError", "SourceMeasurement", "measure_sources", "check_options"]
@@ -624,7 +624,7 @@ def _subtract_new_sources(residual: np.ndarray, x: np.ndarray, y: np.ndarray, ps
     flux = psf_fluxes(residual, x, y, psf, background=background, variance=variance, mask=mask).flux
     flux = np.where(np.isfinite(flux) & (flux > 0), flux, 0.0)
     ix, iy, _, _ = nearest_pixel(x, y)
-    _add_clips(residual, psf.get_clips(x, y, -flux, dtype=np.float32), ix, iy)
+    add_clips(residual, psf.get_clips(x, y, -flux, dtype=np.float32), ix, iy)
     return flux
 
 

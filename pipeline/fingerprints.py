@@ -78,12 +78,8 @@ def same_figures(current: Any, stored: Any) -> bool:
         return current.keys() == stored.keys() and all(same_figures(current[k], stored[k]) for k in current)
     if isinstance(current, (list, tuple)) and isinstance(stored, (list, tuple)):
         return len(current) == len(stored) and all(same_figures(a, b) for a, b in zip(current, stored))
-    if isinstance(current, float) or isinstance(stored, float):
-        if isinstance(current, bool) or isinstance(stored, bool):
-            return False
-        if not isinstance(current, (int, float)) or not isinstance(stored, (int, float)):
-            return False
-        return math.isclose(current, stored, rel_tol=TOLERANCE, abs_tol=0.0) or current == stored
+    if isinstance(current, float) and isinstance(stored, float):
+        return current == stored or math.isclose(current, stored, rel_tol=TOLERANCE)
     return current == stored
 
 
